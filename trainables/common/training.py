@@ -1,0 +1,65 @@
+"""Small helpers every family's training loop uses: seeding, device choice, divergence,
+early stopping, mini-batches."""
+
+from __future__ import annotations
+
+import math
+import random
+from typing import Iterator
+
+import numpy as np
+import torch
+
+
+def seed_everything(seed: int) -> torch.Generator:
+    """Seed python, numpy and torch; return a torch generator for data order/augmentation."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    return torch.Generator().manual_seed(seed)
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """``auto`` -> CUDA when present, else CPU; ``cuda`` without CUDA is an error, not a fallback."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError(f"device {name!r} requested but CUDA is not available on this node")
+    return torch.device(name)
+
+
+def is_diverged(loss: float | torch.Tensor) -> bool:
+    value = float(loss.detach()) if isinstance(loss, torch.Tensor) else float(loss)
+    return not math.isfinite(value)
+
+
+class EarlyStopping:
+    """Tracks the best value of a validation metric; ``step`` returns True when training should
+    stop (no improvement for ``patience`` consecutive checks)."""
+
+    def __init__(self, patience: int, mode: str = "max"):
+        self.patience, self.mode = patience, mode
+        self.best: float | None = None
+        self.bad_epochs = 0
+
+    def improved(self, value: float) -> bool:
+        return self.best is None or (value > self.best if self.mode == "max" else value < self.best)
+
+    def step(self, value: float) -> bool:
+        if self.improved(value):
+            self.best, self.bad_epochs = value, 0
+        else:
+            self.bad_epochs += 1
+        return self.bad_epochs >= self.patience
+
+    def state_dict(self) -> dict:
+        return {"best": self.best, "bad_epochs": self.bad_epochs}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.best, self.bad_epochs = state["best"], state["bad_epochs"]
+
+
+def minibatches(n: int, batch_size: int, generator: torch.Generator | None = None, shuffle: bool = True) -> Iterator[torch.Tensor]:
+    order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
+    for start in range(0, n, batch_size):
+        yield order[start : start + batch_size]
