@@ -1,0 +1,120 @@
+"""The shared kNN index against numpy brute force and scikit-learn's KNeighborsClassifier."""
+
+import numpy as np
+import pytest
+import torch
+from sklearn.neighbors import KNeighborsClassifier
+
+from trainables.common.knn import (
+    KnnIndex,
+    available_backends,
+    inverse_distance_vote,
+    softmax_vote,
+    uniform_vote,
+)
+
+CPU_BACKENDS = [b for b in ("faiss_cpu", "torch_cpu") if b in available_backends(use_gpu=False)]
+ALL_BACKENDS = available_backends()
+
+
+def unit_vectors(n, dim, seed):
+    x = np.random.default_rng(seed).normal(size=(n, dim)).astype(np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+@pytest.fixture(scope="module")
+def data():
+    bank, queries = unit_vectors(500, 16, 0), unit_vectors(80, 16, 1)
+    labels = np.random.default_rng(2).integers(0, 5, size=len(bank))
+    return bank, labels, queries
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_search_equals_numpy_brute_force(data, backend):
+    bank, _, queries = data
+    index = KnnIndex(16, backend=backend)
+    index.add(bank[:200])
+    index.add(torch.from_numpy(bank[200:]))  # adds accumulate, tensors and arrays alike
+    assert len(index) == 500 and index.backend == backend
+    sims, idx = index.search(queries, 7)
+    full = queries.astype(np.float64) @ bank.T.astype(np.float64)
+    ref_idx = np.argsort(-full, axis=1)[:, :7]
+    np.testing.assert_array_equal(idx, ref_idx)
+    np.testing.assert_allclose(sims, np.take_along_axis(full, ref_idx, 1), atol=1e-5)
+    t_sims, t_idx = index.search(torch.from_numpy(queries), 7)  # tensor in -> tensor out
+    assert isinstance(t_idx, torch.Tensor) and t_idx.dtype == torch.int64
+    np.testing.assert_array_equal(t_idx.numpy(), ref_idx)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("weights", ["uniform", "distance"])
+@pytest.mark.parametrize("k", [1, 5, 16])
+def test_votes_equal_sklearn(data, backend, weights, k):
+    bank, labels, queries = data
+    index = KnnIndex(16, backend=backend)
+    index.add(bank)
+    sims, idx = (torch.from_numpy(a) for a in index.search(queries, k))
+    vote = uniform_vote if weights == "uniform" else inverse_distance_vote
+    probs = vote(sims, torch.from_numpy(labels)[idx], 5).numpy()
+    ref = KNeighborsClassifier(n_neighbors=k, weights=weights, algorithm="brute").fit(bank, labels)
+    np.testing.assert_allclose(probs, ref.predict_proba(queries), atol=1e-5)
+    np.testing.assert_array_equal(probs.argmax(1), ref.predict(queries))
+
+
+def test_inverse_distance_zero_distance_rule():
+    # a neighbour at distance 0 takes all the weight (split evenly among zero-distance ones)
+    sims = torch.tensor([[1.0, 0.9, 0.5], [1.0, 1.0, 0.2], [0.8, 0.6, 0.4]])
+    labels = torch.tensor([[2, 0, 0], [1, 0, 2], [0, 1, 1]])
+    probs = inverse_distance_vote(sims, labels, 3).numpy()
+    np.testing.assert_allclose(probs[0], [0, 0, 1])
+    np.testing.assert_allclose(probs[1], [0.5, 0.5, 0])
+    w = 1 / np.sqrt(2 - 2 * np.array([0.8, 0.6, 0.4]))
+    np.testing.assert_allclose(probs[2], [w[0] / w.sum(), (w[1] + w[2]) / w.sum(), 0])
+
+
+def test_softmax_vote_is_dino_weighting():
+    sims = torch.tensor([[0.9, 0.8, 0.1]])
+    labels = torch.tensor([[1, 0, 1]])
+    w = np.exp(np.array([0.9, 0.8, 0.1]) / 0.07)
+    np.testing.assert_allclose(softmax_vote(sims, labels, 2, 0.07).numpy()[0], [w[1] / w.sum(), (w[0] + w[2]) / w.sum()], rtol=1e-5)
+    # a high temperature approaches the uniform vote
+    np.testing.assert_allclose(softmax_vote(sims, labels, 2, 1e6), uniform_vote(sims, labels, 2), atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_self_exclusion(data, backend):
+    bank, _, _ = data
+    index = KnnIndex(16, backend=backend)
+    index.add(bank)
+    own = np.arange(0, 500, 7)
+    sims, idx = index.search(bank[own], 5)
+    assert (idx[:, 0] == own).all()  # each vector is its own nearest neighbour ...
+    sims_x, idx_x = index.search(bank[own], 5, exclude=own)
+    assert not (idx_x == own[:, None]).any()  # ... and excluded, the rest move up one rank
+    np.testing.assert_array_equal(idx_x[:, :4], idx[:, 1:])
+    np.testing.assert_allclose(sims_x[:, :4], sims[:, 1:])
+    # several exclusions per query (e.g. both sources of a mixup pair)
+    two = np.stack([own, idx[:, 2]], axis=1)
+    _, idx_2 = index.search(bank[own], 5, exclude=two)
+    ref = np.argsort(-(bank[own] @ bank.T), axis=1)
+    expected = [[j for j in row if j not in pair][:5] for row, pair in zip(ref, two)]
+    np.testing.assert_array_equal(idx_2, expected)
+
+
+def test_reset_and_errors():
+    index = KnnIndex(4, backend="torch_cpu")
+    index.add(unit_vectors(3, 4, 0))
+    with pytest.raises(ValueError, match="neighbours"):
+        index.search(unit_vectors(1, 4, 1), 3, exclude=np.array([0]))
+    index.reset()
+    assert len(index) == 0
+    with pytest.raises(ValueError, match="unknown kNN backend"):
+        KnnIndex(4, backend="annoy")
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="torch_cuda.*not available"):
+            KnnIndex(4, backend="torch_cuda")
+
+
+def test_auto_prefers_faiss_on_cpu():
+    expected = "faiss_cpu" if "faiss_cpu" in CPU_BACKENDS else "torch_cpu"
+    assert KnnIndex(4, use_gpu=False).backend == expected
