@@ -20,6 +20,7 @@ FAMILIES: dict[str, str] = {
     "clip_fusion": "trainables.clip_fusion:train",
     "subtask_meta": "trainables.subtask_meta:train",
     "wm_attention": "trainables.wm_attention:train",
+    "busy_loop": "trainables.busy_loop:train",
 }
 
 

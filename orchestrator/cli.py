@@ -1,0 +1,139 @@
+"""The ``orchestrate`` command line: list, sweep, report, ui, features."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import click
+
+from orchestrator.errors import UsageError
+
+
+def _parse_sets(values: tuple[str, ...]) -> dict[str, str]:
+    out = {}
+    for item in values:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise UsageError(f"--set expects key=value, got {item!r}")
+        out[key.strip()] = value.strip()
+    return out
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def main() -> None:
+    """Run ablation studies as Ray Tune sweeps, logged to MLflow, reported as tables."""
+
+
+@main.command("list")
+def list_cmd() -> None:
+    """Families and their studies, one line each with what the study varies."""
+    from orchestrator.spaces import available_families, describe_study, load_family_file, load_study
+
+    for family in available_families():
+        doc = load_family_file(family)
+        click.echo(f"{family}: {doc.get('description', '')}")
+        for name in doc["studies"]:
+            study = load_study(family, name)
+            default = " (default)" if name == doc.get("default_study") else ""
+            click.echo(f"  {name}{default}: {study.description} [{describe_study(study)}; {study.num_trials} trials]")
+
+
+@main.command()
+@click.argument("family")
+@click.option("--study", "-s", help="Study name from search_spaces/FAMILY.yaml (default: the file's default_study).")
+@click.option("--dataset", help="digits | cifar10 | cifar100 | imagefolder:PATH (folder or zip).")
+@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="Override a config value (repeatable).")
+@click.option("--address", help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray started here).")
+@click.option("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else ./mlflow.db).")
+@click.option("--storage", help="Where Tune keeps results and checkpoints (default ./runs; shared storage on a cluster).")
+@click.option("--cpus-per-trial", type=click.FloatRange(min=0, min_open=True), default=1.0, show_default=True)
+@click.option("--gpus-per-trial", type=click.FloatRange(min=0), default=0.0, show_default=True,
+              help="Fractions pack several trials on one GPU, e.g. 0.25.")
+@click.option("--max-concurrent", type=click.IntRange(min=0), default=0, help="Cap on trials running at once (0: no cap).")
+@click.option("--resume", "resume", is_flag=False, flag_value="latest", default=None, metavar="[SWEEP_ID]",
+              help="Finish an interrupted sweep (the latest of this family/study, or the one named).")
+@click.option("--dry-run", is_flag=True, help="Print the trials that would run and exit.")
+@click.option("--no-report", is_flag=True, help="Skip writing the report after the sweep.")
+def sweep(family, study, dataset, sets, address, tracking_uri, storage, cpus_per_trial, gpus_per_trial,
+          max_concurrent, resume, dry_run, no_report) -> None:
+    """Run every trial of a FAMILY's study through Ray Tune and log it to MLflow."""
+    from orchestrator.spaces import load_study
+
+    overrides = _parse_sets(sets)
+    if dataset:
+        overrides["dataset"] = dataset
+    spec = load_study(family, study, overrides)
+    if dry_run:
+        _print_plan(spec)
+        return
+    from orchestrator.runner import SweepOptions, run_sweep
+
+    outcome = run_sweep(spec, SweepOptions(
+        address=address, tracking_uri=tracking_uri, storage=storage, cpus_per_trial=cpus_per_trial,
+        gpus_per_trial=gpus_per_trial, max_concurrent=max_concurrent, resume=resume))
+    report_path = None
+    if not no_report:
+        from orchestrator.report import write_sweep_report
+
+        report_path = write_sweep_report(outcome, spec)
+    click.echo(f"{outcome.trials} trials ({outcome.errored} errored, {outcome.diverged} diverged) in sweep {outcome.sweep_id}")
+    click.echo(f"results: {outcome.experiment_path}  mlflow: {outcome.tracking_uri} (parent run {outcome.parent_run_id})"
+               + (f"  report: {report_path}" if report_path else ""))
+    if outcome.errored:
+        sys.exit(1)
+
+
+def _print_plan(spec) -> None:
+    click.echo(f"{spec.family}/{spec.name}: {spec.num_trials} trials; search={spec.search} scheduler={spec.scheduler}"
+               f"; eval axes: {spec.eval_axes or 'none'}")
+    varying = sorted(set(spec.grid) | set(spec.space) | set(spec.derive) | {"seed"})
+    for i, cfg in enumerate(spec.trial_configs()):
+        click.echo(f"  trial {i:3d}: " + " ".join(f"{k}={cfg[k]}" for k in varying))
+    if spec.space and spec.search != "optuna" and spec.samples > 1:
+        click.echo(f"  (each drawn {spec.samples} times from the space)")
+    elif spec.search == "optuna":
+        click.echo(f"  ({spec.samples} trials suggested by Optuna)")
+
+
+@main.command()
+@click.argument("family")
+@click.option("--study", "-s", help="Only this study.")
+@click.option("--sweep", "sweep_id", help="Only this sweep id.")
+@click.option("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else ./mlflow.db).")
+@click.option("--out", type=click.Path(dir_okay=False, writable=True), help="Write markdown here instead of stdout.")
+def report(family, study, sweep_id, tracking_uri, out) -> None:
+    """Consolidated tables for FAMILY from MLflow: mean +- 95% t-interval over seeds (n shown)."""
+    from orchestrator.report import build_report
+    from orchestrator.tracking import check_tracking_uri, default_tracking_uri
+
+    uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri(Path.cwd())
+    check_tracking_uri(uri)
+    markdown = build_report(uri, family, study=study, sweep_id=sweep_id)
+    if out:
+        Path(out).write_text(markdown)
+        click.echo(f"report written to {out}")
+    else:
+        click.echo(markdown)
+
+
+@main.command()
+@click.option("--tracking-uri", help="Store to browse (default: $MLFLOW_TRACKING_URI, else ./mlflow.db).")
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=5000, show_default=True, type=click.IntRange(1, 65535))
+def ui(tracking_uri, host, port) -> None:
+    """The MLflow UI over the same store the sweeps log to."""
+    from orchestrator.tracking import default_tracking_uri
+
+    uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri(Path.cwd())
+    if uri.startswith("http"):
+        raise UsageError(f"{uri} is already a tracking server: open it in a browser")
+    click.echo(f"MLflow UI on http://{host}:{port} over {uri}")
+    raise SystemExit(subprocess.call([sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri,
+                                      "--host", host, "--port", str(port)]))
+
+
+if __name__ == "__main__":
+    main()
