@@ -1,0 +1,364 @@
+"""Attn-KNN (seed 000): does learned attention over retrieved neighbours beat uniform and
+distance-weighted kNN in accuracy and calibration, and what does test-time augmentation add?
+
+Model: a backbone (``small_cnn``, or ``resnet18``/``resnet50`` with a CIFAR stem: 3x3 conv1, no
+max-pool) gives features f; a linear head on f is the ``cnn`` baseline; an MLP projection of f,
+L2-normalised, is the embedding z. A memory bank holds z of every training image (clean view,
+eval mode) in a :class:`~trainables.common.knn.KnnIndex`. It is recomputed from scratch before
+the first epoch and after every epoch (no momentum bank), so epoch e trains against the
+embeddings of the model at the end of epoch e-1.
+
+Methods, all reading the same k retrieved neighbours of z:
+
+- ``uniform_knn``: the fraction of neighbours in each class;
+- ``distance_knn``: neighbour weights softmax(sim / temperature) summed per class (DINO's kNN);
+- ``attn_knn``: multi-head attention, query z, keys the neighbours' embeddings, values learned
+  embeddings of the neighbours' labels; the attended vector -> linear -> class logits;
+- ``cnn``: the linear head, trained jointly with the rest (one shared backbone).
+
+Training goes through the retrieval used at evaluation: every batch retrieves its ``k_train``
+neighbours from the training-set bank with its own images excluded (both source images when
+mixup mixes two). Loss = CE(cnn) + CE(attn_knn) + ``knn_loss_weight`` * NLL(distance_knn vote,
+recomputed differentiably from z), the last a neighbourhood-component loss that shapes the
+embedding the uniform and distance votes use. The CE terms use ``label_smoothing``; with
+``mixup_alpha`` > 0 images are mixed (lambda ~ Beta(a, a)) and every loss mixes its two targets.
+AdamW, cosine learning-rate decay over ``epochs``, random translation (+ horizontal flip per
+``hflip``) of training images.
+
+Evaluation: view 0 is the clean image, views 1.. are random translations (+ flips); with
+``tta_views`` = n the class probabilities of the first n views are averaged. ``k`` and
+``tta_views`` are eval axes (``test/attn_knn:k:16:tta_views:5/acc``; ``cnn`` has only
+``tta_views``); plain names (``test/attn_knn/acc``) are k = ``k_eval`` without TTA, and
+``<method>_tta`` names are k = ``k_eval`` with ``tta_eval`` views.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from functools import partial
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from trainables.common.data import Dataset, augment, load_dataset, with_imbalance, with_label_noise
+from trainables.common.knn import KnnIndex, softmax_vote, uniform_vote
+from trainables.common.metrics import classification_metrics, prefixed
+from trainables.common.training import is_diverged, minibatches, resolve_device, seed_everything
+
+KNN_METHODS = ("uniform_knn", "distance_knn", "attn_knn")
+EVAL_BATCH = 512
+
+
+class MissingWeightsError(RuntimeError):
+    """Pretrained weights were asked for but cannot be loaded (never a silent random init)."""
+
+
+# ---------------------------------------------------------------- model
+
+
+def small_cnn(channels: int, image_size: int) -> tuple[nn.Module, int]:
+    """Three conv-BN-ReLU blocks (32, 64, 128 channels), 2x max-pooled after the first two while
+    the map is at least 4 pixels wide (8x8 digits: 8 -> 4 -> 2; 32x32: 32 -> 16 -> 8), then global
+    average pooling."""
+    layers, size, width_in = [], image_size, channels
+    for i, width in enumerate((32, 64, 128)):
+        layers += [nn.Conv2d(width_in, width, 3, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU(inplace=True)]
+        if i < 2 and size >= 4:
+            layers.append(nn.MaxPool2d(2))
+            size //= 2
+        width_in = width
+    return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten()), 128
+
+
+def cifar_resnet(name: str, channels: int, pretrained: str) -> tuple[nn.Module, int]:
+    """A torchvision ResNet with a CIFAR stem (3x3 stride-1 conv1, no max-pool) and no fc.
+    ``pretrained="imagenet"`` loads torchvision's ImageNet weights into every layer but the
+    replaced conv1 (and the dropped fc)."""
+    from torchvision import models
+
+    ctor, weights = {"resnet18": (models.resnet18, models.ResNet18_Weights.IMAGENET1K_V1),
+                     "resnet50": (models.resnet50, models.ResNet50_Weights.IMAGENET1K_V2)}[name]
+    net = ctor(weights=None)
+    if pretrained == "imagenet":
+        try:
+            state = weights.get_state_dict(progress=False, check_hash=True)
+        except (OSError, RuntimeError) as exc:  # offline (URLError), truncated or corrupt file
+            target = f"{torch.hub.get_dir()}/checkpoints/{weights.url.rsplit('/', 1)[-1]}"
+            raise MissingWeightsError(
+                f"backbone {name}: ImageNet weights could not be loaded ({exc}). Download {weights.url} "
+                f"on a machine with network access and place it at {target} (or set TORCH_HOME), "
+                "or use pretrained: none") from None
+        net.load_state_dict(state)
+    elif pretrained != "none":
+        raise ValueError(f"pretrained must be imagenet or none, got {pretrained!r}")
+    net.conv1 = nn.Conv2d(channels, 64, 3, stride=1, padding=1, bias=False)
+    net.maxpool = nn.Identity()
+    features = net.fc.in_features
+    net.fc = nn.Identity()
+    return net, features
+
+
+def build_backbone(name: str, channels: int, image_size: int, pretrained: str) -> tuple[nn.Module, int]:
+    if name == "small_cnn":
+        if pretrained != "none":
+            raise MissingWeightsError(f"backbone small_cnn has no pretrained weights (pretrained={pretrained!r}); use pretrained: none")
+        return small_cnn(channels, image_size)
+    if name in ("resnet18", "resnet50"):
+        return cifar_resnet(name, channels, pretrained)
+    raise ValueError(f"unknown backbone {name!r}: use small_cnn, resnet18 or resnet50")
+
+
+class NeighbourAttention(nn.Module):
+    """Class logits from multi-head attention of a query embedding over its k neighbours:
+    keys are the neighbours' embeddings, values embeddings of their labels."""
+
+    def __init__(self, embed_dim: int, heads: int, num_classes: int):
+        super().__init__()
+        self.label_embedding = nn.Embedding(num_classes, embed_dim)
+        self.attention = nn.MultiheadAttention(embed_dim, heads, batch_first=True)
+        self.classify = nn.Linear(embed_dim, num_classes)
+
+    def forward(self, z: torch.Tensor, neighbours: torch.Tensor, neighbour_labels: torch.Tensor) -> torch.Tensor:
+        """z (B, D), neighbours (B, k, D), neighbour_labels (B, k) -> logits (B, C)."""
+        attended, _ = self.attention(z.unsqueeze(1), neighbours, self.label_embedding(neighbour_labels), need_weights=False)
+        return self.classify(attended.squeeze(1))
+
+
+class AttnKnnNet(nn.Module):
+    def __init__(self, cfg: dict, ds: Dataset):
+        super().__init__()
+        if cfg["embed_dim"] % cfg["heads"]:
+            raise ValueError(f"embed_dim {cfg['embed_dim']} must be divisible by heads {cfg['heads']}")
+        self.backbone, features = build_backbone(cfg["backbone"], ds.channels, ds.image_size, cfg["pretrained"])
+        self.cnn_head = nn.Linear(features, ds.num_classes)
+        self.projector = nn.Sequential(nn.Linear(features, features), nn.ReLU(inplace=True), nn.Linear(features, cfg["embed_dim"]))
+        self.attention = NeighbourAttention(cfg["embed_dim"], cfg["heads"], ds.num_classes)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> (cnn logits, L2-normalised embedding)."""
+        f = self.backbone(x)
+        return self.cnn_head(f), F.normalize(self.projector(f), dim=1)
+
+
+# ---------------------------------------------------------------- memory bank and predictions
+
+
+@dataclass
+class Memory:
+    """Training-set embeddings: searchable (``index``) and gatherable (``bank``), with labels."""
+
+    index: KnnIndex
+    bank: torch.Tensor  # (N, D) on the model's device
+    labels: torch.Tensor  # (N,) on the model's device
+
+
+@torch.no_grad()
+def forward_all(model: AttnKnnNet, ds: Dataset, images: np.ndarray, device, view_generator=None, flip=False):
+    """(cnn probabilities, embeddings) of ``images`` in eval mode; with ``view_generator`` an
+    augmented view (translation, + flip when ``flip``) instead of the clean one."""
+    model.eval()
+    probs, embeddings = [], []
+    for start in range(0, len(images), EVAL_BATCH):
+        x = ds.to_float(images[start : start + EVAL_BATCH], device)
+        if view_generator is not None:
+            x = augment(x, view_generator, flip=flip)
+        logits, z = model(x)
+        probs.append(logits.softmax(1))
+        embeddings.append(z)
+    return torch.cat(probs), torch.cat(embeddings)
+
+
+def refresh_memory(memory: Memory | None, model: AttnKnnNet, ds: Dataset, device, use_gpu: bool) -> Memory:
+    _, bank = forward_all(model, ds, ds.train.images, device)
+    if memory is None:
+        memory = Memory(KnnIndex(bank.shape[1], use_gpu=use_gpu), bank, torch.as_tensor(ds.train.labels, device=device))
+    memory.index.reset()
+    memory.index.add(bank)
+    memory.bank = bank
+    return memory
+
+
+@torch.no_grad()
+def attend_all(model: AttnKnnNet, z: torch.Tensor, memory: Memory, neighbours: torch.Tensor) -> torch.Tensor:
+    """attn_knn probabilities of every query, in batches (the gathered neighbours are B x k x D)."""
+    model.eval()
+    out = [model.attention(z[s : s + EVAL_BATCH], memory.bank[neighbours[s : s + EVAL_BATCH]],
+                           memory.labels[neighbours[s : s + EVAL_BATCH]]).softmax(1)
+           for s in range(0, len(z), EVAL_BATCH)]
+    return torch.cat(out)
+
+
+def predict(model, ds, images, memory, ks, views, cfg, device, flip) -> dict[tuple, np.ndarray]:
+    """Class probabilities averaged over the first n views for every n in ``views``:
+    ``{(method, k, n): probs}`` with k None for cnn. One search at max(ks) serves every k
+    (results are sorted), and one pass per view serves every n."""
+    view_generator = torch.Generator().manual_seed(cfg["seed"] + 7919)  # the same views for every model
+    sums, out = {}, {}
+    for v in range(max(views)):
+        cnn_probs, z = forward_all(model, ds, images, device, view_generator if v else None, flip)
+        sims, nbr = memory.index.search(z, max(ks))
+        per_view = {("cnn", None): cnn_probs}
+        for k in ks:
+            s, i, y = sims[:, :k], nbr[:, :k], memory.labels[nbr[:, :k]]
+            per_view["uniform_knn", k] = uniform_vote(s, y, ds.num_classes)
+            per_view["distance_knn", k] = softmax_vote(s, y, ds.num_classes, cfg["temperature"])
+            per_view["attn_knn", k] = attend_all(model, z, memory, i)
+        for key, p in per_view.items():
+            sums[key] = sums.get(key, 0) + p.double()
+        if v + 1 in views:
+            out.update({(*key, v + 1): (total / (v + 1)).cpu().numpy() for key, total in sums.items()})
+    return out
+
+
+def evaluate(model, ds, split_name, memory, cfg, device, flip, ks=None, views=None) -> dict[str, float]:
+    """Metrics of every method on one split: plain names (k_eval, 1 view), ``<method>_tta``
+    (k_eval, tta_eval views), and, when ``ks``/``views`` are given, one entry per eval-axis pair."""
+    split = getattr(ds, split_name)
+    all_ks = sorted({cfg["k_eval"], *(ks or [])})
+    all_views = sorted({1, cfg["tta_eval"], *views}) if views else [1]
+    metrics = {}
+    for (method, k, n), probs in predict(model, ds, split.images, memory, all_ks, all_views, cfg, device, flip).items():
+        m = classification_metrics(probs, split.labels)
+        if k in (None, cfg["k_eval"]) and n == 1:
+            metrics.update(prefixed(split_name, method, m))
+        if views and k in (None, cfg["k_eval"]) and n == cfg["tta_eval"]:
+            metrics.update(prefixed(split_name, f"{method}_tta", m))
+        if views and n in views and (k is None or k in ks):
+            axes = {"tta_views": n} if k is None else {"k": k, "tta_views": n}
+            metrics.update(prefixed(split_name, method, m, **axes))
+    return metrics
+
+
+def _synced_ms(device, fn) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return 1000 * (time.perf_counter() - start)
+
+
+def timings(model, ds, memory, cfg, device) -> dict[str, float]:
+    """kNN search ms per test query, and the extra ms per query of the attention head over the
+    distance-weighted vote on the same retrieved neighbours (k = k_eval)."""
+    _, z = forward_all(model, ds, ds.test.images, device)
+    n, k = len(z), cfg["k_eval"]
+    search_ms = _synced_ms(device, lambda: memory.index.search(z, k))
+    sims, nbr = memory.index.search(z, k)
+    distance_ms = _synced_ms(device, lambda: softmax_vote(sims, memory.labels[nbr], ds.num_classes, cfg["temperature"]))
+    attention_ms = _synced_ms(device, lambda: attend_all(model, z, memory, nbr))
+    return {"perf/search_ms_per_query": search_ms / n, "perf/attention_ms_per_query": (attention_ms - distance_ms) / n}
+
+
+# ---------------------------------------------------------------- training
+
+
+def _mixed(loss_fn, out, y, y2, lam):
+    return loss_fn(out, y) if y2 is None else lam * loss_fn(out, y) + (1 - lam) * loss_fn(out, y2)
+
+
+def _nll_of_probs(probs, y):
+    return F.nll_loss(torch.log(probs.clamp_min(1e-8)), y)
+
+
+def train_epoch(model, optimizer, ds, memory, cfg, device, flip, gen, np_rng) -> dict[str, float] | None:
+    """One pass over the training split; mean losses, or None when the loss diverged."""
+    model.train()
+    ce = partial(F.cross_entropy, label_smoothing=cfg["label_smoothing"])
+    labels = torch.as_tensor(ds.train.labels)
+    totals, batches = {"cnn": 0.0, "attn_knn": 0.0, "distance_knn": 0.0}, 0
+    for idx in minibatches(len(ds.train), cfg["batch_size"], gen):
+        x = augment(ds.to_float(ds.train.images[idx.numpy()], device), gen, flip=flip)
+        y, y2, lam, exclude = labels[idx].to(device), None, 1.0, idx
+        if cfg["mixup_alpha"] > 0:
+            lam = float(np_rng.beta(cfg["mixup_alpha"], cfg["mixup_alpha"]))
+            perm = torch.randperm(len(idx), generator=gen)
+            x = lam * x + (1 - lam) * x[perm.to(device)]
+            y2, exclude = y[perm.to(device)], torch.stack([idx, idx[perm]], dim=1)
+        cnn_logits, z = model(x)
+        _, nbr = memory.index.search(z.detach(), cfg["k_train"], exclude=exclude)
+        neighbours, neighbour_labels = memory.bank[nbr], memory.labels[nbr]
+        attn_logits = model.attention(z, neighbours, neighbour_labels)
+        sims = (z.unsqueeze(1) * neighbours).sum(-1)  # the retrieved similarities, differentiable in z
+        vote = softmax_vote(sims, neighbour_labels, ds.num_classes, cfg["temperature"])
+        losses = {"cnn": _mixed(ce, cnn_logits, y, y2, lam), "attn_knn": _mixed(ce, attn_logits, y, y2, lam),
+                  "distance_knn": _mixed(_nll_of_probs, vote, y, y2, lam)}
+        loss = losses["cnn"] + losses["attn_knn"] + cfg["knn_loss_weight"] * losses["distance_knn"]
+        if is_diverged(loss):
+            return None
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        for name, value in losses.items():
+            totals[name] += float(value.detach())
+        batches += 1
+    return {f"train/{name}/loss": total / batches for name, total in totals.items()}
+
+
+def _cpu_copy(obj):
+    """A detached CPU copy of a (nested) state dict, so later steps cannot change a reported checkpoint."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {key: _cpu_copy(value) for key, value in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_cpu_copy(value) for value in obj)
+    return obj
+
+
+def load_data(cfg: dict) -> Dataset:
+    ds = load_dataset(cfg["dataset"], max_train=cfg["max_train"] or None, max_test=cfg["max_test"] or None)
+    ds = with_imbalance(ds, cfg["imbalance"], cfg["seed"])
+    return with_label_noise(ds, cfg["noise_rate"], cfg["seed"])
+
+
+def train(config: dict, report, restore: dict | None = None) -> None:
+    cfg = dict(config)
+    axes = cfg.get("eval") or {}
+    eval_ks, eval_views = list(axes.get("k", [cfg["k_eval"]])), list(axes.get("tta_views", [1, cfg["tta_eval"]]))
+    device = resolve_device(cfg.get("device", "auto"))
+    gen = seed_everything(cfg["seed"])
+    np_rng = np.random.default_rng([cfg["seed"], 3])
+    ds = load_data(cfg)
+    if max(eval_ks + [cfg["k_eval"], cfg["k_train"] + 2]) > len(ds.train):
+        raise ValueError(f"k up to {max(eval_ks + [cfg['k_eval'], cfg['k_train'] + 2])} needs more than {len(ds.train)} training images")
+    flip = {"auto": ds.name != "digits", "always": True, "never": False}[cfg["hflip"]]  # digits are not mirror-symmetric
+
+    model = AttnKnnNet(cfg, ds).to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"])
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg["epochs"])
+    start, epoch_ms = 1, []
+    if restore is not None:
+        model.load_state_dict(restore["model"])
+        optimizer.load_state_dict(restore["optimizer"])
+        scheduler.load_state_dict(restore["scheduler"])
+        gen.set_state(restore["torch_rng"])
+        np_rng.bit_generator.state = restore["numpy_rng"]
+        start, epoch_ms = restore["epoch"] + 1, list(restore["epoch_ms"])
+    memory = refresh_memory(None, model, ds, device, use_gpu=device.type == "cuda")
+
+    for epoch in range(start, cfg["epochs"] + 1):
+        began = time.perf_counter()
+        losses = train_epoch(model, optimizer, ds, memory, cfg, device, flip, gen, np_rng)
+        if losses is None:
+            report({"diverged": 1.0, "epoch": epoch})
+            return
+        scheduler.step()
+        memory = refresh_memory(memory, model, ds, device, use_gpu=device.type == "cuda")
+        epoch_ms.append(1000 * (time.perf_counter() - began))
+        metrics = {"epoch": epoch, **losses}
+        if epoch < cfg["epochs"]:
+            metrics.update(evaluate(model, ds, "val", memory, cfg, device, flip))
+        else:  # the last report holds every final metric
+            for split in ("val", "test"):
+                metrics.update(evaluate(model, ds, split, memory, cfg, device, flip, eval_ks, eval_views))
+            metrics.update(timings(model, ds, memory, cfg, device))
+            metrics["perf/epoch_ms"] = float(np.mean(epoch_ms))
+        checkpoint = {"epoch": epoch, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                      "scheduler": scheduler.state_dict(), "torch_rng": gen.get_state(),
+                      "numpy_rng": np_rng.bit_generator.state, "epoch_ms": epoch_ms}
+        report(metrics, checkpoint=_cpu_copy(checkpoint))
