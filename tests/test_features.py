@@ -1,0 +1,167 @@
+"""The frozen-encoder feature cache: reuse without recomputation, corruption detection,
+one extraction under concurrency, clear errors for missing weights."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+import shutil
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+import torchvision
+
+from trainables.common.data import load_dataset, with_label_noise
+from trainables.common.encoders import EncoderUnavailable, OwnCNN, get_encoder
+from trainables.common.features import cache_path_for, extract_features
+
+
+class ForwardCounter:
+    """Counts forward calls of top-level encoder modules in this process (a global torch hook)."""
+
+    def __init__(self, types=(OwnCNN,)):
+        self.types, self.calls = types, 0
+
+    def __enter__(self):
+        self.handle = torch.nn.modules.module.register_module_forward_hook(self._hook)
+        return self
+
+    def _hook(self, module, args, output):
+        self.calls += isinstance(module, self.types)
+
+    def __exit__(self, *exc):
+        self.handle.remove()
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return load_dataset("digits")
+
+
+@pytest.fixture(scope="module")
+def trained_cache(tmp_path_factory, digits):
+    """A cache dir holding own-cnn's weights for digits (trained once for this module)."""
+    root = tmp_path_factory.mktemp("own_cnn")
+    extract_features(digits, "own-cnn", cache_dir=root, progress=False)
+    shutil.rmtree(root / "features")
+    return root
+
+
+@pytest.fixture
+def cache(tmp_path, trained_cache):
+    shutil.copytree(trained_cache / "encoders", tmp_path / "encoders")
+    return tmp_path
+
+
+def test_second_call_reuses_features_without_running_the_encoder(cache, digits):
+    with ForwardCounter() as cold:
+        first = extract_features(digits, "own-cnn", cache_dir=cache, progress=False)
+    with ForwardCounter() as warm:
+        second = extract_features(digits, "own-cnn", cache_dir=cache, progress=False)
+    assert cold.calls > 0 and warm.calls == 0
+    for split in ("train", "val", "test"):
+        a, b = first.split(split), second.split(split)
+        assert isinstance(b, np.memmap) and not b.flags.writeable
+        assert a.dtype == np.float32 and a.shape == (len(getattr(digits, split)), first.dim)
+        np.testing.assert_array_equal(a, b)
+        assert second.paths[split] == cache_path_for(digits, "own-cnn", split, cache_dir=cache)
+    # the cached values are the encoder's output on those images
+    enc = get_encoder("own-cnn", digits, "cpu", cache)
+    with torch.no_grad():
+        direct = enc.module(digits.to_float(digits.test.images)).numpy()
+    np.testing.assert_allclose(second.test, direct, rtol=1e-4, atol=1e-5)
+    assert second.identity == enc.identity and first.dim == enc.dim == 256
+
+
+def test_key_follows_image_content_not_labels(cache, digits):
+    fs = extract_features(digits, "own-cnn", cache_dir=cache, progress=False)
+    relabelled = replace(digits, test=replace(digits.test, labels=np.roll(digits.test.labels, 1)))
+    assert cache_path_for(relabelled, "own-cnn", "test", cache_dir=cache) == fs.paths["test"]
+    fewer = replace(digits, test=digits.test.subset(np.arange(100)))
+    assert cache_path_for(fewer, "own-cnn", "test", cache_dir=cache) != fs.paths["test"]
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip_byte", "drop_sidecar"])
+def test_damaged_file_is_rebuilt_not_loaded(cache, digits, damage):
+    fs = extract_features(digits, "own-cnn", cache_dir=cache, progress=False)
+    expected = np.array(fs.train)
+    path = fs.paths["train"]
+    del fs
+    data = bytearray(path.read_bytes())
+    if damage == "truncate":
+        path.write_bytes(data[: len(data) // 2])
+    elif damage == "flip_byte":
+        data[len(data) - 7] ^= 0xFF
+        path.write_bytes(data)
+    else:
+        path.with_suffix(".json").unlink()
+    with ForwardCounter() as counter:
+        rebuilt = extract_features(digits, "own-cnn", cache_dir=cache, progress=False)
+    assert counter.calls > 0
+    np.testing.assert_allclose(rebuilt.train, expected, rtol=1e-5, atol=1e-6)
+    meta = json.loads(path.with_suffix(".json").read_text())
+    assert meta["shape"] == list(expected.shape)
+
+
+def _extract_in_child(cache_dir, barrier, results):
+    torch.set_num_threads(1)
+    ds = load_dataset("digits")
+    barrier.wait()
+    with ForwardCounter() as counter:
+        fs = extract_features(ds, "own-cnn", cache_dir=cache_dir, progress=False)
+    results.put((counter.calls, float(np.asarray(fs.test).sum())))
+
+
+@pytest.mark.slow
+def test_concurrent_requests_extract_once(cache):
+    ctx = mp.get_context("spawn")
+    barrier, results = ctx.Barrier(2), ctx.Queue()
+    procs = [ctx.Process(target=_extract_in_child, args=(str(cache), barrier, results)) for _ in range(2)]
+    for p in procs:
+        p.start()
+    out = [results.get(timeout=240) for _ in procs]
+    for p in procs:
+        p.join(timeout=60)
+        assert p.exitcode == 0
+    calls = sorted(c for c, _ in out)
+    assert calls[0] == 0 and calls[1] > 0, f"forward calls per process: {calls}"
+    assert out[0][1] == out[1][1]
+    assert len(list((cache / "features" / "own-cnn").glob("*.npy"))) == 3
+
+
+def test_missing_resnet_weights_offline_is_a_clear_error(tmp_path, monkeypatch, digits):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
+    monkeypatch.setenv("ORCHESTRATE_OFFLINE", "1")
+    with pytest.raises(EncoderUnavailable, match=r"resnet18.*resnet18-f37072fd\.pth.*hub/checkpoints"):
+        extract_features(digits, "resnet18", cache_dir=tmp_path / "cache", progress=False)
+    assert not (tmp_path / "cache" / "features").exists()
+
+
+def test_resnet_weights_from_the_hub_cache_match_torchvision(tmp_path, monkeypatch, digits):
+    """A (randomly initialised) resnet18 state dict placed where ImageNet weights belong is loaded
+    as is; features equal torchvision's own forward pass on the same preprocessed images."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    torch.manual_seed(0)
+    net = torchvision.models.resnet18(weights=None).eval()
+    ckpt = tmp_path / "hub" / "checkpoints" / "resnet18-f37072fd.pth"
+    ckpt.parent.mkdir(parents=True)
+    torch.save(net.state_dict(), ckpt)
+    enc = get_encoder("resnet18", digits, "cpu", tmp_path / "cache")
+    assert enc.dim == 512 and enc.identity.startswith("resnet18:")
+    images = digits.test.images[:4]
+    raw = torch.as_tensor(images).permute(0, 3, 1, 2).float().div(255).expand(-1, 3, -1, -1)
+    raw = torch.nn.functional.interpolate(raw, size=(224, 224), mode="bilinear", align_corners=False)
+    normalised = torchvision.transforms.functional.normalize(raw, [0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
+    net.fc = torch.nn.Identity()
+    with torch.no_grad():
+        np.testing.assert_allclose(enc.module(digits.to_float(images)), net(normalised), rtol=1e-3, atol=1e-4)
+        assert enc.module.feature_map(digits.to_float(images)).shape == (4, 512, 7, 7)
+
+
+def test_bad_requests_are_clear_errors(tmp_path, digits):
+    with pytest.raises(EncoderUnavailable, match="unknown encoder 'vgg'"):
+        extract_features(digits, "vgg", cache_dir=tmp_path)
+    with pytest.raises(EncoderUnavailable, match="own-cnn is trained on clean labels"):
+        extract_features(with_label_noise(digits, 0.2, seed=0), "own-cnn", cache_dir=tmp_path)
