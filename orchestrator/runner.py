@@ -58,9 +58,11 @@ class SweepOutcome:
 # ---------------------------------------------------------------- the trainable Tune runs
 
 
-def make_trainable(family: str, derive: dict):
+def make_trainable(family: str, derive: dict, objective: str):
     """Wrap a family's plain ``train`` so Tune can run it: derive parameters, restore from the
-    latest checkpoint, and turn ``report(metrics, checkpoint)`` into ``tune.report``."""
+    latest checkpoint, and turn ``report(metrics, checkpoint)`` into ``tune.report``. A diverged
+    report carries the objective as NaN, so searchers and schedulers count the trial as failed
+    rather than Tune rejecting the result."""
 
     def trainable(config: dict) -> None:
         config = derive_params(config, derive)
@@ -72,6 +74,8 @@ def make_trainable(family: str, derive: dict):
                 restore = torch.load(Path(directory) / CHECKPOINT_FILE, weights_only=False)
 
         def report(metrics: dict, checkpoint: dict | None = None) -> None:
+            if metrics.get("diverged"):
+                metrics = {objective: float("nan"), **metrics}
             if checkpoint is None:
                 tune.report(metrics)
                 return
@@ -170,12 +174,8 @@ def tune_config(study: Study, max_concurrent: int) -> tune.TuneConfig:
     scheduler = (ASHAScheduler(metric=metric, mode=mode, time_attr="training_iteration",
                                max_t=int(study.base.get("epochs", 100)), grace_period=1)
                  if study.scheduler == "asha" else FIFOScheduler())
-    needs_metric = study.search == "optuna" or study.scheduler == "asha"
-    return tune.TuneConfig(
-        search_alg=search_alg, scheduler=scheduler, num_samples=samples,
-        max_concurrent_trials=max_concurrent or None,
-        **({} if needs_metric else {"metric": metric, "mode": mode}),
-    )
+    return tune.TuneConfig(search_alg=search_alg, scheduler=scheduler, num_samples=samples,
+                           max_concurrent_trials=max_concurrent or None)
 
 
 def resolve_paths(study: Study, workdir: Path) -> None:
@@ -254,7 +254,7 @@ def run_sweep(study: Study, opts: SweepOptions) -> SweepOutcome:
         tags={"family": study.family, "study": study.name, "dataset": study.base.get("dataset"), "git_commit": git_commit()},
         artifact_root=workdir / "mlartifacts" if tracking_uri.startswith("sqlite:") else None,
     )
-    trainable = tune.with_resources(make_trainable(study.family, study.derive),
+    trainable = tune.with_resources(make_trainable(study.family, study.derive, study.objective["metric"]),
                                     {"cpu": opts.cpus_per_trial, "gpu": opts.gpus_per_trial})
     run_config = tune.RunConfig(
         name=sweep_id, storage_path=str(storage), callbacks=[MlflowCallback(tracker, study)],
