@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import os
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -24,11 +25,13 @@ SCHEDULERS = ("fifo", "asha")
 LR_RULES = ("linear", "sqrt", "none")
 STUDY_KEYS = {"description", "set", "grid", "eval", "space", "search", "samples", "scheduler", "seeds", "derive"}
 FILE_KEYS = {"family", "description", "objective", "default_study", "defaults", "eval", "params", "claims", "studies"}
-RESERVED = {"seed", "eval", "device"}
+RESERVED = {"seed", "eval", "artifact_dir"}
 
 
 def spaces_dir() -> Path:
-    return Path(str(resources.files("search_spaces")))
+    """The shipped ``search_spaces/``, or ``$ORCHESTRATE_SPACES_DIR`` for a user's own YAMLs."""
+    override = os.environ.get("ORCHESTRATE_SPACES_DIR")
+    return Path(override).expanduser() if override else Path(str(resources.files("search_spaces")))
 
 
 def available_families() -> list[str]:
@@ -173,15 +176,19 @@ def derive_params(config: dict, derive: dict[str, dict]) -> dict:
 
 def describe_study(study: Study) -> str:
     """What a study varies, in one line (for ``orchestrate list``)."""
-    parts = [f"{k}={v}" for k, v in study.grid.items()]
+    parts = [f"{k}={_short(v)}" for k, v in study.grid.items()]
     parts += [f"{k}~{next(iter(d))}{list(d.values())[0]}" for k, d in study.space.items()]
-    parts += [f"eval {k}={v}" for k, v in study.eval_axes.items() if len(v) > 1]
+    parts += [f"eval {k}={_short(v)}" for k, v in study.eval_axes.items() if len(v) > 1]
     if study.derive:
         parts.append("derive " + ",".join(study.derive))
     parts.append(f"seeds={len(study.seeds)}")
     if study.search != "random" or study.scheduler != "fifo":
         parts.append(f"{study.search}+{study.scheduler} x{study.samples}")
     return "; ".join(parts)
+
+
+def _short(values: list) -> str:
+    return str(values) if len(values) <= 6 else f"[{values[0]}..{values[-1]}] ({len(values)} values)"
 
 
 # ---------------------------------------------------------------- validation helpers
