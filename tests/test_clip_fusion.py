@@ -1,0 +1,252 @@
+"""clip_fusion: the pure pieces on synthetic arrays (checked against independent computations),
+then the family end to end on digits with a list collector."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from scipy.special import softmax
+
+from trainables import clip_fusion as cf
+from trainables.common.metrics import metric_key, negative_log_likelihood
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _blobs(rng, n_per_class=60, num_classes=5, dim=16, spread=0.6):
+    centers = rng.normal(size=(num_classes, dim))
+    labels = np.repeat(np.arange(num_classes), n_per_class)
+    return centers[labels] + spread * rng.normal(size=(len(labels), dim)), labels
+
+
+# ---------------------------------------------------------------- fusion
+
+
+def test_fusion_endpoints_are_the_single_sources_and_sum_to_one():
+    rng = np.random.default_rng(0)
+    p_a = softmax(rng.normal(size=(50, 7)) * 3, axis=1)
+    p_b = softmax(rng.normal(size=(50, 7)), axis=1)
+    np.testing.assert_array_equal(cf.fuse(p_a, p_b, 1.0), p_a)
+    np.testing.assert_array_equal(cf.fuse(p_a, p_b, 0.0), p_b)
+    for alpha in np.linspace(0, 1, 11):
+        np.testing.assert_allclose(cf.fuse(p_a, p_b, alpha).sum(1), 1.0, atol=1e-12)
+
+
+def test_select_alpha_direction_and_ties():
+    val = {0.0: {"acc": 0.9, "nll": 0.5}, 0.5: {"acc": 0.95, "nll": 0.4}, 1.0: {"acc": 0.95, "nll": 0.3}}
+    assert cf.select_alpha(val, "acc") == 1.0  # tie on acc -> lower NLL
+    assert cf.select_alpha(val, "nll") == 1.0
+    val[1.0]["nll"] = 0.45
+    assert cf.select_alpha(val, "acc") == 0.5
+    assert cf.select_alpha(val, "nll") == 0.5
+
+
+# ---------------------------------------------------------------- temperature scaling
+
+
+def _temperature_cases():
+    rng = np.random.default_rng(1)
+    for scale, case in [(1.0, "calibrated"), (4.0, "overconfident"), (0.25, "underconfident"), (1.0, "random labels")]:
+        logits = rng.normal(size=(300, 10)) * 2
+        labels = np.array([rng.choice(10, p=p) for p in softmax(logits, axis=1)])
+        if case == "random labels":
+            labels = rng.integers(0, 10, size=300)
+        yield case, logits * scale, labels
+    # tiny val sets, where the fit is noisy
+    for _ in range(4):
+        logits = rng.normal(size=(8, 3)) * rng.uniform(0.1, 10)
+        yield "tiny", logits, rng.integers(0, 3, size=8)
+
+
+@pytest.mark.parametrize("case,logits,labels", list(_temperature_cases()))
+def test_temperature_scaling_never_raises_val_nll(case, logits, labels):
+    t = cf.fit_temperature(logits, labels)
+    nll_t = negative_log_likelihood(softmax(logits / t, axis=1), labels)
+    assert nll_t <= negative_log_likelihood(softmax(logits, axis=1), labels)
+    # an independent optimiser: a dense grid of T in the same bounds
+    grid = np.exp(np.linspace(np.log(1e-2), np.log(1e2), 4001))
+    assert nll_t <= min(cf.temperature_nll(logits, labels, g) for g in grid) + 1e-6
+
+
+def test_temperature_recovers_known_overconfidence():
+    rng = np.random.default_rng(2)
+    logits = rng.normal(size=(4000, 10)) * 2
+    labels = np.array([rng.choice(10, p=p) for p in softmax(logits, axis=1)])
+    assert cf.fit_temperature(logits * 3, labels) == pytest.approx(3.0, rel=0.1)
+    assert cf.fit_temperature(logits, labels) == pytest.approx(1.0, rel=0.1)
+
+
+# ---------------------------------------------------------------- prototypes
+
+
+def test_prototypes_match_torch_cosine_classifier():
+    rng = np.random.default_rng(3)
+    x, y = _blobs(rng)
+    protos = cf.class_prototypes(x, y, 6)  # class 5 has no images: a zero row
+    assert np.allclose(protos[5], 0) and np.allclose(np.linalg.norm(protos[:5], axis=1), 1)
+    xt = torch.nn.functional.normalize(torch.as_tensor(x), dim=1)
+    means = torch.stack([xt[torch.as_tensor(y) == c].mean(0) for c in range(5)])
+    ref = torch.nn.functional.cosine_similarity(xt[:, None], means[None], dim=-1).numpy()
+    np.testing.assert_allclose(cf.prototype_logits(x, protos, 0.1)[:, :5], ref / 0.1, atol=1e-9)
+
+
+def test_few_shot_sampling_takes_shots_per_class_and_differs_across_seeds():
+    labels = np.repeat(np.arange(4), [30, 30, 30, 3])
+    picks = []
+    for seed in range(3):
+        idx = cf.sample_shots(labels, 5, np.random.default_rng([seed, 0]))
+        np.testing.assert_array_equal(np.bincount(labels[idx]), [5, 5, 5, 3])  # class 3 has only 3
+        assert len(np.unique(idx)) == len(idx)
+        picks.append(idx)
+    assert not np.array_equal(picks[0], picks[1]) and not np.array_equal(picks[1], picks[2])
+    assert not np.array_equal(picks[0][:5], np.arange(5))  # not the first N
+    np.testing.assert_array_equal(cf.sample_shots(labels, 0, np.random.default_rng(0)), np.arange(len(labels)))
+
+
+# ---------------------------------------------------------------- stacker
+
+
+def test_stacker_beats_chance_on_separable_sources():
+    rng = np.random.default_rng(4)
+    num_classes = 5
+    labels = rng.integers(0, num_classes, size=600)
+    # two noisy sources, each informative on its own
+    sources = [softmax(2.0 * np.eye(num_classes)[labels] + rng.normal(size=(600, num_classes)), axis=1) for _ in range(2)]
+    fit, hold = cf.stratified_holdout(labels, 0.5, seed=0)
+    assert abs(np.bincount(labels[hold]) / len(hold) - np.bincount(labels) / len(labels)).max() < 0.01
+    assert len(np.intersect1d(fit, hold)) == 0 and len(fit) + len(hold) == len(labels)
+    train, test = hold[: len(hold) // 2], np.concatenate([fit, hold[len(hold) // 2:]])
+    model = cf.fit_stacker([s[train] for s in sources], labels[train], C=1.0, seed=0)
+    probs = cf.stacker_probs(model, [s[test] for s in sources], num_classes)
+    np.testing.assert_allclose(probs.sum(1), 1.0)
+    acc = np.mean(probs.argmax(1) == labels[test])
+    single = max(np.mean(s[test].argmax(1) == labels[test]) for s in sources)
+    assert acc > 0.8 > 1 / num_classes and acc >= single - 0.02
+
+
+def test_stacker_probs_keep_class_columns_when_a_class_is_missing():
+    rng = np.random.default_rng(5)
+    labels = rng.choice([0, 2, 3], size=90)
+    inputs = [np.eye(4)[labels] + 0.1 * rng.random((90, 4))]
+    probs = cf.stacker_probs(cf.fit_stacker(inputs, labels, 1.0, 0), inputs, 4)
+    assert probs.shape == (90, 4) and np.all(probs[:, 1] == 0)
+    assert np.mean(probs.argmax(1) == labels) == 1.0
+
+
+def test_text_classifier_is_the_normalised_prompt_mean():
+    templates = cf.load_prompts()
+    assert len(templates) >= 10 and all(t.count("{}") == 1 for t in templates)
+
+    def encode_text(prompts):  # a fixed deterministic text embedding: letter counts
+        z = np.array([[p.count(ch) for ch in "abcdefghijklmnopqrstuvwxyz0123456789"] for p in prompts], float)
+        return z / np.linalg.norm(z, axis=1, keepdims=True)
+
+    w = cf.text_classifier(encode_text, ["cat", "dog"], templates[:3])
+    ref = encode_text([t.format("dog") for t in templates[:3]]).mean(0)
+    np.testing.assert_allclose(w[1], ref / np.linalg.norm(ref))
+    np.testing.assert_allclose(np.linalg.norm(w, axis=1), 1.0)
+
+
+# ---------------------------------------------------------------- the family on digits
+
+METHODS = ("prototype", "supervised", "fusion", "stacker")
+METRICS = ("acc", "top5", "balanced_acc", "macro_f1", "ece", "nll")
+ALPHAS = [0.0, 0.25, 0.5, 0.75, 1.0]
+
+
+def _config(**overrides):
+    doc = yaml.safe_load((ROOT / "search_spaces" / "clip_fusion.yaml").read_text())
+    return {**doc["defaults"], "epochs": 4, "seed": 0, "eval": {"alpha": ALPHAS}, "device": "cpu", **overrides}
+
+
+def _run(config, restore=None):
+    reports = []
+    cf.train(config, lambda metrics, checkpoint=None: reports.append((metrics, checkpoint)), restore=restore)
+    return reports
+
+
+def _without_perf(metrics):
+    return {k: v for k, v in metrics.items() if not k.startswith("perf/")}
+
+
+@pytest.fixture(scope="module")
+def digits_run():
+    return _run(_config())
+
+
+@pytest.mark.slow
+def test_family_end_to_end_on_digits(digits_run):
+    assert [m["epoch"] for m, _ in digits_run] == [1, 2, 3, 4]
+    for metrics, checkpoint in digits_run:
+        assert np.isfinite(metrics["train/supervised/loss"]) and 0 <= metrics["val/supervised/acc"] <= 1
+        assert checkpoint["epoch"] == metrics["epoch"] and set(checkpoint["heads"]) == {"supervised", "stacker_supervised"}
+    last = digits_run[-1][0]
+    for split in ("val", "test"):
+        for method in METHODS:
+            for name in METRICS:
+                assert np.isfinite(last[metric_key(split, method, name)]), (split, method, name)
+        for alpha in ALPHAS:
+            assert metric_key(split, "fusion", "acc", alpha=alpha) in last
+    for method in METHODS:
+        assert last[f"test/{method}/acc"] > 0.9
+    assert last["info/zeroshot_available"] == 0.0 and "test/zeroshot/acc" not in last
+    assert last["perf/supervised_train_ms"] > 0 and last["perf/stacker_ms"] > 0
+    # the alpha endpoints are the single sources; the plain fusion name is the val-chosen alpha
+    for name in METRICS:
+        assert last[metric_key("test", "fusion", name, alpha=1.0)] == pytest.approx(last[f"test/prototype/{name}"], abs=1e-12)
+        assert last[metric_key("test", "fusion", name, alpha=0.0)] == pytest.approx(last[f"test/supervised/{name}"], abs=1e-12)
+        chosen = metric_key("test", "fusion", name, alpha=last["info/fusion_alpha"])
+        assert last[f"test/fusion/{name}"] == last[chosen]
+    best_val = max(last[metric_key("val", "fusion", "acc", alpha=a)] for a in ALPHAS)
+    assert last[metric_key("val", "fusion", "acc", alpha=last["info/fusion_alpha"])] == best_val
+
+
+@pytest.mark.slow
+def test_resume_continues_without_rereporting(digits_run):
+    resumed = _run(_config(), restore=digits_run[1][1])
+    assert [m["epoch"] for m, _ in resumed] == [3, 4]
+    for (a, _), (b, _) in zip(resumed, digits_run[2:]):
+        assert _without_perf(a) == pytest.approx(_without_perf(b), abs=1e-9)
+
+
+@pytest.mark.slow
+def test_calibration_switch_lowers_val_nll(digits_run):
+    uncalibrated = _run(_config(calibrate=False, stacker=False))[-1][0]
+    calibrated = digits_run[-1][0]
+    assert uncalibrated["info/prototype_temperature"] == uncalibrated["info/supervised_temperature"] == 1.0
+    for source in ("prototype", "supervised"):
+        assert calibrated[f"val/{source}/nll"] <= uncalibrated[f"val/{source}/nll"]
+        assert calibrated[f"test/{source}/acc"] == uncalibrated[f"test/{source}/acc"]  # T keeps the argmax
+    assert calibrated["info/prototype_temperature"] != 1.0
+
+
+@pytest.mark.slow
+def test_supervised_head_from_checkpoint_path(digits_run, tmp_path):
+    path = tmp_path / "head.pt"
+    torch.save(digits_run[-1][1], path)
+    reports = _run(_config(supervised_checkpoint=str(path), stacker=False))
+    assert [m["epoch"] for m, _ in reports] == [1]  # nothing to train: one report with the results
+    for name in METRICS:
+        assert reports[-1][0][f"test/supervised/{name}"] == pytest.approx(digits_run[-1][0][f"test/supervised/{name}"])
+    with pytest.raises(ValueError, match="supervised_checkpoint"):
+        torch.save({"linear.weight": torch.zeros(3, 5)}, path)
+        _run(_config(supervised_checkpoint=str(path)))
+
+
+@pytest.mark.slow
+def test_divergence_is_reported():
+    reports = _run(_config(lr=1e30, stacker=False))
+    assert reports[-1][0] == {"diverged": 1.0, "epoch": reports[-1][0]["epoch"]}
+
+
+@pytest.mark.slow
+def test_shots_change_only_the_prototypes():
+    few = [_run(_config(shots=1, seed=s, epochs=1, stacker=False))[-1][0] for s in (0, 1)]
+    assert few[0]["test/prototype/nll"] != few[1]["test/prototype/nll"]
+    full = _run(_config(shots=0, epochs=1, stacker=False))[-1][0]
+    assert few[0]["test/supervised/nll"] == full["test/supervised/nll"]
+    assert few[0]["test/prototype/acc"] < full["test/prototype/acc"]
