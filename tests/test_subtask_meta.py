@@ -1,0 +1,285 @@
+"""subtask_meta: subtask labels from images, heads, meta-learner, temperature scaling,
+MC-dropout, and the family end to end on digits."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from scipy import ndimage, optimize
+from sklearn.linear_model import LogisticRegression
+from torch import nn
+from torch.nn import functional as F
+
+from trainables.common.data import Dataset, Split
+from trainables.subtask_meta import (
+    CIFAR10_CLASSES,
+    bin_thresholds,
+    build_subtasks,
+    edge_density,
+    fit_linear_head,
+    fit_temperature,
+    grey_levels,
+    mean_brightness,
+    mc_dropout_predict,
+    meta_learner,
+    predict_logits,
+    sobel_magnitude,
+    superclass_map_for,
+    three_bins,
+    train,
+)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models: one thread is faster than two fighting other processes for 2 cores (and a
+    Ray worker runs with OMP_NUM_THREADS=1 anyway)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def flat(value: int, n: int = 1, size: int = 32, channels: int = 3) -> np.ndarray:
+    return np.full((n, size, size, channels), value, dtype=np.uint8)
+
+
+def checkerboard(block: int, size: int = 32, channels: int = 3) -> np.ndarray:
+    ij = np.add.outer(np.arange(size) // block, np.arange(size) // block) % 2
+    return np.repeat((ij * 255).astype(np.uint8)[None, :, :, None], channels, axis=3)
+
+
+# ---------------------------------------------------------------- brightness
+
+
+def test_grey_levels_match_pil_luma():
+    rng = np.random.default_rng(0)
+    rgb = rng.integers(0, 256, size=(4, 16, 16, 3), dtype=np.uint8)
+    pil = np.stack([np.asarray(Image.fromarray(im).convert("L"), dtype=np.float32) for im in rgb])
+    assert np.abs(grey_levels(rgb) - pil).max() <= 1.0  # PIL rounds to integers
+
+
+def test_brightness_bins_on_flat_images():
+    images = np.concatenate([flat(10), flat(84), flat(85), flat(128), flat(169), flat(170), flat(240)])
+    np.testing.assert_allclose(mean_brightness(images), [10, 84, 85, 128, 169, 170, 240], atol=1e-3)
+    cuts = bin_thresholds(mean_brightness(images), "fixed", [85, 170], [])
+    assert three_bins(mean_brightness(images), cuts).tolist() == [0, 0, 1, 1, 1, 2, 2]
+    grey = flat(200, channels=1)  # single-channel images are taken as is
+    assert mean_brightness(grey).tolist() == [200.0]
+
+
+def test_percentile_thresholds_come_from_train_values():
+    train = np.arange(90, dtype=np.float64)
+    cuts = bin_thresholds(train, "percentile", [], [100 / 3, 200 / 3])
+    np.testing.assert_allclose(cuts, np.percentile(train, [100 / 3, 200 / 3]))
+    assert np.bincount(three_bins(train, cuts, upper_closed=True)).tolist() == [30, 30, 30]
+    ties = np.array([0.0] * 6 + [1.0, 2.0, 3.0])
+    cuts = bin_thresholds(ties, "percentile", [], [100 / 3, 200 / 3])
+    assert three_bins(ties, cuts, upper_closed=True).tolist() == [0] * 6 + [2, 2, 2]  # cuts 0, 1/3
+    with pytest.raises(ValueError):
+        bin_thresholds(train, "adaptive", [1, 2], [])
+
+
+# ---------------------------------------------------------------- complexity
+
+
+def test_sobel_matches_scipy():
+    grey = np.random.default_rng(1).random((3, 12, 10)).astype(np.float32) * 255
+    expected = np.stack([np.hypot(ndimage.sobel(g, axis=1, mode="nearest"), ndimage.sobel(g, axis=0, mode="nearest")) for g in grey])
+    np.testing.assert_allclose(sobel_magnitude(grey), expected, rtol=1e-5, atol=1e-3)
+
+
+def test_complexity_bins_checkerboard_vs_flat():
+    one_edge = flat(0)
+    one_edge[:, :, 16:] = 255  # one vertical step: the two columns beside it are edges
+    images = np.concatenate([flat(0), flat(255), one_edge, checkerboard(4), checkerboard(2)])
+    density = edge_density(images, edge_threshold=100.0, chunk=2)  # chunking must not matter
+    np.testing.assert_allclose(density[:3], [0.0, 0.0, 2 / 32])
+    assert density[3] > 0.4 and density[4] > 0.9
+    cuts = bin_thresholds(density, "fixed", [0.05, 0.15], [])
+    assert three_bins(density, cuts).tolist() == [0, 0, 1, 2, 2]
+
+
+# ---------------------------------------------------------------- superclass and subtask building
+
+
+def test_cifar10_superclass_mapping():
+    mapping = superclass_map_for(list(CIFAR10_CLASSES), configured=[0] * 10)  # built-in wins
+    vehicles = {"airplane", "automobile", "ship", "truck"}
+    assert mapping == [0 if c in vehicles else 1 for c in CIFAR10_CLASSES]
+    assert superclass_map_for([c.upper() for c in CIFAR10_CLASSES], None) == mapping
+    digits = [str(i) for i in range(10)]
+    assert superclass_map_for(digits, [1, 0, 0, 0, 0, 0, 1, 0, 1, 1]) == [1, 0, 0, 0, 0, 0, 1, 0, 1, 1]
+    assert superclass_map_for(digits, [0, 1]) is None  # wrong length: skipped
+    assert superclass_map_for(digits, None) is None
+
+
+def _toy_dataset(classes: list[str]) -> Dataset:
+    """Train: brightness spread 0..250; test: all very bright; class = image index mod C."""
+    levels = np.arange(0, 255, 5)
+    train = Split(np.concatenate([flat(v, size=8) for v in levels]), np.arange(len(levels)) % len(classes))
+    test = Split(np.concatenate([flat(250, size=8) for _ in range(4)]), np.arange(4) % len(classes))
+    return Dataset("toy", classes, train, test, test, (0.5,) * 3, (0.25,) * 3)
+
+
+def test_build_subtasks_bins_on_train_and_skips_unmapped_superclass(capsys):
+    ds = _toy_dataset(["a", "b", "c"])
+    config = {"subtasks": ["superclass", "brightness", "complexity"], "thresholds": "percentile",
+              "bin_percentiles": [100 / 3, 200 / 3], "superclass_map": [0, 1], "edge_threshold": 100.0}
+    subtasks = {st.name: st for st in build_subtasks(ds, config)}
+    assert set(subtasks) == {"brightness", "complexity"}
+    assert "superclass subtask skipped" in capsys.readouterr().err
+    bright = subtasks["brightness"]
+    assert np.bincount(bright.labels["train"]).tolist() == [17, 17, 17]  # tertiles of TRAIN
+    assert bright.labels["test"].tolist() == [2, 2, 2, 2]  # not re-binned on test
+    assert subtasks["complexity"].labels["train"].max() == 0  # flat images: no edges
+    config["superclass_map"] = [0, 1, 1]
+    superclass = build_subtasks(ds, {**config, "subtasks": ["superclass"]})[0]
+    assert superclass.num_classes == 2
+    np.testing.assert_array_equal(superclass.labels["train"], np.array([0, 1, 1])[ds.train.labels])
+    with pytest.raises(ValueError):
+        build_subtasks(ds, {"subtasks": ["colourfulness"]})
+
+
+# ---------------------------------------------------------------- heads and meta-learner
+
+
+def test_linear_head_matches_sklearn_logistic_regression():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(300, 6)).astype(np.float32)
+    y = (x[:, 0] + 0.5 * x[:, 1] + rng.normal(scale=0.5, size=300) > 0).astype(np.int64) + (x[:, 2] > 1)
+    wd = 1e-2
+    torch.manual_seed(0)
+    head = fit_linear_head(torch.from_numpy(x), torch.from_numpy(y), 3, weight_decay=wd, max_iter=500)
+    ours = F.softmax(head(torch.from_numpy(x)), 1).detach().numpy()
+    sk = LogisticRegression(C=1 / (wd * len(x)), max_iter=5000, tol=1e-10).fit(x, y)
+    np.testing.assert_allclose(ours, sk.predict_proba(x), atol=2e-3)
+
+
+def test_meta_learner_architecture():
+    model = meta_learner(70, 10)
+    layers = list(model)
+    assert len(layers) == 4 * 4 + 1
+    for i in range(4):
+        lin, bn, act, drop = layers[4 * i : 4 * i + 4]
+        assert isinstance(lin, nn.Linear) and lin.in_features == (70 if i == 0 else 384) and lin.out_features == 384
+        assert isinstance(bn, nn.BatchNorm1d) and bn.num_features == 384
+        assert isinstance(act, nn.ReLU)
+        assert isinstance(drop, nn.Dropout) and drop.p == 0.3
+    assert isinstance(layers[-1], nn.Linear) and (layers[-1].in_features, layers[-1].out_features) == (384, 10)
+
+
+def _trained_toy_model() -> tuple[nn.Module, torch.Tensor]:
+    torch.manual_seed(0)
+    x = torch.randn(64, 12)
+    model = meta_learner(12, 4)
+    model.train()
+    model(x)  # one training-mode pass so BatchNorm running statistics move off their init
+    return model, x
+
+
+def test_mc_dropout_varies_while_eval_mode_does_not():
+    model, x = _trained_toy_model()
+    running_mean = model[1].running_mean.clone()
+    a, b = predict_logits(model, x), predict_logits(model, x)
+    assert torch.equal(a, b)  # deterministic path
+    samples = mc_dropout_predict(model, x, [1, 2, 5], seed=0)
+    assert not np.allclose(samples[1][0], F.softmax(a, 1).numpy(), atol=1e-4)  # dropout was active
+    assert not np.allclose(samples[1][0], samples[2][0], atol=1e-4)  # passes differ
+    assert np.all(samples[1][1] == 0) and samples[5][1].mean() > 1e-3  # std over 1 pass is 0
+    np.testing.assert_allclose(samples[5][0].sum(1), 1.0, rtol=1e-6)
+    assert torch.equal(model[1].running_mean, running_mean)  # BatchNorm stayed in eval mode
+    assert not model.training and torch.equal(predict_logits(model, x), a)  # MC left no trace
+    again = mc_dropout_predict(model, x, [5], seed=0)
+    np.testing.assert_array_equal(again[5][0], samples[5][0])  # seeded, and nested prefixes
+
+
+# ---------------------------------------------------------------- temperature scaling
+
+
+def test_temperature_scaling_lowers_val_nll_and_matches_scipy():
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 5, size=500)
+    logits = rng.normal(size=(500, 5))
+    logits[np.arange(500), labels] += 1.0  # right more often than not ...
+    logits *= 6.0  # ... but far too confident
+    lt, yt = torch.from_numpy(logits), torch.from_numpy(labels)
+    t = fit_temperature(lt, yt)
+    nll = lambda temp: float(F.cross_entropy(lt / temp, yt))  # noqa: E731
+    assert nll(t) <= nll(1.0)
+    assert t > 1.5  # overconfident logits need softening
+    best = optimize.minimize_scalar(nll, bounds=(0.05, 50), method="bounded", options={"xatol": 1e-6})
+    assert abs(t - best.x) < 1e-3
+    for seed in range(5):  # never worse than no scaling, whatever the logits
+        g = np.random.default_rng(seed)
+        lr, yr = torch.from_numpy(g.normal(size=(200, 3)) * g.uniform(0.1, 10)), torch.from_numpy(g.integers(0, 3, size=200))
+        assert float(F.cross_entropy(lr / fit_temperature(lr, yr), yr)) <= float(F.cross_entropy(lr, yr)) + 1e-12
+
+
+# ---------------------------------------------------------------- the family end to end on digits
+
+
+def smoke_config(**overrides) -> dict:
+    """The YAML's defaults + smoke study, as the orchestrator would hand them over."""
+    import yaml
+    from pathlib import Path
+
+    doc = yaml.safe_load((Path(__file__).parents[1] / "search_spaces" / "subtask_meta.yaml").read_text())
+    smoke = doc["studies"]["smoke"]
+    return {**doc["defaults"], **smoke["set"], "seed": 0, "device": "cpu", "eval": dict(smoke["eval"]), **overrides}
+
+
+class Collector:
+    def __init__(self):
+        self.metrics, self.checkpoints = [], []
+
+    def __call__(self, metrics, checkpoint=None):
+        self.metrics.append(dict(metrics))
+        self.checkpoints.append(checkpoint)
+
+
+@pytest.mark.slow
+def test_family_end_to_end_on_digits():
+    run = Collector()
+    train(smoke_config(epochs=3, patience=10), run)
+    assert [m["epoch"] for m in run.metrics] == [1, 2, 3]
+    assert all(c is not None and c["epoch"] == m["epoch"] for m, c in zip(run.metrics, run.checkpoints))
+    assert all("train/meta/loss" in m and "val/meta/acc" in m for m in run.metrics)
+    final = run.metrics[-1]
+    for split in ("val", "test"):
+        for method in ("meta", "meta_ts", "meta_mc", "meta_mc:mc_samples:1", "meta_mc:mc_samples:5"):
+            for metric in ("acc", "ece", "nll", "brier", "top5", "balanced_acc", "macro_f1"):
+                assert np.isfinite(final[f"{split}/{method}/{metric}"]), (split, method, metric)
+        for name in ("superclass", "brightness", "complexity"):
+            assert 0 <= final[f"{split}/subtask_{name}/acc"] <= 1
+    assert final["test/meta/acc"] > 0.85
+    assert final["test/subtask_superclass/acc"] > 0.85  # loops vs open strokes is easy on digits
+    assert final["test/subtask_brightness/acc"] > 0.45 and final["test/subtask_complexity/acc"] > 0.45  # chance 1/3
+    assert final["val/meta_ts/nll"] <= final["val/meta/nll"] + 1e-9
+    assert final["test/meta_mc:mc_samples:1/pred_std"] == 0 < final["test/meta_mc:mc_samples:5/pred_std"]
+    assert final["test/meta_mc/acc"] == final["test/meta_mc:mc_samples:5/acc"]  # plain name: 25 absent -> largest
+    assert all(final[f"perf/{k}_ms"] > 0 for k in ("features", "subtask_heads", "train", "mc_dropout", "total"))
+
+    # resume from the epoch-1 checkpoint: epochs 2.. only, and the same final model
+    resumed = Collector()
+    train(smoke_config(epochs=3, patience=10), resumed, restore=run.checkpoints[0])
+    assert [m["epoch"] for m in resumed.metrics] == [2, 3]
+    for key in ("test/meta/acc", "test/meta/nll", "test/meta_ts/nll", "test/meta_mc:mc_samples:5/nll"):
+        assert resumed.metrics[-1][key] == pytest.approx(final[key], rel=1e-6), key
+    done = Collector()
+    train(smoke_config(epochs=3, patience=10), done, restore=run.checkpoints[-1])
+    assert done.metrics == []  # the final report went out already
+
+
+@pytest.mark.slow
+def test_family_without_subtasks_and_divergence():
+    run = Collector()
+    train(smoke_config(use_subtasks=False, epochs=1), run)
+    final = run.metrics[-1]
+    assert not any("subtask" in k for k in final) and final["test/meta/acc"] > 0.5
+    assert "perf/subtask_heads_ms" not in final
+    diverged = Collector()
+    train(smoke_config(lr=1e30), diverged)
+    assert diverged.metrics == [{"diverged": 1.0, "epoch": 1}]

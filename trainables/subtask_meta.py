@@ -1,0 +1,394 @@
+"""Subtask heads + meta-learner over frozen embeddings, with calibration (seed 003).
+
+One trial:
+
+1. Frozen features of every split from the shared cache (``trainables.common.features``),
+   standardised with train statistics.
+2. Subtask labels computed from the images: ``superclass`` (a class -> superclass map: built in
+   for CIFAR-10, vehicle vs animal; ``superclass_map`` from the config otherwise), ``brightness``
+   (mean grey level) and ``complexity`` (Sobel edge density), both binned low/medium/high by
+   fixed thresholds or by percentiles of the TRAIN split.
+3. One linear head per subtask on the embedding, fit full-batch with L-BFGS: no lr or batch
+   size enters, so every cell of the lr_scaling study sees the same heads for a given seed.
+4. The meta-learner, 4 x [Linear 384, BatchNorm, ReLU, Dropout 0.3] -> classes, on the
+   embedding concatenated with the heads' probabilities (``use_subtasks: false``: the embedding
+   alone); Adam with the trial's ``lr`` and ``batch_size``, early stopping on val accuracy.
+5. Methods evaluated on the best epoch's weights: ``meta`` (eval mode, deterministic),
+   ``meta_ts`` (temperature fit on val NLL), ``meta_mc`` (MC-dropout: dropout on, BatchNorm in
+   eval mode, mean of ``mc_samples`` softmax passes; eval axis) with ``pred_std``, the mean over
+   images of the across-pass std of the predicted class's probability.
+"""
+
+from __future__ import annotations
+
+import copy
+import sys
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from trainables.common.data import Dataset, load_dataset
+from trainables.common.metrics import classification_metrics, metric_key, prefixed
+from trainables.common.training import EarlyStopping, is_diverged, minibatches, resolve_device, seed_everything
+
+SPLITS = ("train", "val", "test")
+SUBTASKS = ("superclass", "brightness", "complexity")
+CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+CIFAR10_SUPERCLASS = (0, 0, 1, 1, 1, 1, 1, 1, 0, 0)  # 0 = vehicle, 1 = animal
+DEFAULT_MC_SAMPLES = 25  # the value reported under the plain ``meta_mc`` name when evaluated
+
+
+def _log(message: str) -> None:
+    print(f"[subtask_meta] {message}", file=sys.stderr, flush=True)
+
+
+# ---------------------------------------------------------------- subtask labels from images
+
+
+def grey_levels(images: np.ndarray) -> np.ndarray:
+    """uint8 (N, H, W, C) -> float32 (N, H, W) grey levels in [0, 255] (ITU-R 601 luma, as PIL's
+    ``convert('L')``; a single channel is taken as is)."""
+    x = images.astype(np.float32)
+    if x.shape[-1] == 1:
+        return x[..., 0]
+    return x[..., :3] @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
+
+
+def mean_brightness(images: np.ndarray) -> np.ndarray:
+    return grey_levels(images).mean(axis=(1, 2))
+
+
+def sobel_magnitude(grey: np.ndarray) -> np.ndarray:
+    """Sobel gradient magnitude of each (H, W) image of a (N, H, W) stack, edges replicated."""
+    p = np.pad(grey, ((0, 0), (1, 1), (1, 1)), mode="edge")
+    h, w = grey.shape[1:]
+
+    def at(dy: int, dx: int) -> np.ndarray:  # the stack shifted by (dy, dx)
+        return p[:, 1 + dy : 1 + dy + h, 1 + dx : 1 + dx + w]
+
+    gx = (at(-1, 1) + 2 * at(0, 1) + at(1, 1)) - (at(-1, -1) + 2 * at(0, -1) + at(1, -1))
+    gy = (at(1, -1) + 2 * at(1, 0) + at(1, 1)) - (at(-1, -1) + 2 * at(-1, 0) + at(-1, 1))
+    return np.hypot(gx, gy)
+
+
+def edge_density(images: np.ndarray, edge_threshold: float, chunk: int = 4096) -> np.ndarray:
+    """Fraction of each image's pixels whose Sobel magnitude (grey levels 0-255) exceeds
+    ``edge_threshold`` (an ideal step of height h has magnitude 4h)."""
+    out = np.empty(len(images), dtype=np.float32)
+    for start in range(0, len(images), chunk):
+        mag = sobel_magnitude(grey_levels(images[start : start + chunk]))
+        out[start : start + chunk] = (mag > edge_threshold).mean(axis=(1, 2))
+    return out
+
+
+def bin_thresholds(train_values: np.ndarray, mode: str, fixed: list[float], percentiles: list[float]) -> np.ndarray:
+    """Two cut points for three bins: the fixed ones, or percentiles of the TRAIN values."""
+    if mode == "fixed":
+        cuts = np.asarray(fixed, dtype=np.float64)
+    elif mode == "percentile":
+        cuts = np.percentile(np.asarray(train_values, dtype=np.float64), percentiles)
+    else:
+        raise ValueError(f"thresholds must be 'fixed' or 'percentile', got {mode!r}")
+    if cuts.shape != (2,) or not cuts[0] <= cuts[1]:
+        raise ValueError(f"need two increasing cut points, got {cuts.tolist()}")
+    return cuts
+
+
+def three_bins(values: np.ndarray, cuts: np.ndarray, upper_closed: bool = False) -> np.ndarray:
+    """0 below ``cuts[0]``, 1 below ``cuts[1]``, else 2 (the seed's ``< 85 / < 170`` rule).
+    ``upper_closed`` puts a value equal to a cut in the lower bin, as percentiles define it (at
+    least p% of the values are <= the p-th percentile), so tied values are not pushed up."""
+    return np.digitize(values, cuts, right=upper_closed).astype(np.int64)
+
+
+def superclass_map_for(classes: list[str], configured: list[int] | None) -> list[int] | None:
+    """CIFAR-10 (recognised by its class names) -> vehicle/animal; else ``configured`` when it
+    has one entry per class; else None (the subtask is skipped)."""
+    if tuple(c.lower() for c in classes) == CIFAR10_CLASSES:
+        return list(CIFAR10_SUPERCLASS)
+    if configured is not None and len(configured) == len(classes):
+        if any(int(s) != s or s < 0 for s in configured):
+            raise ValueError(f"superclass_map must hold superclass indices >= 0, got {configured}")
+        return [int(s) for s in configured]
+    return None
+
+
+@dataclass
+class Subtask:
+    name: str
+    num_classes: int
+    labels: dict[str, np.ndarray]  # split -> int64 (N,)
+
+
+def build_subtasks(ds: Dataset, config: dict) -> list[Subtask]:
+    """The configured subtasks' labels for every split (bins decided on TRAIN only)."""
+    names = list(config.get("subtasks", SUBTASKS))
+    unknown = set(names) - set(SUBTASKS)
+    if unknown:
+        raise ValueError(f"unknown subtask(s) {sorted(unknown)}: choose from {SUBTASKS}")
+    splits = {s: getattr(ds, s) for s in SPLITS}
+    mode = config.get("thresholds", "fixed")
+    percentiles = config.get("bin_percentiles", [100 / 3, 200 / 3])
+    out = []
+    for name in names:
+        if name == "superclass":
+            mapping = superclass_map_for(ds.classes, config.get("superclass_map"))
+            if mapping is None:
+                _log(f"superclass subtask skipped: no superclass_map with {ds.num_classes} entries for {ds.name}")
+                continue
+            table = np.asarray(mapping, dtype=np.int64)
+            out.append(Subtask(name, int(table.max()) + 1, {s: table[sp.labels] for s, sp in splits.items()}))
+            continue
+        if name == "brightness":
+            values = {s: mean_brightness(sp.images) for s, sp in splits.items()}
+            fixed = config.get("brightness_thresholds", [85.0, 170.0])
+        else:
+            values = {s: edge_density(sp.images, config.get("edge_threshold", 100.0)) for s, sp in splits.items()}
+            fixed = config.get("complexity_thresholds", [0.05, 0.15])
+        cuts = bin_thresholds(values["train"], mode, fixed, percentiles)
+        labels = {s: three_bins(v, cuts, upper_closed=mode == "percentile") for s, v in values.items()}
+        counts = np.bincount(labels["train"], minlength=3).tolist()
+        _log(f"{name}: {mode} cuts {np.round(cuts, 4).tolist()}, train bins {counts}")
+        out.append(Subtask(name, 3, labels))
+    return out
+
+
+# ---------------------------------------------------------------- models
+
+
+def fit_linear_head(x: torch.Tensor, y: torch.Tensor, num_classes: int, weight_decay: float = 1e-3,
+                    max_iter: int = 100) -> nn.Linear:
+    """Multinomial logistic regression (L2 ``weight_decay`` on the weights), full-batch L-BFGS."""
+    head = nn.Linear(x.shape[1], num_classes).to(x.device)
+    opt = torch.optim.LBFGS(head.parameters(), max_iter=max_iter, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = F.cross_entropy(head(x), y) + 0.5 * weight_decay * head.weight.pow(2).sum()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    return head.eval()
+
+
+def meta_learner(in_dim: int, num_classes: int, hidden: int = 384, layers: int = 4, dropout: float = 0.3) -> nn.Sequential:
+    """``layers`` x [Linear ``hidden``, BatchNorm, ReLU, Dropout] -> Linear ``num_classes``."""
+    blocks: list[nn.Module] = []
+    for i in range(layers):
+        blocks += [nn.Linear(in_dim if i == 0 else hidden, hidden), nn.BatchNorm1d(hidden), nn.ReLU(), nn.Dropout(dropout)]
+    blocks.append(nn.Linear(hidden if layers else in_dim, num_classes))
+    return nn.Sequential(*blocks)
+
+
+@torch.no_grad()
+def predict_logits(model: nn.Module, x: torch.Tensor, batch_size: int = 4096) -> torch.Tensor:
+    """Deterministic logits: the whole model in eval mode (BatchNorm running stats, no dropout)."""
+    model.eval()
+    return torch.cat([model(x[i : i + batch_size]) for i in range(0, len(x), batch_size)])
+
+
+def enable_mc_dropout(model: nn.Module) -> None:
+    """Eval mode everywhere except the Dropout layers (BatchNorm keeps its running statistics)."""
+    model.eval()
+    for m in model.modules():
+        if isinstance(m, nn.Dropout):
+            m.train()
+
+
+@torch.no_grad()
+def mc_dropout_predict(model: nn.Module, x: torch.Tensor, sample_counts: list[int], seed: int,
+                       batch_size: int = 4096) -> dict[int, tuple[np.ndarray, np.ndarray]]:
+    """For each n in ``sample_counts``: (mean softmax over the first n dropout passes, per-image
+    std across those passes of the mean-predicted class's probability). The passes are nested,
+    so n = 50 extends n = 25 rather than redrawing it."""
+    enable_mc_dropout(model)
+    torch.manual_seed(seed)
+    wanted = sorted(set(int(n) for n in sample_counts))
+    out = {}
+    s1 = s2 = None
+    for n in range(1, wanted[-1] + 1):
+        p = torch.cat([F.softmax(model(x[i : i + batch_size]), 1) for i in range(0, len(x), batch_size)]).double().cpu()
+        s1 = p if s1 is None else s1 + p
+        s2 = p * p if s2 is None else s2 + p * p
+        if n in wanted:
+            mean = s1 / n
+            std = (s2 / n - mean * mean).clamp_min(0).sqrt()
+            top = mean.argmax(1, keepdim=True)
+            out[n] = (mean.numpy(), std.gather(1, top).squeeze(1).numpy())
+    model.eval()
+    return out
+
+
+def fit_temperature(logits: torch.Tensor, labels: torch.Tensor, max_iter: int = 200) -> float:
+    """The temperature T > 0 minimising the NLL of ``softmax(logits / T)`` (L-BFGS on log T).
+    Falls back to T = 1 if the optimiser ends worse than no scaling."""
+    logits, labels = logits.detach().double().cpu(), labels.cpu()
+    log_t = torch.zeros(1, dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.LBFGS([log_t], max_iter=max_iter, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = F.cross_entropy(logits / log_t.exp(), labels)
+        loss.backward()
+        return loss
+
+    if bool((logits.argmax(1) == labels).all()):
+        _log("temperature scaling: every val image is classified correctly, so val NLL keeps falling as T -> 0; "
+             "the fitted T is where L-BFGS stopped, not a meaningful calibration")
+    opt.step(closure)
+    with torch.no_grad():
+        t = float(log_t.exp())
+        if not np.isfinite(t) or F.cross_entropy(logits / t, labels) > F.cross_entropy(logits, labels):
+            return 1.0
+    return t
+
+
+# ---------------------------------------------------------------- the trial
+
+
+def _features(ds: Dataset, config: dict) -> dict[str, torch.Tensor]:
+    """Frozen features of every split, standardised with the train mean/std."""
+    from trainables.common.features import extract_features
+
+    fs = extract_features(ds, config["encoder"], device=config.get("device", "auto"),
+                          batch_size=int(config.get("feature_batch_size", 256)), progress=False)
+    feats = {s: torch.from_numpy(np.array(getattr(fs, s), dtype=np.float32)) for s in SPLITS}
+    mu, sd = feats["train"].mean(0), feats["train"].std(0)
+    return {s: (f - mu) / (sd + 1e-6) for s, f in feats.items()}
+
+
+def _mc_counts(config: dict) -> list[int]:
+    counts = (config.get("eval") or {}).get("mc_samples") or [DEFAULT_MC_SAMPLES]
+    if any(int(n) < 1 for n in counts):
+        raise ValueError(f"mc_samples must be >= 1, got {counts}")
+    return sorted(set(int(n) for n in counts))
+
+
+def train(config: dict, report, restore: dict | None = None) -> None:
+    if restore is not None and restore.get("done"):
+        return  # the final report went out with that checkpoint
+    t_start = time.perf_counter()
+    generator = seed_everything(int(config["seed"]))
+    device = resolve_device(config.get("device", "auto"))
+    ds = load_dataset(config["dataset"], max_train=config.get("max_train"), max_test=config.get("max_test"))
+    labels = {s: torch.as_tensor(getattr(ds, s).labels) for s in SPLITS}
+    perf: dict[str, float] = {}
+
+    t = time.perf_counter()
+    x = _features(ds, config)
+    perf["perf/features_ms"] = 1e3 * (time.perf_counter() - t)
+
+    # subtask heads (skipped entirely in the embedding-only ablation)
+    heads: dict[str, nn.Linear] = {}
+    subtasks: list[Subtask] = []
+    if config.get("use_subtasks", True):
+        t = time.perf_counter()
+        subtasks = build_subtasks(ds, config)
+        perf["perf/subtask_labels_ms"] = 1e3 * (time.perf_counter() - t)
+        t = time.perf_counter()
+        for st in subtasks:
+            head = nn.Linear(x["train"].shape[1], st.num_classes)
+            if restore is not None:
+                head.load_state_dict(restore["heads"][st.name])
+            else:
+                head = fit_linear_head(x["train"], torch.as_tensor(st.labels["train"]), st.num_classes,
+                                       float(config.get("head_weight_decay", 1e-3)))
+            heads[st.name] = head.eval()
+        perf["perf/subtask_heads_ms"] = 1e3 * (time.perf_counter() - t)
+    with torch.no_grad():
+        inputs = {s: torch.cat([x[s]] + [F.softmax(heads[st.name](x[s]), 1) for st in subtasks], 1).to(device) for s in SPLITS}
+    y = {s: v.to(device) for s, v in labels.items()}
+
+    model = meta_learner(inputs["train"].shape[1], ds.num_classes, int(config.get("hidden_dim", 384)),
+                         int(config.get("num_layers", 4)), float(config.get("dropout", 0.3))).to(device)
+    opt = torch.optim.Adam(model.parameters(), lr=float(config["lr"]), weight_decay=float(config.get("weight_decay", 0.0)))
+    stopper = EarlyStopping(int(config.get("patience", 4)), mode="max")
+    best_state = copy.deepcopy(model.state_dict())
+    start_epoch = 1
+    if restore is not None:
+        model.load_state_dict(restore["model"])
+        opt.load_state_dict(restore["optimizer"])
+        stopper.load_state_dict(restore["early_stopping"])
+        best_state = restore["best_state"]
+        generator.set_state(restore["generator"])
+        torch.set_rng_state(restore["torch_rng"])
+        start_epoch = restore["epoch"] + 1
+
+    epochs, batch_size = int(config["epochs"]), int(config["batch_size"])
+    n_train = len(inputs["train"])
+    t_train = time.perf_counter()
+    for epoch in range(start_epoch, epochs + 1):
+        model.train()
+        total, seen = 0.0, 0
+        for idx in minibatches(n_train, batch_size, generator):
+            if len(idx) < 2:  # BatchNorm needs two samples in training mode
+                continue
+            idx = idx.to(device)
+            loss = F.cross_entropy(model(inputs["train"][idx]), y["train"][idx])
+            if is_diverged(loss):
+                report({"diverged": 1.0, "epoch": epoch})
+                return
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            total, seen = total + float(loss.detach()) * len(idx), seen + len(idx)
+        val_logits = predict_logits(model, inputs["val"])
+        val_acc = float((val_logits.argmax(1) == y["val"]).float().mean())
+        metrics = {"epoch": epoch, metric_key("train", "meta", "loss"): total / max(seen, 1),
+                   metric_key("val", "meta", "acc"): val_acc,
+                   metric_key("val", "meta", "loss"): float(F.cross_entropy(val_logits, y["val"]))}
+        if stopper.improved(val_acc):
+            best_state = copy.deepcopy(model.state_dict())
+        done = stopper.step(val_acc) or epoch == epochs
+        checkpoint = copy.deepcopy({"epoch": epoch, "done": done, "model": model.state_dict(), "optimizer": opt.state_dict(),
+                      "early_stopping": stopper.state_dict(), "best_state": best_state,
+                      "heads": {name: h.state_dict() for name, h in heads.items()},
+                      "generator": generator.get_state(), "torch_rng": torch.get_rng_state()})
+        if done:
+            perf["perf/train_ms"] = 1e3 * (time.perf_counter() - t_train)
+            model.load_state_dict(best_state)
+            metrics.update(_final_metrics(model, inputs, y, heads, subtasks, x, config, perf))
+            metrics["best_epoch"] = epoch - stopper.bad_epochs
+            metrics["perf/total_ms"] = 1e3 * (time.perf_counter() - t_start)
+        report(metrics, checkpoint=checkpoint)
+        if done:
+            return
+
+
+def _final_metrics(model, inputs, y, heads, subtasks, x, config, perf) -> dict[str, float]:
+    """Every method's val and test metrics on the best epoch's weights, plus the subtask heads'."""
+    out: dict[str, float] = {}
+    numpy_labels = {s: y[s].cpu().numpy() for s in ("val", "test")}
+    logits = {s: predict_logits(model, inputs[s]) for s in ("val", "test")}
+    t = time.perf_counter()
+    temperature = fit_temperature(logits["val"], y["val"])
+    perf["perf/ts_fit_ms"] = 1e3 * (time.perf_counter() - t)
+    out[metric_key("val", "meta_ts", "temperature")] = temperature
+    for s in ("val", "test"):
+        out.update(prefixed(s, "meta", classification_metrics(F.softmax(logits[s], 1).cpu().numpy(), numpy_labels[s])))
+        out.update(prefixed(s, "meta_ts", classification_metrics(F.softmax(logits[s] / temperature, 1).cpu().numpy(), numpy_labels[s])))
+
+    counts = _mc_counts(config)
+    headline = DEFAULT_MC_SAMPLES if DEFAULT_MC_SAMPLES in counts else counts[-1]
+    t = time.perf_counter()
+    for s in ("val", "test"):
+        for n, (probs, std) in mc_dropout_predict(model, inputs[s], counts, seed=int(config["seed"]) + 1).items():
+            metrics = {**classification_metrics(probs, numpy_labels[s]), "pred_std": float(std.mean())}
+            out.update(prefixed(s, "meta_mc", metrics, mc_samples=n))
+            if n == headline:
+                out.update(prefixed(s, "meta_mc", metrics))
+    perf["perf/mc_dropout_ms"] = 1e3 * (time.perf_counter() - t)
+
+    for st in subtasks:
+        with torch.no_grad():
+            for s in ("val", "test"):
+                probs = F.softmax(heads[st.name](x[s]), 1).numpy()
+                metrics = classification_metrics(probs, st.labels[s])
+                out.update(prefixed(s, f"subtask_{st.name}", {k: metrics[k] for k in ("acc", "balanced_acc", "nll", "ece")}))
+    out.update(perf)
+    return out
