@@ -63,3 +63,15 @@ def minibatches(n: int, batch_size: int, generator: torch.Generator | None = Non
     order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
     for start in range(0, n, batch_size):
         yield order[start : start + batch_size]
+
+
+def autocast(device: torch.device):
+    """bf16 mixed precision on CUDA, a no-op context on CPU (the CPU path stays exact float32)."""
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+
+def to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Move a CPU batch to ``device``; on CUDA through pinned memory with a non-blocking copy."""
+    if device.type == "cuda":
+        return x.pin_memory().to(device, non_blocking=True)
+    return x.to(device)
