@@ -99,24 +99,29 @@ def _print_plan(spec) -> None:
 
 
 @main.command()
-@click.argument("family")
+@click.argument("families", nargs=-1, metavar="[FAMILY ...]")
+@click.option("--all", "every", is_flag=True, help="Every family with runs in the store, plus a cross-family summary.")
 @click.option("--study", "-s", help="Only this study.")
-@click.option("--sweep", "sweep_id", help="Only this sweep id.")
+@click.option("--sweep", "sweep_id", help="Only this sweep id (default: the latest sweep of each study).")
 @click.option("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else ./mlflow.db).")
-@click.option("--out", type=click.Path(dir_okay=False, writable=True), help="Write markdown here instead of stdout.")
-def report(family, study, sweep_id, tracking_uri, out) -> None:
-    """Consolidated tables for FAMILY from MLflow: mean +- 95% t-interval over seeds (n shown)."""
-    from orchestrator.report import build_report
+@click.option("--out", type=click.Path(dir_okay=False, writable=True), help="Write the report here instead of stdout.")
+@click.option("--format", "fmt_name", type=click.Choice(["markdown", "csv", "json"]), default="markdown", show_default=True,
+              help="csv: one row per study, cell and metric (n, mean, sd, 95% CI).")
+@click.option("--plots", "plots_dir", type=click.Path(file_okay=False),
+              help="Write PNG plots here and link them (default with --out FILE.md: FILE_plots/).")
+def report(families, every, study, sweep_id, tracking_uri, out, fmt_name, plots_dir) -> None:
+    """Consolidated tables, claims and plots for FAMILY (or --all) from MLflow: mean +- 95%
+    t-interval over seeds (n shown), paired tests against the baseline with Holm correction."""
+    from orchestrator.report import write_report
     from orchestrator.tracking import check_tracking_uri, default_tracking_uri
 
     uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri(Path.cwd())
     check_tracking_uri(uri)
-    markdown = build_report(uri, family, study=study, sweep_id=sweep_id)
-    if out:
-        Path(out).write_text(markdown)
-        click.echo(f"report written to {out}")
-    else:
-        click.echo(markdown)
+    text, lines = write_report(uri, list(families), every, study, sweep_id, out, fmt_name, plots_dir)
+    if text is not None:
+        click.echo(text, nl=False)
+    for line in lines:
+        click.echo(line)
 
 
 @main.command()
