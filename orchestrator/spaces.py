@@ -24,7 +24,7 @@ SEARCHES = ("random", "optuna")
 SCHEDULERS = ("fifo", "asha")
 LR_RULES = ("linear", "sqrt", "none")
 STUDY_KEYS = {"description", "set", "grid", "eval", "space", "search", "samples", "scheduler", "seeds", "derive"}
-FILE_KEYS = {"family", "description", "objective", "default_study", "defaults", "eval", "params", "claims", "studies"}
+FILE_KEYS = {"family", "description", "objective", "default_study", "defaults", "eval", "params", "claims", "report", "studies"}
 RESERVED = {"seed", "eval", "artifact_dir"}
 
 
