@@ -37,7 +37,7 @@ class ForwardCounter:
 
 @pytest.fixture(scope="module")
 def digits():
-    return load_dataset("digits")
+    return load_dataset("digits", max_train=500)
 
 
 @pytest.fixture(scope="module")
@@ -107,7 +107,7 @@ def test_damaged_file_is_rebuilt_not_loaded(cache, digits, damage):
 
 def _extract_in_child(cache_dir, barrier, results):
     torch.set_num_threads(1)
-    ds = load_dataset("digits")
+    ds = load_dataset("digits", max_train=500)
     barrier.wait()
     with ForwardCounter() as counter:
         fs = extract_features(ds, "own-cnn", cache_dir=cache_dir, progress=False)
