@@ -26,6 +26,7 @@ import pandas as pd
 
 from orchestrator.errors import UsageError
 from orchestrator.stats import Paired, fmt, holm, one_sample_test, p_is, paired_test
+from trainables.common.metrics import parse_metric_key
 
 ALPHA = 0.05
 VALIDATED, INVALIDATED, INCONCLUSIVE = "VALIDATED", "INVALIDATED", "INCONCLUSIVE"
@@ -175,7 +176,7 @@ def _parse_one(entry, where: str, studies: set, known: set, default_study) -> Cl
         bound = spec.get("below", spec.get("above"))
         if not _number(bound):
             raise UsageError(f"{where}.threshold: the bound must be a number, got {bound!r}")
-        claim.a = Side.of(spec["metric"], _where(spec.get("where"), known, f"{where}.threshold.where"))
+        claim.a = Side.of(_key(spec["metric"], where), _where(spec.get("where"), known, f"{where}.threshold.where"))
         claim.threshold, claim.better = float(bound), "lower" if "below" in spec else "higher"
         if "drop" in entry:
             raise UsageError(f"{where}: 'drop' goes with 'compare', not 'threshold'")
@@ -187,8 +188,8 @@ def _parse_one(entry, where: str, studies: set, known: set, default_study) -> Cl
     if better not in ("higher", "lower"):
         raise UsageError(f"{where}.compare.better: expected higher or lower, got {better!r}")
     shared = _where(spec.get("where"), known, f"{where}.compare.where")
-    claim.a = Side.of(spec["metric"], shared)
-    claim.b = Side.of(spec.get("baseline", spec["metric"]),
+    claim.a = Side.of(_key(spec["metric"], where), shared)
+    claim.b = Side.of(_key(spec.get("baseline", spec["metric"]), where),
                       {**shared, **_where(spec.get("baseline_where"), known, f"{where}.compare.baseline_where")})
     claim.better = better
     if "drop" in entry:
@@ -201,6 +202,13 @@ def _parse_one(entry, where: str, studies: set, known: set, default_study) -> Cl
     if claim.a == claim.b:
         raise UsageError(f"{where}.compare: both sides are the same ({claim.a.describe()})")
     return claim
+
+
+def _key(value, where: str) -> str:
+    """A metric key as MLflow holds it: ``<split>/<method>[:<axis>:<value>...]/<metric>`` or ``perf/...``."""
+    if not isinstance(value, str) or not (parse_metric_key(value) or value.startswith(("perf/", "info/"))):
+        raise UsageError(f"{where}: {value!r} is not a metric key (<split>/<method>/<metric>, perf/<what>_ms)")
+    return value
 
 
 def _number(value) -> bool:

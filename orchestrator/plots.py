@@ -3,11 +3,14 @@
 Two shapes cover every study: curves (a metric against a numeric swept value, one line per
 series, a shaded 95% t-interval where n >= 2) and cells (a metric per named cell with error
 bars, the reference cell highlighted). Each figure has one panel per metric.
+:func:`study_plots` picks the figures a study's data supports: every numeric swept param, every
+numeric eval axis (studies without swept params), and the cells of A/B studies.
 """
 
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -15,6 +18,12 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402 - the backend must be chosen first
+
+from orchestrator.report import (  # noqa: E402 - report imports this module lazily, never at import time
+    ReportConfig, StudyRuns, StudyStats, axis_combos, axis_items, eval_signatures, find_reference, methods_of,
+    metric_label, metrics_of, typed,
+)
+from trainables.common.metrics import metric_key  # noqa: E402
 
 MAX_SERIES = 10
 
@@ -65,7 +74,7 @@ def curves(path: Path, title: str, xlabel: str, panels: list[Panel], log_x: bool
     return _finish(fig, path)
 
 
-def cells(path: Path, title: str, labels: list[str], panels: list[Panel], reference: str | None = None) -> Path:
+def cell_errorbars(path: Path, title: str, labels: list[str], panels: list[Panel], reference: str | None = None) -> Path:
     """A metric per cell (x: the cells by name) with 95% t-interval error bars; one marker per
     series, the reference cell's label in bold."""
     fig, axes = _grid(len(panels), width=max(4.2, 0.55 * len(labels) + 1.5), height=3.8)
@@ -88,3 +97,118 @@ def cells(path: Path, title: str, labels: list[str], panels: list[Panel], refere
         axes[0].legend(fontsize=7)
     fig.suptitle(title, fontsize=10)
     return _finish(fig, path)
+
+
+# ---------------------------------------------------------------- which figures a study gets
+
+
+def _series(stats: StudyStats, cells_keys: list[tuple[tuple, str, object]], label: str) -> Series | None:
+    s = Series(label)
+    for cell, key, x in cells_keys:
+        mean, half, n = stats.get(cell, key)
+        if n:
+            s.x.append(x)
+            s.mean.append(mean)
+            s.half.append(half)
+    return s if s.x else None
+
+
+def _safe(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("_")
+
+
+def _log_x(xs) -> bool:
+    xs = [x for x in xs if isinstance(x, (int, float))]
+    return bool(xs) and min(xs) > 0 and max(xs) / min(xs) >= 20
+
+
+def study_plots(family: str, study: StudyRuns, stats: StudyStats, cfg: ReportConfig, out: Path) -> list[tuple[str, Path]]:
+    """Curves against every numeric swept param and every numeric eval axis (CI bands), and
+    the cells of A/B studies with error bars."""
+    split, metrics, made = cfg.split, metrics_of(study, cfg, cfg.split), []
+    if not metrics or study.is_search:
+        return made
+    cells = study.cells()
+    for axis in study.axes:
+        xs = {cell: typed(study.cell_dict(cell)[axis]) for cell in cells}
+        if len(set(xs.values())) < 2 or not all(isinstance(x, (int, float)) for x in xs.values()):
+            continue
+        others = [p for p in study.axes if p != axis]
+        methods = methods_of(study, cfg, split) if not others else [m for m in cfg.focus_methods]
+        groups: dict[tuple, list] = {}
+        for cell in cells:
+            groups.setdefault(tuple(study.cell_dict(cell)[p] for p in others), []).append(cell)
+        panels = []
+        for metric in metrics:
+            series = []
+            for method in methods:
+                for group, members in groups.items():
+                    suffix = ", ".join(f"{p}={v}" for p, v in zip(others, group))
+                    s = _series(stats, [(c, f"{split}/{method}/{metric}", xs[c]) for c in sorted(members, key=xs.get)],
+                                cfg.label(method) + (f" ({suffix})" if suffix else ""))
+                    if s:
+                        series.append(s)
+            if series:
+                panels.append(Panel(f"{split} {metric_label(metric)}", series))
+        if panels:
+            path = out / f"{_safe(family)}-{_safe(study.name)}-{_safe(axis)}.png"
+            title = f"{family} / {study.name}: {', '.join(metrics)} vs {axis}"
+            made.append((title, curves(path, title, axis, panels, _log_x(xs.values()))))
+    if not study.cell_params:
+        made += _eval_axis_plots(family, study, stats, cfg, out, metrics)
+    if cfg.reference.get(study.name):
+        made += _ab_plot(family, study, stats, cfg, out, metrics)
+    return made
+
+
+def _eval_lines(study: StudyRuns, cfg: ReportConfig, axis: str) -> dict[str, list[tuple]]:
+    """Line label -> sorted [(x, method, axes)] for the metric-vs-``axis`` plot: one line per
+    method and per value of any other eval axis that varies alongside it."""
+    lines: dict[str, list[tuple]] = {}
+    for signature, methods in eval_signatures(study, cfg).items():
+        if axis not in signature:
+            continue
+        combos = [dict(axis_items(a)) for a in axis_combos(study, signature, methods, cfg.split)]
+        varying = [n for n in signature if n != axis and len({c[n] for c in combos}) > 1]
+        for method in methods:
+            for combo in combos:
+                x = typed(combo[axis])
+                if isinstance(x, (int, float)):
+                    rest = ", ".join(f"{n}={combo[n]}" for n in varying)
+                    lines.setdefault(cfg.label(method) + (f" ({rest})" if rest else ""), []).append((x, method, combo))
+    return {label: sorted(points, key=lambda p: p[0]) for label, points in lines.items() if len(points) > 1}
+
+
+def _eval_axis_plots(family, study, stats, cfg, out, metrics) -> list[tuple[str, Path]]:
+    made = []
+    for axis in sorted({a for signature in eval_signatures(study, cfg) for a in signature}):
+        lines = _eval_lines(study, cfg, axis)
+        panels = []
+        for metric in metrics:
+            series = [_series(stats, [((), metric_key(cfg.split, m, metric, **combo), x) for x, m, combo in points], label)
+                      for label, points in lines.items()]
+            if any(series):
+                panels.append(Panel(f"{cfg.split} {metric_label(metric)}", [s for s in series if s]))
+        if panels:
+            path = out / f"{_safe(family)}-{_safe(study.name)}-{_safe(axis)}.png"
+            title = f"{family} / {study.name}: {', '.join(metrics)} vs {axis} (eval axis)"
+            made.append((title, curves(path, title, axis, panels, _log_x([p[0] for ps in lines.values() for p in ps]))))
+    return made
+
+
+def _ab_plot(family, study, stats, cfg, out, metrics) -> list[tuple[str, Path]]:
+    split = cfg.split
+    ref = find_reference(study, cfg.reference[study.name])
+    cells = study.cells()
+    labels = [study.label(c) for c in cells]
+    panels = []
+    for metric in metrics:
+        series = [s for s in (_series(stats, [(c, f"{split}/{m}/{metric}", study.label(c)) for c in cells], cfg.label(m))
+                              for m in cfg.focus_methods) if s]
+        if series:
+            panels.append(Panel(f"{split} {metric_label(metric)}", series))
+    if not panels:
+        return []
+    path = out / f"{_safe(family)}-{_safe(study.name)}-cells.png"
+    title = f"{family} / {study.name}: cells, mean ± 95% t-interval"
+    return [(title, cell_errorbars(path, title, labels, panels, study.label(ref) if ref is not None else None))]

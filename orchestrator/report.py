@@ -26,7 +26,6 @@ import numpy as np
 import pandas as pd
 from mlflow.tracking import MlflowClient
 
-from orchestrator import plots
 from orchestrator.claims import (ALPHA, Side, cell_sides, check_claims, lower_is_better, paired_values, parse_claims,
                                  rows_of, same_value)
 from orchestrator.errors import UsageError
@@ -374,7 +373,7 @@ def to_markdown(table: pd.DataFrame) -> str:
 # ---------------------------------------------------------------- tables
 
 
-def _methods(study: StudyRuns, cfg: ReportConfig, split: str) -> list[str]:
+def methods_of(study: StudyRuns, cfg: ReportConfig, split: str) -> list[str]:
     """Method specs with plain metrics in this study: the YAML's ``methods`` (in order) when
     given, else every method that reports plain ``<split>/<method>/<metric>`` names."""
     keys = set(study.frame["key"])
@@ -385,7 +384,7 @@ def _methods(study: StudyRuns, cfg: ReportConfig, split: str) -> list[str]:
     return ([cfg.baseline] if cfg.baseline in present else []) + [m for m in present if m != cfg.baseline]
 
 
-def _metrics(study: StudyRuns, cfg: ReportConfig, split: str) -> list[str]:
+def metrics_of(study: StudyRuns, cfg: ReportConfig, split: str) -> list[str]:
     present = set(study.frame.loc[study.frame["split"] == split, "metric"])
     return [m for m in cfg.headline_metrics if m in present]
 
@@ -396,10 +395,10 @@ def metric_label(metric: str) -> str:
 
 def headline_table(study: StudyRuns, stats: StudyStats, cfg: ReportConfig) -> Table:
     """Method x metric (each cell mean ± 95% t-interval over seeds, n shown), per swept cell."""
-    split, metrics = cfg.split, _metrics(study, cfg, cfg.split)
+    split, metrics = cfg.split, metrics_of(study, cfg, cfg.split)
     rows = []
     for cell in study.cells():
-        for spec in _methods(study, cfg, split):
+        for spec in methods_of(study, cfg, split):
             values = [stats.text(cell, f"{split}/{spec}/{m}") for m in metrics]
             if any(v != "—" for v in values):
                 rows.append({**study.cell_columns(cell), "Method": cfg.label(spec),
@@ -410,8 +409,8 @@ def headline_table(study: StudyRuns, stats: StudyStats, cfg: ReportConfig) -> Ta
 def grid_tables(study: StudyRuns, stats: StudyStats, cfg: ReportConfig) -> list[Table]:
     """One table per headline metric: rows = swept cells, columns = methods."""
     split, tables = cfg.split, []
-    methods = _methods(study, cfg, split)
-    for metric in _metrics(study, cfg, split):
+    methods = methods_of(study, cfg, split)
+    for metric in metrics_of(study, cfg, split):
         rows = [{**study.cell_columns(cell),
                  **{cfg.label(m): stats.text(cell, f"{split}/{m}/{metric}") for m in methods}} for cell in study.cells()]
         tables.append(Table(f"{split} {metric_label(metric)} vs {', '.join(study.axes)}", pd.DataFrame(rows)))
@@ -440,7 +439,7 @@ def eval_signatures(study: StudyRuns, cfg: ReportConfig) -> dict[tuple, list[str
     return out
 
 
-def _axis_combos(study: StudyRuns, signature: tuple, methods: list[str], split: str) -> list[str]:
+def axis_combos(study: StudyRuns, signature: tuple, methods: list[str], split: str) -> list[str]:
     rows = study.frame[(study.frame["split"] == split) & study.frame["method"].isin(methods)]
     combos = {a for a in set(rows["axes"]) if tuple(n for n, _ in axis_items(a)) == signature}
     return sorted(combos, key=lambda a: tuple(_order(v) for _, v in axis_items(a)))
@@ -450,8 +449,8 @@ def eval_tables(study: StudyRuns, stats: StudyStats, cfg: ReportConfig) -> list[
     """Metric vs eval-axis value (rows), per method (columns), per swept cell."""
     split, tables = cfg.split, []
     for signature, methods in eval_signatures(study, cfg).items():
-        combos = _axis_combos(study, signature, methods, split)
-        for metric in _metrics(study, cfg, split):
+        combos = axis_combos(study, signature, methods, split)
+        for metric in metrics_of(study, cfg, split):
             rows = []
             for cell in study.cells():
                 for axes in combos:
@@ -484,10 +483,10 @@ def baseline_table(study: StudyRuns, cfg: ReportConfig) -> Table | None:
     frame = study.frame
     entries = []
     for cell in study.cells():
-        for spec in _methods(study, cfg, split):
+        for spec in methods_of(study, cfg, split):
             if spec == baseline:
                 continue
-            for metric in _metrics(study, cfg, split):
+            for metric in metrics_of(study, cfg, split):
                 key_a, key_b = f"{split}/{spec}/{metric}", f"{split}/{baseline}/{metric}"
                 a, b = cell_sides(frame, study.cell_dict(cell), key_a, key_b)
                 if rows_of(frame, a).empty or rows_of(frame, b).empty:
@@ -545,7 +544,7 @@ def _dz(t) -> str:
     return f"{t.d_z:.2f}"
 
 
-def _find_reference(study: StudyRuns, wanted: dict) -> tuple | None:
+def find_reference(study: StudyRuns, wanted: dict) -> tuple | None:
     for cell in study.cells():
         values = study.cell_dict(cell)
         if all(p in values and same_value(values[p], v) for p, v in wanted.items()):
@@ -560,11 +559,11 @@ def ab_table(study: StudyRuns, stats: StudyStats, cfg: ReportConfig) -> Table | 
     wanted = cfg.reference.get(study.name)
     if not wanted:
         return None
-    ref = _find_reference(study, wanted)
+    ref = find_reference(study, wanted)
     if ref is None:
         return Table("A/B against the reference cell", pd.DataFrame([{"reference": str(wanted), "status": "not in the data"}]),
                      [f"the reference cell {wanted} has no finished trials in this sweep"])
-    split, metrics = cfg.split, _metrics(study, cfg, cfg.split)
+    split, metrics = cfg.split, metrics_of(study, cfg, cfg.split)
     others = [c for c in study.cells() if c != ref]
     rows, notes, records = [], [], []
     for method in [m for m in cfg.focus_methods if any(k.startswith(f"{split}/{m}/") for k in stats.study.frame["key"])]:
@@ -627,7 +626,7 @@ def ranking_table(study: StudyRuns, cfg: ReportConfig) -> Table | None:
         run = frame[frame["run_id"] == run_id]
         first = run.iloc[0]
         row = {"seed": first["seed"], **{p: first[f"param.{p}"] for p in study.cell_params}, objective: fmt(value)}
-        for metric in _metrics(study, cfg, cfg.split):
+        for metric in metrics_of(study, cfg, cfg.split):
             hit = run.loc[run["key"] == f"{cfg.split}/{method}/{metric}", "value"]
             row[f"{cfg.split} {metric_label(metric)}"] = fmt(float(hit.iloc[0])) if len(hit) else "—"
         rows.append(row)
@@ -658,118 +657,6 @@ def best_configuration(study_stats: list[StudyStats], cfg: ReportConfig) -> dict
         if st.get(cell, key)[2]:
             row[f"{cfg.split} {metric_label(metric)}"] = st.text(cell, key)
     return row
-
-
-# ---------------------------------------------------------------- plots
-
-
-def _series(stats: StudyStats, cells_keys: list[tuple[tuple, str, object]], label: str) -> plots.Series | None:
-    s = plots.Series(label)
-    for cell, key, x in cells_keys:
-        mean, half, n = stats.get(cell, key)
-        if n:
-            s.x.append(x)
-            s.mean.append(mean)
-            s.half.append(half)
-    return s if s.x else None
-
-
-def _safe(name: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("_")
-
-
-def _log_x(xs) -> bool:
-    xs = [x for x in xs if isinstance(x, (int, float))]
-    return bool(xs) and min(xs) > 0 and max(xs) / min(xs) >= 20
-
-
-def study_plots(family: str, study: StudyRuns, stats: StudyStats, cfg: ReportConfig, out: Path) -> list[tuple[str, Path]]:
-    """Curves against every numeric swept param and every numeric eval axis (CI bands), and
-    the cells of A/B studies with error bars."""
-    split, metrics, made = cfg.split, _metrics(study, cfg, cfg.split), []
-    if not metrics or study.is_search:
-        return made
-    cells = study.cells()
-    for axis in study.axes:
-        xs = {cell: typed(study.cell_dict(cell)[axis]) for cell in cells}
-        if len(set(xs.values())) < 2 or not all(isinstance(x, (int, float)) for x in xs.values()):
-            continue
-        others = [p for p in study.axes if p != axis]
-        methods = _methods(study, cfg, split) if not others else [m for m in cfg.focus_methods]
-        groups: dict[tuple, list] = {}
-        for cell in cells:
-            groups.setdefault(tuple(study.cell_dict(cell)[p] for p in others), []).append(cell)
-        panels = []
-        for metric in metrics:
-            series = []
-            for method in methods:
-                for group, members in groups.items():
-                    suffix = ", ".join(f"{p}={v}" for p, v in zip(others, group))
-                    s = _series(stats, [(c, f"{split}/{method}/{metric}", xs[c]) for c in sorted(members, key=xs.get)],
-                                cfg.label(method) + (f" ({suffix})" if suffix else ""))
-                    if s:
-                        series.append(s)
-            if series:
-                panels.append(plots.Panel(f"{split} {metric_label(metric)}", series))
-        if panels:
-            path = out / f"{_safe(family)}-{_safe(study.name)}-{_safe(axis)}.png"
-            title = f"{family} / {study.name}: {', '.join(metrics)} vs {axis}"
-            made.append((title, plots.curves(path, title, axis, panels, _log_x(xs.values()))))
-    if not study.cell_params:
-        made += _eval_axis_plots(family, study, stats, cfg, out, metrics)
-    if cfg.reference.get(study.name):
-        made += _ab_plot(family, study, stats, cfg, out, metrics)
-    return made
-
-
-def _eval_axis_plots(family, study, stats, cfg, out, metrics) -> list[tuple[str, Path]]:
-    split, made, cell = cfg.split, [], ()
-    signatures = eval_signatures(study, cfg)
-    for axis in sorted({a for sig in signatures for a in sig}):
-        panels, xs_all = [], []
-        for metric in metrics:
-            series = []
-            for signature, methods in signatures.items():
-                if axis not in signature:
-                    continue
-                combos = _axis_combos(study, signature, methods, split)
-                rest = sorted({tuple((n, v) for n, v in axis_items(a) if n != axis) for a in combos})
-                for method in methods:
-                    for fixed in rest:
-                        points = [(cell, metric_key(split, method, metric, **dict(axis_items(a))), typed(dict(axis_items(a))[axis]))
-                                  for a in combos if tuple((n, v) for n, v in axis_items(a) if n != axis) == fixed]
-                        if len(points) < 2 or not all(isinstance(p[2], (int, float)) for p in points):
-                            continue
-                        shown = ", ".join(f"{n}={v}" for n, v in fixed if len({dict(axis_items(a)).get(n) for a in combos}) > 1)
-                        s = _series(stats, sorted(points, key=lambda p: p[2]), cfg.label(method) + (f" ({shown})" if shown else ""))
-                        if s:
-                            series.append(s)
-                            xs_all += s.x
-            if series:
-                panels.append(plots.Panel(f"{split} {metric_label(metric)}", series))
-        if panels:
-            path = out / f"{_safe(family)}-{_safe(study.name)}-{_safe(axis)}.png"
-            title = f"{family} / {study.name}: {', '.join(metrics)} vs {axis} (eval axis)"
-            made.append((title, plots.curves(path, title, axis, panels, _log_x(xs_all))))
-    return made
-
-
-def _ab_plot(family, study, stats, cfg, out, metrics) -> list[tuple[str, Path]]:
-    split = cfg.split
-    ref = _find_reference(study, cfg.reference[study.name])
-    cells = study.cells()
-    labels = [study.label(c) for c in cells]
-    panels = []
-    for metric in metrics:
-        series = [s for s in (_series(stats, [(c, f"{split}/{m}/{metric}", study.label(c)) for c in cells], cfg.label(m))
-                              for m in cfg.focus_methods) if s]
-        if series:
-            panels.append(plots.Panel(f"{split} {metric_label(metric)}", series))
-    if not panels:
-        return []
-    path = out / f"{_safe(family)}-{_safe(study.name)}-cells.png"
-    title = f"{family} / {study.name}: cells, mean ± 95% t-interval"
-    return [(title, plots.cells(path, title, labels, panels, study.label(ref) if ref is not None else None))]
 
 
 # ---------------------------------------------------------------- assembling a report
@@ -833,6 +720,8 @@ def family_sections(tracking_uri: str, family: str, doc: dict, study: str | None
             sec.tables += eval_tables(s, st, cfg)
             sec.tables += [t for t in (ab_table(s, st, cfg), baseline_table(s, cfg), perf_table(s, st)) if t]
         if plots_dir is not None:
+            from orchestrator.plots import study_plots  # matplotlib only when plots are asked for
+
             sec.plots += study_plots(family, s, st, cfg, Path(plots_dir))
         if not is_headline:
             sections.append(sec)

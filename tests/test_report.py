@@ -369,3 +369,34 @@ def test_cli_report_formats_and_artifacts(store, tmp_path, monkeypatch):
     result = runner.invoke(main, ["report", "busy_loop"])  # no store here: one clear line, nothing created
     assert result.exit_code == 2 and "no MLflow store" in result.output
     assert sorted(p.name for p in tmp_path.iterdir()) == ["busy.md", "busy_plots"]
+
+
+def test_shipped_claims_and_report_keys_parse():
+    from orchestrator.claims import parse_claims
+    from orchestrator.report import ReportConfig
+    from orchestrator.spaces import available_families, load_family_file
+
+    for family in available_families():
+        doc = load_family_file(family)
+        ReportConfig.from_doc(doc, family)
+        for claim in parse_claims(doc, family):
+            assert claim.study in doc["studies"], (family, claim.text)
+    assert len(parse_claims(load_family_file("attn_knn"), "attn_knn")) >= 4
+
+
+@pytest.mark.parametrize("entry, message", [
+    ({"claim": "x", "study": "nope", "compare": {"metric": "test/a/acc"}}, "unknown study 'nope'"),
+    ({"claim": "x", "compare": {"metric": "acc"}}, "is not a metric key"),
+    ({"claim": "x", "compare": {"metric": "test/a/acc", "where": {"nokey": 1}}}, "unknown config key(s) ['nokey']"),
+    ({"claim": "x", "compare": {"metric": "test/a/acc"}, "threshold": {"metric": "perf/x_ms", "below": 1}}, "exactly one"),
+    ({"claim": "x", "threshold": {"metric": "perf/x_ms", "below": "1"}}, "must be a number"),
+    ({"claim": "x", "compare": {"metric": "test/a/acc", "better": "up"}}, "higher or lower"),
+    ({"claim": "x", "compare": {"metric": "test/a/acc"}}, "both sides are the same"),
+    ({"claim": "x", "compare": {"metric": "test/a/acc", "baseline": "test/b/acc"}, "drop": {"param": "lr"}}, "{param, from, to}"),
+])
+def test_malformed_claims_are_one_clear_error(entry, message):
+    from orchestrator.claims import parse_claims
+    from orchestrator.errors import UsageError
+
+    with pytest.raises(UsageError, match=re.escape(message)):
+        parse_claims({**DOC, "claims": [entry]}, "fam")
