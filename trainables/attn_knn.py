@@ -324,8 +324,9 @@ def train(config: dict, report, restore: dict | None = None) -> None:
     gen = seed_everything(cfg["seed"])
     np_rng = np.random.default_rng([cfg["seed"], 3])
     ds = load_data(cfg)
-    if max(eval_ks + [cfg["k_eval"], cfg["k_train"] + 2]) > len(ds.train):
-        raise ValueError(f"k up to {max(eval_ks + [cfg['k_eval'], cfg['k_train'] + 2])} needs more than {len(ds.train)} training images")
+    needed = max(*eval_ks, cfg["k_eval"], cfg["k_train"] + 2)  # training excludes up to 2 own images (mixup)
+    if needed > len(ds.train):
+        raise ValueError(f"k up to {needed} needs more than the {len(ds.train)} training images")
     flip = {"auto": ds.name != "digits", "always": True, "never": False}[cfg["hflip"]]  # digits are not mirror-symmetric
 
     model = AttnKnnNet(cfg, ds).to(device)
