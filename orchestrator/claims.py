@@ -78,13 +78,13 @@ def same_value(logged, wanted) -> bool:
 
 
 def rows_of(frame: pd.DataFrame, side: Side) -> pd.DataFrame:
-    mask = frame["key"] == side.key
+    rows = frame[frame["key"] == side.key]
     for param, wanted in side.where:
         column = f"param.{param}"
-        if column not in frame:
-            return frame.iloc[0:0]
-        mask &= frame[column].map(lambda v, w=wanted: same_value(v, w))
-    return frame[mask]
+        if column not in rows:
+            return rows.iloc[0:0]
+        rows = rows[rows[column].map(lambda v, w=wanted: same_value(v, w)).astype(bool)]
+    return rows
 
 
 def _overlap(a: pd.DataFrame, b: pd.DataFrame, param: str) -> bool:
@@ -170,8 +170,8 @@ def _parse_one(entry, where: str, studies: set, known: set, default_study) -> Cl
     claim = Claim(text=entry["claim"], study=study, a=Side.of(""), margin=float(margin))
     if "threshold" in entry:
         spec = entry["threshold"]
-        if not isinstance(spec, dict) or not isinstance(spec.get("metric"), str) or len(set(spec) & {"below", "above"}) != 1 \
-                or set(spec) - {"metric", "below", "above", "where"}:
+        bounds = set(spec) & {"below", "above"} if isinstance(spec, dict) else set()
+        if len(bounds) != 1 or not isinstance(spec.get("metric"), str) or set(spec) - {"metric", "below", "above", "where"}:
             raise UsageError(f"{where}.threshold: expected {{metric: KEY, below|above: NUMBER[, where: {{...}}]}}")
         bound = spec.get("below", spec.get("above"))
         if not _number(bound):
@@ -293,7 +293,8 @@ def _judge(claim: Claim, test: Paired | str, p_adj: float | None, alpha: float) 
                   else f"95% CI of the difference inside ±{fmt(claim.margin)}: no meaningful effect")
     elif p_adj is not None and p_adj < alpha:
         status = VALIDATED if np.sign(test.diff) == sign else INVALIDATED
-        reason = f"significant (Holm p < {alpha}) {'in the claimed direction' if status == VALIDATED else 'against the claim'}"
+        way = "in the claimed direction" if status == VALIDATED else "against the claim"
+        reason = f"significant (Holm p < {alpha}) {way}"
     else:
         status, reason = INCONCLUSIVE, f"not significant after Holm (alpha {alpha})"
     return ClaimResult(claim, status, _evidence(claim, test, p_adj) + f" → {reason}", test, p_adj, reason)
@@ -313,7 +314,7 @@ def _evidence(claim: Claim, t: Paired, p_adj: float | None) -> str:
     else:
         parts.append(f"Δ = {fmt(t.diff, signed=True)}")
     if t.p_t is not None:
-        parts.append(f"t-test {p_is(t.p_t)}, Holm {p_is(p_adj)}")
+        parts.append(f"t-test {p_is(t.p_t)}, Holm {p_is(p_adj)}" + (f" ({t.note})" if t.note else ""))
     else:
         parts.append(f"t-test n/a ({t.note})")
     parts.append(f"Wilcoxon {p_is(t.p_wilcoxon)}")

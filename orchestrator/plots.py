@@ -117,6 +117,10 @@ def _safe(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("_")
 
 
+def _names(panels: list[Panel]) -> str:
+    return ", ".join(p.ylabel for p in panels)
+
+
 def _log_x(xs) -> bool:
     xs = [x for x in xs if isinstance(x, (int, float))]
     return bool(xs) and min(xs) > 0 and max(xs) / min(xs) >= 20
@@ -152,7 +156,7 @@ def study_plots(family: str, study: StudyRuns, stats: StudyStats, cfg: ReportCon
                 panels.append(Panel(f"{split} {metric_label(metric)}", series))
         if panels:
             path = out / f"{_safe(family)}-{_safe(study.name)}-{_safe(axis)}.png"
-            title = f"{family} / {study.name}: {', '.join(metrics)} vs {axis}"
+            title = f"{family} / {study.name}: {_names(panels)} vs {axis}"
             made.append((title, curves(path, title, axis, panels, _log_x(xs.values()))))
     if not study.cell_params:
         made += _eval_axis_plots(family, study, stats, cfg, out, metrics)
@@ -191,7 +195,7 @@ def _eval_axis_plots(family, study, stats, cfg, out, metrics) -> list[tuple[str,
                 panels.append(Panel(f"{cfg.split} {metric_label(metric)}", [s for s in series if s]))
         if panels:
             path = out / f"{_safe(family)}-{_safe(study.name)}-{_safe(axis)}.png"
-            title = f"{family} / {study.name}: {', '.join(metrics)} vs {axis} (eval axis)"
+            title = f"{family} / {study.name}: {_names(panels)} vs {axis} (eval axis)"
             made.append((title, curves(path, title, axis, panels, _log_x([p[0] for ps in lines.values() for p in ps]))))
     return made
 

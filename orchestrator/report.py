@@ -185,6 +185,7 @@ class StudyRuns:
     counts: dict[str, int]
     failed: list[str]
     spec: dict  # the study's YAML entry ({} when the YAML no longer has it)
+    changed: dict = field(default_factory=dict)  # params every trial shares that differ from the YAML defaults
 
     @property
     def cell_params(self) -> list[str]:
@@ -210,9 +211,6 @@ class StudyRuns:
         axes = ", ".join(f"{p}={v}" for p, v in zip(self.axes, cell))
         derived = ", ".join(f"{p}={v}" for p, v in zip(self.derived, cell[len(self.axes):]))
         return f"{axes} ({derived})" if derived and axes else axes or derived
-
-    def cell_columns(self, cell: tuple) -> dict:
-        return {p: v for p, v in zip(self.cell_params, cell)}
 
 
 def select_studies(frame: pd.DataFrame, doc: dict, sweep_id: str | None = None) -> list[StudyRuns]:
@@ -241,7 +239,23 @@ def select_studies(frame: pd.DataFrame, doc: dict, sweep_id: str | None = None) 
                           counts, [], spec)
         study.failed = [f"{study.label(tuple(r[f'param.{p}'] for p in study.cell_params))} seed {r['seed']}: {r['status']}"
                         for _, r in per_run[per_run["status"] != "finished"].iterrows()]
+        study.changed = _changed(done, doc.get("defaults") or {}, study.cell_params)
         out.append(study)
+    return out
+
+
+def _changed(done: pd.DataFrame, defaults: dict, cell_params: list[str]) -> dict:
+    """Params shared by every trial that differ from the YAML defaults: the study's ``set`` and
+    any ``--set`` given to the sweep."""
+    runs = done.drop_duplicates("run_id")
+    out = {}
+    for key, default in defaults.items():
+        column = f"param.{key}"
+        if key in cell_params or column not in runs or runs[column].nunique() != 1:
+            continue
+        value = runs[column].iloc[0]
+        if not same_value(value, default) and str(value) != str(default):
+            out[key] = value
     return out
 
 
@@ -257,6 +271,7 @@ class StudyStats:
         for keys, values in frame.groupby(by, sort=False)["value"]:
             keys = keys if isinstance(keys, tuple) else (keys,)
             index = (tuple(keys[:-1]), keys[-1])
+            values = values.dropna()
             self.table[index] = t_interval(values.tolist())
             self.sd[index] = float(np.std(values, ddof=1)) if len(values) > 1 else math.nan
 
@@ -389,6 +404,13 @@ def metrics_of(study: StudyRuns, cfg: ReportConfig, split: str) -> list[str]:
     return [m for m in cfg.headline_metrics if m in present]
 
 
+def column(cfg: ReportConfig, method: str, taken: list[str]) -> str:
+    """A method's column name, kept apart from param columns of the same name (wm_attention's
+    ``attention`` is both a swept param and a method)."""
+    label = cfg.label(method)
+    return f"{label} (method)" if label in taken else label
+
+
 def metric_label(metric: str) -> str:
     return METRIC_LABELS.get(metric, metric)
 
@@ -401,7 +423,7 @@ def headline_table(study: StudyRuns, stats: StudyStats, cfg: ReportConfig) -> Ta
         for spec in methods_of(study, cfg, split):
             values = [stats.text(cell, f"{split}/{spec}/{m}") for m in metrics]
             if any(v != "—" for v in values):
-                rows.append({**study.cell_columns(cell), "Method": cfg.label(spec),
+                rows.append({**study.cell_dict(cell), "Method": cfg.label(spec),
                              **{metric_label(m): v for m, v in zip(metrics, values)}})
     return Table(f"{split} metrics, mean ± 95% t-interval over seeds (n)", pd.DataFrame(rows))
 
@@ -411,8 +433,9 @@ def grid_tables(study: StudyRuns, stats: StudyStats, cfg: ReportConfig) -> list[
     split, tables = cfg.split, []
     methods = methods_of(study, cfg, split)
     for metric in metrics_of(study, cfg, split):
-        rows = [{**study.cell_columns(cell),
-                 **{cfg.label(m): stats.text(cell, f"{split}/{m}/{metric}") for m in methods}} for cell in study.cells()]
+        rows = [{**study.cell_dict(cell),
+                 **{column(cfg, m, study.cell_params): stats.text(cell, f"{split}/{m}/{metric}") for m in methods}}
+                for cell in study.cells()]
         tables.append(Table(f"{split} {metric_label(metric)} vs {', '.join(study.axes)}", pd.DataFrame(rows)))
     return tables
 
@@ -455,9 +478,11 @@ def eval_tables(study: StudyRuns, stats: StudyStats, cfg: ReportConfig) -> list[
             for cell in study.cells():
                 for axes in combos:
                     items = axis_items(axes)
-                    values = {m: stats.text(cell, metric_key(split, m, metric, **dict(items))) for m in methods}
+                    taken = [*study.cell_params, *signature]
+                    values = {column(cfg, m, taken): stats.text(cell, metric_key(split, m, metric, **dict(items)))
+                              for m in methods}
                     if any(v != "—" for v in values.values()):
-                        rows.append({**study.cell_columns(cell), **dict(items), **values})
+                        rows.append({**study.cell_dict(cell), **dict(items), **values})
             if rows:
                 tables.append(Table(f"{split} {metric_label(metric)} vs {', '.join(signature)}", pd.DataFrame(rows)))
     return tables
@@ -467,7 +492,7 @@ def perf_table(study: StudyRuns, stats: StudyStats) -> Table | None:
     keys = sorted(k for k in set(study.frame["key"]) if k.startswith("perf/"))
     if not keys:
         return None
-    rows = [{**study.cell_columns(cell), **{k: stats.text(cell, k) for k in keys}} for cell in study.cells()]
+    rows = [{**study.cell_dict(cell), **{k: stats.text(cell, k) for k in keys}} for cell in study.cells()]
     return Table("timings (perf/, ms), mean ± 95% t-interval over seeds (n)", pd.DataFrame(rows))
 
 
@@ -499,7 +524,7 @@ def baseline_table(study: StudyRuns, cfg: ReportConfig) -> Table | None:
     p_t, p_w = _pvals(tests, "p_t"), _pvals(tests, "p_wilcoxon")
     rows, records = [], []
     for (cell, spec, metric, t), pt, pw in zip(entries, p_t, p_w):
-        rows.append({**study.cell_columns(cell), "Method": cfg.label(spec), "Metric": metric_label(metric),
+        rows.append({**study.cell_dict(cell), "Method": cfg.label(spec), "Metric": metric_label(metric),
                      "A − B [95% CI]": _diff_text(t), "t-test p (Holm)": _p_pair(t, "p_t", pt),
                      "Wilcoxon p (Holm)": _p_pair(t, "p_wilcoxon", pw), "d_z": _dz(t),
                      "P(A>B)": "n/a" if t is None or t.p_a_gt_b is None else f"{t.p_a_gt_b:.2f}",
@@ -509,7 +534,8 @@ def baseline_table(study: StudyRuns, cfg: ReportConfig) -> Table | None:
     notes = [f"A = the method, B = {cfg.label(baseline)} in the same cell, paired by seed; p-values two-sided, "
              f"Holm-adjusted over the {len(entries)} comparisons of this table (raw p first, adjusted in parentheses); "
              "d_z = mean/sd of the paired differences; P(A>B) = share of seeds with A > B (ties count 1/2)."]
-    return Table(f"paired comparisons against the baseline {cfg.label(baseline)} ({split})", pd.DataFrame(rows), notes, records)
+    title = f"paired comparisons against the baseline {cfg.label(baseline)} ({split})"
+    return Table(title, pd.DataFrame(rows), notes, records)
 
 
 def _test_record(t) -> dict:
@@ -552,6 +578,16 @@ def find_reference(study: StudyRuns, wanted: dict) -> tuple | None:
     return None
 
 
+def _against_reference(study: StudyRuns, key: str, ref: tuple, cells: list[tuple]) -> list[tuple]:
+    """(test, Holm p t-test, Holm p Wilcoxon) of ``key`` in each cell vs the reference cell."""
+    tests = []
+    for cell in cells:
+        pairs = paired_values(study.frame, study.cell_params, Side.of(key, study.cell_dict(cell)),
+                              Side.of(key, study.cell_dict(ref)))
+        tests.append(paired_test(pairs["a"], pairs["b"]) if not pairs.empty else None)
+    return list(zip(tests, _pvals(tests, "p_t"), _pvals(tests, "p_wilcoxon")))
+
+
 def ab_table(study: StudyRuns, stats: StudyStats, cfg: ReportConfig) -> Table | None:
     """Each cell of an A/B study against its reference cell (same seeds): mean ± CI per metric,
     the paired difference and its Holm-adjusted p-values (over the cells, per method and metric),
@@ -561,36 +597,28 @@ def ab_table(study: StudyRuns, stats: StudyStats, cfg: ReportConfig) -> Table | 
         return None
     ref = find_reference(study, wanted)
     if ref is None:
-        return Table("A/B against the reference cell", pd.DataFrame([{"reference": str(wanted), "status": "not in the data"}]),
+        return Table("A/B against the reference cell", pd.DataFrame([{"reference": str(wanted), "cells": "not in the data"}]),
                      [f"the reference cell {wanted} has no finished trials in this sweep"])
     split, metrics = cfg.split, metrics_of(study, cfg, cfg.split)
     others = [c for c in study.cells() if c != ref]
+    keys = set(study.frame["key"])
     rows, notes, records = [], [], []
-    for method in [m for m in cfg.focus_methods if any(k.startswith(f"{split}/{m}/") for k in stats.study.frame["key"])]:
-        tests = {}
-        for metric in metrics:
-            key = f"{split}/{method}/{metric}"
-            results = []
-            for cell in others:
-                pairs = paired_values(study.frame, study.cell_params, Side.of(key, study.cell_dict(cell)),
-                                      Side.of(key, study.cell_dict(ref)))
-                results.append(paired_test(pairs["a"], pairs["b"]) if not pairs.empty else None)
-            tests[metric] = (results, _pvals(results, "p_t"), _pvals(results, "p_wilcoxon"))
-        rows.append({"Cell": study.label(ref) + " (reference)", "Method": cfg.label(method),
-                     **{k: v for m in metrics for k, v in ((metric_label(m), stats.text(ref, f"{split}/{method}/{m}")),
-                                                           (f"Δ {metric_label(m)}", "—"), (f"p {metric_label(m)} t/W (Holm)", "—"))}})
+    for method in [m for m in cfg.focus_methods if any(k.startswith(f"{split}/{m}/") for k in keys)]:
+        results = {m: _against_reference(study, f"{split}/{method}/{m}", ref, others) for m in metrics}
+        row = {"Cell": study.label(ref) + " (reference)", "Method": cfg.label(method)}
+        for m in metrics:
+            row.update({metric_label(m): stats.text(ref, f"{split}/{method}/{m}"), f"Δ {metric_label(m)}": "—",
+                        f"p {metric_label(m)} t/W (Holm)": "—"})
+        rows.append(row)
         for i, cell in enumerate(others):
-            row = {"Cell": study.label(cell), "Method": cfg.label(method)}
-            verdict = []
-            for metric in metrics:
-                results, p_t, p_w = tests[metric]
-                t = results[i]
-                row[metric_label(metric)] = stats.text(cell, f"{split}/{method}/{metric}")
-                row[f"Δ {metric_label(metric)}"] = _diff_text(t)
-                row[f"p {metric_label(metric)} t/W (Holm)"] = f"{format_p(p_t[i])} / {format_p(p_w[i])}"
-                verdict.append(_verdict(metric, t, p_t[i]))
-                records.append({"cell": study.label(cell), "reference": study.label(ref), "method": method, "metric": metric,
-                                **_test_record(t), "p_t_holm": p_t[i], "p_wilcoxon_holm": p_w[i]})
+            row, verdict = {"Cell": study.label(cell), "Method": cfg.label(method)}, []
+            for m in metrics:
+                t, p_t, p_w = results[m][i]
+                row.update({metric_label(m): stats.text(cell, f"{split}/{method}/{m}"), f"Δ {metric_label(m)}": _diff_text(t),
+                            f"p {metric_label(m)} t/W (Holm)": f"{format_p(p_t)} / {format_p(p_w)}"})
+                verdict.append(_verdict(m, t, p_t))
+                records.append({"cell": study.label(cell), "reference": study.label(ref), "method": method, "metric": m,
+                                **_test_record(t), "p_t_holm": p_t, "p_wilcoxon_holm": p_w})
             rows.append(row)
             notes.append(f"**{study.label(cell)}** vs reference ({cfg.label(method)}): " + "; ".join(verdict))
     if not rows:
@@ -647,8 +675,8 @@ def best_configuration(study_stats: list[StudyStats], cfg: ReportConfig) -> dict
         return None
     _, st, cell = best
     study = st.study
-    settings = ", ".join(f"{k}={v}" for k, v in (study.spec.get("set") or {}).items())
-    config = "; ".join(x for x in (settings and f"set {settings}", study.label(cell) if cell else "") if x) or "defaults"
+    changed = ", ".join(f"{k}={v}" for k, v in study.changed.items())
+    config = "; ".join(x for x in (study.label(cell) if cell else "", changed) if x) or "defaults"
     row = {"Study": study.name, "Configuration": config,
            "Dataset": ", ".join(sorted(set(study.frame["dataset"]) - {""})) or "?",
            f"{objective} ({mode})": st.text(cell, objective)}
@@ -696,7 +724,7 @@ def family_sections(tracking_uri: str, family: str, doc: dict, study: str | None
         table = pd.DataFrame([{"Claim": r.claim.text, "Study": r.claim.study, "Status": r.status, "Evidence": r.evidence}
                               for r in results])
         sections.append(Section("Claims", 2, tables=[Table("", table, [
-            f"Status from a paired t-test over seeds, Holm-adjusted across the {len(in_scope)} claims of this report "
+            f"Status from a paired t-test over seeds, Holm-adjusted across the claims of this report ({len(in_scope)}) "
             f"(alpha {ALPHA}); VALIDATED: significant in the claimed direction; INVALIDATED: significant against it, "
             "or the 95% CI of the difference inside the claim's margin; INCONCLUSIVE: otherwise (or n < 2)."],
             [r.record() for r in results])]))
@@ -710,6 +738,9 @@ def family_sections(tracking_uri: str, family: str, doc: dict, study: str | None
     for s, st in zip(studies, stats):
         is_headline = s is headline
         sec = top if is_headline else Section(f"Study `{s.name}`", 2, [s.spec.get("description", "")])
+        if s.changed:
+            sec.text.append("Every trial differs from the YAML defaults in: "
+                            + ", ".join(f"{k}={v}" for k, v in s.changed.items()))
         if s.failed:
             sec.text.append("Not counted: " + "; ".join(s.failed))
         if s.is_search:
@@ -834,7 +865,8 @@ def write_report(tracking_uri: str, names: list[str], every: bool, study: str | 
     if out_path is None:
         return text, []
     out_path.write_text(text)
-    lines = [f"report written to {out_path}" + (f" (plots in {plots_dir})" if plots_dir and Path(plots_dir).is_dir() else "")]
+    plotted = plots_dir and Path(plots_dir).is_dir()
+    lines = [f"report written to {out_path}" + (f" (plots in {plots_dir})" if plotted else "")]
     if sweep_id:
         for family in families:
             run_id = log_to_parent(tracking_uri, family, sweep_id, out_path, Path(plots_dir) if plots_dir else None)

@@ -33,11 +33,16 @@ NOISE_DROP = {"base": [0.010, 0.011, 0.009], "good": [0.100, 0.102, 0.098]}
 AB_SEED = [0.0, 0.004, -0.003, 0.002, -0.001]
 AB_CELL = {64: [-0.020, -0.022, -0.019, -0.021, -0.020], 128: [0.0] * 5, 256: [0.001, -0.002, 0.0015, -0.0005, 0.0]}
 TINY_BASE, TINY_GAIN = [0.50, 0.60], [0.10, 0.12]
+# wm study: the method comes from the trial (attention: true -> "attention", false -> "base")
+WM = {("a", "attention"): [0.70, 0.72], ("a", "base"): [0.60, 0.63], ("b", "attention"): [0.80, 0.83],
+      ("b", "base"): [0.75, 0.76]}
+TUNE_LR = {0.01: 0.91, 0.1: 0.95, 0.5: 0.80}
 
 DOC = {
     "family": "fam", "description": "a family of known numbers", "objective": {"metric": "val/good/acc", "mode": "max"},
     "default_study": "headline",
-    "defaults": {"dataset": "digits", "noise_rate": 0.0, "batch_size": 128, "lr": 0.1, "epochs": 1},
+    "defaults": {"dataset": "digits", "noise_rate": 0.0, "batch_size": 128, "lr": 0.1, "epochs": 1, "scenario": "a",
+                 "attention": True},
     "report": {"baseline": "base", "headline_metrics": ["acc", "ece"], "labels": {"good": "Good method"},
                "focus": ["good"], "reference": {"ab": {"batch_size": 128}}},
     "claims": [
@@ -56,6 +61,8 @@ DOC = {
          "compare": {"metric": "test/good/acc", "where": {"batch_size": 256}, "baseline_where": {"batch_size": 128}}},
         {"claim": "good beats base in one run", "study": "single",
          "compare": {"metric": "test/good/acc", "baseline": "test/base/acc"}},
+        {"claim": "attention beats the baseline model", "study": "wm",
+         "compare": {"metric": "test/attention/acc", "baseline": "test/base/acc"}},
     ],
     "studies": {
         "headline": {"description": "the headline", "seeds": 3, "eval": {"k": [1, 5]}},
@@ -64,6 +71,9 @@ DOC = {
                "derive": {"lr": {"rule": "linear", "reference_batch": 128, "reference_value": 0.1}}, "seeds": 5},
         "tiny": {"description": "two seeds", "seeds": 2},
         "single": {"description": "one seed", "seeds": 1},
+        "wm": {"description": "models from different trials", "grid": {"scenario": ["a", "b"], "attention": [True, False]},
+               "seeds": 2},
+        "tune": {"description": "random search", "space": {"lr": {"loguniform": [0.001, 1.0]}}, "samples": 3},
     },
 }
 
@@ -117,9 +127,13 @@ def fill_store(root) -> dict:
                                                      "test/good/ece": 0.05 + AB_SEED[s] / 10, "val/good/acc": 0.9})
           for b in (64, 128, 256) for s in range(5)]
     _sweep(uri, "ab", "fam-ab-1", ab)
-    _sweep(uri, "tiny", "fam-tiny-1", [(_cfg(s), {"test/base/acc": TINY_BASE[s], "test/same/acc": TINY_BASE[s],
+    _sweep(uri, "tiny", "fam-tiny-1", [(_cfg(s, epochs=2), {"test/base/acc": TINY_BASE[s], "test/same/acc": TINY_BASE[s],
                                                   "test/good/acc": TINY_BASE[s] + TINY_GAIN[s]}) for s in range(2)])
     _sweep(uri, "single", "fam-single-1", [(_cfg(0), {"test/base/acc": 0.7, "test/good/acc": 0.8, "val/good/acc": 0.99})])
+    _sweep(uri, "wm", "fam-wm-1", [(_cfg(s, scenario=sc, attention=m == "attention"), {f"test/{m}/acc": WM[sc, m][s]})
+                                   for sc in "ab" for m in ("attention", "base") for s in range(2)])
+    _sweep(uri, "tune", "fam-tune-1", [(_cfg(0, lr=lr), {"val/good/acc": acc, "test/good/acc": acc - 0.01})
+                                       for lr, acc in TUNE_LR.items()])
     busy = [({"dataset": "digits", "epochs": 3, "seconds_per_epoch": 0.2, "lr": lr, "batch_size": 128, "lr_rule": "none",
               "diverge_at_epoch": 0, "seed": s, "eval": {"k": [1, 5]}}, None) for lr in (0.1, 0.2) for s in (0, 1)]
     busy = [(c, {"val/busy/acc": expected_acc(c, 3), "test/busy/acc": expected_acc(c, 3),
@@ -224,7 +238,7 @@ def test_headline_cells_equal_hand_computed_intervals(report):
 
 def test_eval_axis_and_grid_tables(report):
     _, md, _ = report
-    k_table = table_after(md, "test Accuracy vs k").set_index("k")
+    k_table = table_after(md, "test Accuracy vs k").set_index("k").rename(columns={"Good method": "good"})
     good = np.add(BASE_ACC, GOOD_GAIN)
     expect_interval(k_table.loc["1", "good"], good - 0.03)
     expect_interval(k_table.loc["5", "base"], BASE_ACC)
@@ -271,19 +285,24 @@ def test_claims_statuses_and_numbers(report):
         "good beats base with two seeds": "INCONCLUSIVE",  # n = 2, p > 0.05
         "batch 256 beats batch 128": "INVALIDATED",  # 95% CI inside the ±0.01 margin
         "good beats base in one run": "INCONCLUSIVE",  # n = 1
+        "attention beats the baseline model": "VALIDATED",
     }
     good = np.add(BASE_ACC, GOOD_GAIN)
     d256 = np.subtract(AB_CELL[256], AB_CELL[128])
+    wm_a = WM["a", "attention"] + WM["b", "attention"]  # pairs: (seed, scenario), across attention true/false
+    wm_b = WM["a", "base"] + WM["b", "base"]
     raw = np.array([stats.ttest_rel(good, BASE_ACC).pvalue,
                     stats.ttest_rel(NOISE_DROP["good"], NOISE_DROP["base"]).pvalue,
                     stats.ttest_1samp(OVERHEAD_MS, 1.0).pvalue,
                     stats.ttest_rel(np.add(TINY_BASE, TINY_GAIN), TINY_BASE).pvalue,
-                    stats.ttest_1samp(d256, 0.0).pvalue])
+                    stats.ttest_1samp(d256, 0.0).pvalue,
+                    stats.ttest_rel(wm_a, wm_b).pvalue])
     adjusted = holm(raw)
     records = {r["claim"]: r for t in (t for s in rep.sections for t in s.tables) if t.records and "claim" in t.records[0]
                for r in t.records}
     names = ["good beats base on accuracy", "good loses less accuracy at 30% noise than base",
-             "good's overhead is below 1 ms", "good beats base with two seeds", "batch 256 beats batch 128"]
+             "good's overhead is below 1 ms", "good beats base with two seeds", "batch 256 beats batch 128",
+             "attention beats the baseline model"]
     for name, p, p_adj in zip(names, raw, adjusted):
         assert records[name]["p_t"] == pytest.approx(p, rel=1e-6)
         assert records[name]["p_holm"] == pytest.approx(p_adj, rel=1e-6)
@@ -313,12 +332,33 @@ def test_ab_table_against_reference_cell(report):
     assert re.search(r"batch_size=256 .*Accuracy: no significant difference", md)
 
 
+def test_methods_from_different_trials_pair_by_seed_and_shared_params(report):
+    _, md, _ = report
+    section = md[md.index("## Study `wm`"):]
+    comp = table_after(section, "paired comparisons against the baseline")
+    comp = comp.set_index(["scenario", "attention", "Method"])
+    d = np.subtract(WM["a", "attention"], WM["a", "base"])
+    nums = [float(x) for x in re.findall(r"[-+][\d.]+", comp.loc[("a", "True", "attention"), "A − B [95% CI]"])]
+    lo, hi = stats.t.interval(0.95, 1, loc=d.mean(), scale=stats.sem(d))
+    assert nums == pytest.approx([d.mean(), lo, hi], abs=5e-5)
+    assert len(comp) == 2  # one row per scenario: baseline has no comparison with itself
+
+
+def test_search_study_ranks_trials_by_objective(report):
+    _, md, _ = report
+    ranked = table_after(md[md.index("## Study `tune`"):], "best 3 of 3 trials by val/good/acc (max)")
+    assert ranked["lr"].tolist() == ["0.1", "0.01", "0.5"]
+    assert ranked["val/good/acc"].tolist() == ["0.9500", "0.9100", "0.8000"]
+
+
 def test_single_run_and_best_configuration(report):
     _, md, _ = report
+    assert "Every trial differs from the YAML defaults in: epochs=2" in md[md.index("## Study `tiny`"):]
     single = md[md.index("## Study `single`"):]
     assert "0.8000 (n=1, no interval)" in single
     best = table_after(md, "## Best configuration")
     assert best.loc[0, "Study"] == "single" and "(n=1, no interval)" in best.loc[0, "val/good/acc (max)"]
+    assert "0.9900" in best.loc[0, "val/good/acc (max)"]  # 0.99 beats the search study's best single run (0.95)
 
 
 def test_markdown_tables_are_github_tables_and_plots_are_pngs(report):
