@@ -48,6 +48,7 @@ DEFAULT_ALPHAS = [round(0.05 * i, 2) for i in range(21)]
 PROMPTS_PATH = Path(__file__).parent / "prompts" / "clip_prompts.json"
 TEMPERATURE_BOUNDS = (1e-2, 1e2)
 LOWER_IS_BETTER = ("nll", "ece", "brier")
+STACKER_SEED_OFFSET = 7919  # the stacker's own head: a different stream from the main head's
 CLIP_LOGIT_SCALE = 100.0  # CLIP's learned logit scale saturates at 100
 
 
@@ -157,26 +158,31 @@ class LinearHead(torch.nn.Module):
 
 @dataclass
 class HeadFit:
-    """One linear head, its optimiser and the rows it learns from."""
+    """One linear head, its optimiser, its batch-order generator and the rows it learns from.
+    Each head draws from its own generator and initialises from its own seed, so the main head
+    trains the same whether or not the stacker's head trains beside it."""
 
     head: LinearHead
     optimizer: torch.optim.Optimizer
+    generator: torch.Generator
     x: torch.Tensor
     y: torch.Tensor
 
     @classmethod
-    def create(cls, x: np.ndarray, y: np.ndarray, num_classes: int, config: dict, device: torch.device) -> "HeadFit":
+    def create(cls, x: np.ndarray, y: np.ndarray, num_classes: int, config: dict, device: torch.device, seed: int) -> "HeadFit":
         xt, yt = torch.as_tensor(x, device=device), torch.as_tensor(y, device=device)
-        head = LinearHead(x.shape[1], num_classes).to(device)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            head = LinearHead(x.shape[1], num_classes).to(device)
         head.set_statistics(xt)
         optimizer = torch.optim.Adam(head.parameters(), lr=config["lr"], weight_decay=config["weight_decay"])
-        return cls(head, optimizer, xt, yt)
+        return cls(head, optimizer, torch.Generator().manual_seed(seed), xt, yt)
 
-    def epoch(self, batch_size: int, generator: torch.Generator) -> float:
-        """One pass over the rows; the mean training loss."""
+    def epoch(self, batch_size: int) -> float:
+        """One pass over the rows in a fresh random order; the mean training loss."""
         self.head.train()
         total = 0.0
-        for idx in training.minibatches(len(self.y), batch_size, generator):
+        for idx in training.minibatches(len(self.y), batch_size, self.generator):
             idx = idx.to(self.x.device)
             loss = F.cross_entropy(self.head(self.x[idx]), self.y[idx])
             self.optimizer.zero_grad()
@@ -299,59 +305,70 @@ def fusion_pair(config: dict, zeroshot_available: bool) -> tuple[str, str]:
 def evaluate(config: dict, x: dict, y: dict, num_classes: int, heads: dict[str, LinearHead],
              text: np.ndarray | None, alphas: list[float]) -> dict[str, float]:
     """Every final metric: the sources, fusion per alpha and at the val-chosen alpha, the stacker."""
-    seed, calibrate = int(config["seed"]), bool(config["calibrate"])
     out: dict[str, float] = {"info/zeroshot_available": float(text is not None)}
     start = time.perf_counter()
-    shot_idx = sample_shots(y["train"], config["shots"], np.random.default_rng([seed, 0]))
+    out.update(source_and_fusion_metrics(config, x, y, num_classes, heads["supervised"], text, alphas))
+    out["perf/eval_ms"] = 1000 * (time.perf_counter() - start)
+    if "stacker_supervised" in heads:
+        start = time.perf_counter()
+        out.update(stacker_metrics(config, x, y, num_classes, heads["stacker_supervised"], text))
+        out["perf/stacker_ms"] = 1000 * (time.perf_counter() - start)
+    return out
+
+
+def source_and_fusion_metrics(config: dict, x: dict, y: dict, num_classes: int, head: LinearHead,
+                              text: np.ndarray | None, alphas: list[float]) -> dict[str, float]:
+    shot_idx = sample_shots(y["train"], config["shots"], np.random.default_rng([config["seed"], 0]))
     evals = {"val": x["val"], "test": x["test"]}
-    logits = source_logits(x["train"], y["train"], shot_idx, heads["supervised"], evals, config, num_classes, text)
-    probs, temps = calibrated(logits, y["val"], calibrate)
+    probs, temps = calibrated(source_logits(x["train"], y["train"], shot_idx, head, evals, config, num_classes, text),
+                              y["val"], config["calibrate"])
+    out = {}
     for src in probs:
         out[f"info/{src}_temperature"] = temps[src]
         for split in evals:
             out.update(prefixed(split, src, classification_metrics(probs[src][split], y[split])))
 
     a, b = fusion_pair(config, text is not None)
-    per_alpha = {}
-    for alpha in alphas:
-        for split in evals:
-            m = classification_metrics(fuse(probs[a][split], probs[b][split], alpha), y[split])
-            out.update(prefixed(split, "fusion", m, alpha=alpha))
-            if split == "val":
-                per_alpha[alpha] = m
-    best = select_alpha(per_alpha, config["alpha_metric"])
+    per_alpha = {alpha: {split: classification_metrics(fuse(probs[a][split], probs[b][split], alpha), y[split]) for split in evals}
+                 for alpha in alphas}
+    best = select_alpha({alpha: m["val"] for alpha, m in per_alpha.items()}, config["alpha_metric"])
     out["info/fusion_alpha"] = best
     for split in evals:
-        out.update(prefixed(split, "fusion", classification_metrics(fuse(probs[a][split], probs[b][split], best), y[split])))
-    out["perf/eval_ms"] = 1000 * (time.perf_counter() - start)
+        for alpha, m in per_alpha.items():
+            out.update(prefixed(split, "fusion", m[split], alpha=alpha))
+        out.update(prefixed(split, "fusion", per_alpha[best][split]))
+    return out
 
-    if "stacker_supervised" in heads:
-        start = time.perf_counter()
-        fit_idx, hold_idx = stratified_holdout(y["train"], config["stacker_holdout"], seed)
-        fit_x, fit_y = x["train"][fit_idx], y["train"][fit_idx]
-        shot_idx = sample_shots(fit_y, config["shots"], np.random.default_rng([seed, 1]))
-        evals["holdout"] = x["train"][hold_idx]
-        logits = source_logits(fit_x, fit_y, shot_idx, heads["stacker_supervised"], evals, config, num_classes, text)
-        probs, _ = calibrated(logits, y["val"], calibrate)
-        inputs = {s: [probs[src][s] for src in sorted(probs)] for s in evals}
-        model = fit_stacker(inputs["holdout"], y["train"][hold_idx], config["stacker_C"], seed)
-        for split in ("val", "test"):
-            out.update(prefixed(split, "stacker", classification_metrics(stacker_probs(model, inputs[split], num_classes), y[split])))
-        out["perf/stacker_ms"] = 1000 * (time.perf_counter() - start)
+
+def stacker_metrics(config: dict, x: dict, y: dict, num_classes: int, head: LinearHead, text: np.ndarray | None) -> dict[str, float]:
+    """The stacker learns on a stratified holdout of train from sources fit on the rest of it
+    (``head`` was trained on that rest). With own-cnn the encoder itself saw the holdout images:
+    its train-split features are fitted features whichever part of train they come from."""
+    seed = int(config["seed"])
+    fit_idx, hold_idx = stratified_holdout(y["train"], config["stacker_holdout"], seed)
+    fit_x, fit_y = x["train"][fit_idx], y["train"][fit_idx]
+    shot_idx = sample_shots(fit_y, config["shots"], np.random.default_rng([seed, 1]))
+    evals = {"holdout": x["train"][hold_idx], "val": x["val"], "test": x["test"]}
+    probs, _ = calibrated(source_logits(fit_x, fit_y, shot_idx, head, evals, config, num_classes, text), y["val"], config["calibrate"])
+    inputs = {split: [probs[src][split] for src in sorted(probs)] for split in evals}
+    model = fit_stacker(inputs["holdout"], y["train"][hold_idx], config["stacker_C"], seed)
+    out = {}
+    for split in ("val", "test"):
+        out.update(prefixed(split, "stacker", classification_metrics(stacker_probs(model, inputs[split], num_classes), y[split])))
     return out
 
 
 # ---------------------------------------------------------------- the family
 
 
-def make_checkpoint(epoch: int, train_ms: float, fits: dict[str, HeadFit], generator: torch.Generator) -> dict:
+def make_checkpoint(epoch: int, train_ms: float, fits: dict[str, HeadFit]) -> dict:
     """Copies (not live references) of everything a resumed trial needs."""
     return {
         "epoch": epoch,
         "train_ms": train_ms,
         "heads": {name: {k: v.detach().cpu().clone() for k, v in fit.head.state_dict().items()} for name, fit in fits.items()},
         "optimizers": {name: copy.deepcopy(fit.optimizer.state_dict()) for name, fit in fits.items()},
-        "generator": generator.get_state(),
+        "generators": {name: fit.generator.get_state() for name, fit in fits.items()},
     }
 
 
@@ -359,7 +376,7 @@ def train(config: dict, report, restore: dict | None = None) -> None:
     from trainables.common.features import extract_features
 
     seed = int(config["seed"])
-    generator = training.seed_everything(seed)
+    training.seed_everything(seed)
     device = training.resolve_device(config.get("device", "auto"))
     alphas = [float(a) for a in (config.get("eval") or {}).get("alpha", DEFAULT_ALPHAS)]
     ds = load_dataset(config["dataset"], max_train=config["max_train"] or None, max_test=config["max_test"] or None)
@@ -376,10 +393,11 @@ def train(config: dict, report, restore: dict | None = None) -> None:
     if config.get("supervised_checkpoint"):
         heads["supervised"] = load_supervised_head(config["supervised_checkpoint"], fs.dim, ds.num_classes, device)
     else:
-        fits["supervised"] = HeadFit.create(x["train"], y["train"], ds.num_classes, config, device)
+        fits["supervised"] = HeadFit.create(x["train"], y["train"], ds.num_classes, config, device, seed)
     if config["stacker"]:
         fit_idx, _ = stratified_holdout(y["train"], config["stacker_holdout"], seed)
-        fits["stacker_supervised"] = HeadFit.create(x["train"][fit_idx], y["train"][fit_idx], ds.num_classes, config, device)
+        fits["stacker_supervised"] = HeadFit.create(x["train"][fit_idx], y["train"][fit_idx], ds.num_classes, config, device,
+                                                    seed + STACKER_SEED_OFFSET)
     heads.update({name: fit.head for name, fit in fits.items()})
 
     first_epoch, train_ms = 1, 0.0
@@ -387,7 +405,7 @@ def train(config: dict, report, restore: dict | None = None) -> None:
         for name, fit in fits.items():
             fit.head.load_state_dict(restore["heads"][name])
             fit.optimizer.load_state_dict(restore["optimizers"][name])
-        generator.set_state(restore["generator"])
+            fit.generator.set_state(restore["generators"][name])
         first_epoch, train_ms = restore["epoch"] + 1, restore["train_ms"]
     last_epoch = config["epochs"] if fits else 1  # nothing to train: one report with the results
 
@@ -396,7 +414,7 @@ def train(config: dict, report, restore: dict | None = None) -> None:
             metrics: dict[str, float] = {"epoch": epoch}
             start = time.perf_counter()
             for name, fit in fits.items():
-                loss = fit.epoch(config["batch_size"], generator)
+                loss = fit.epoch(config["batch_size"])
                 if training.is_diverged(loss):
                     report({"diverged": 1.0, "epoch": epoch})
                     return
@@ -408,4 +426,4 @@ def train(config: dict, report, restore: dict | None = None) -> None:
             if epoch == last_epoch:
                 metrics.update(evaluate(config, x, y, ds.num_classes, heads, text, alphas))
                 metrics.update({"perf/features_ms": features_ms, "perf/supervised_train_ms": train_ms})
-            report(metrics, checkpoint=make_checkpoint(epoch, train_ms, fits, generator))
+            report(metrics, checkpoint=make_checkpoint(epoch, train_ms, fits))
