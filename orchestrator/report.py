@@ -35,7 +35,7 @@ from trainables.common.metrics import metric_key, parse_metric_key
 METRIC_LABELS = {"acc": "Accuracy", "top5": "Top-5", "ece": "ECE", "nll": "NLL", "brier": "Brier",
                  "balanced_acc": "Balanced acc", "macro_f1": "Macro-F1", "loss": "Loss"}
 DEFAULT_HEADLINE = ["acc", "ece", "nll"]
-REPORT_KEYS = {"baseline", "headline_study", "headline_metrics", "methods", "labels", "focus", "reference", "split"}
+REPORT_KEYS = {"baseline", "headline_study", "headline_metrics", "methods", "labels", "focus", "reference", "drops", "split"}
 RUN_COLUMNS = ["run_id", "sweep_id", "study", "status", "seed", "dataset", "start_time"]
 KEY_COLUMNS = ["key", "split", "method", "axes", "metric", "value"]
 RANKED_TRIALS = 10
@@ -125,6 +125,7 @@ class ReportConfig:
     labels: dict[str, str] = field(default_factory=dict)
     focus: list[str] = field(default_factory=list)  # methods of A/B tables and 2-D grid plots
     reference: dict[str, dict] = field(default_factory=dict)  # study -> reference cell {param: value}
+    drops: dict[str, str] = field(default_factory=dict)  # study -> param: metric drop from its first value
     split: str = "test"
 
     @classmethod
@@ -144,11 +145,14 @@ class ReportConfig:
                 if not isinstance(raw[key], list) or not all(isinstance(v, str) for v in raw[key]):
                     raise UsageError(f"{where}.{key}: expected a list of strings")
                 setattr(cfg, key, list(raw[key]))
-        for key in ("labels", "reference"):
+        for key in ("labels", "reference", "drops"):
             if key in raw:
                 if not isinstance(raw[key], dict):
                     raise UsageError(f"{where}.{key}: expected a mapping")
                 setattr(cfg, key, dict(raw[key]))
+        for study, param in cfg.drops.items():
+            if study not in (doc.get("studies") or {}) or not isinstance(param, str):
+                raise UsageError(f"{where}.drops.{study}: expected a known study mapped to a swept param")
         for study, cell in cfg.reference.items():
             if study not in (doc.get("studies") or {}) or not isinstance(cell, dict):
                 raise UsageError(f"{where}.reference.{study}: expected a known study mapped to {{param: value}}")
@@ -628,6 +632,28 @@ def ab_table(study: StudyRuns, stats: StudyStats, cfg: ReportConfig) -> Table | 
     return Table(f"A/B: every cell against the reference {study.label(ref)} ({split})", pd.DataFrame(rows), notes, records)
 
 
+def drop_table(study: StudyRuns, cfg: ReportConfig) -> Table | None:
+    """The seed's robustness shape: per method, how much the first headline metric falls from
+    the param's first value to each other value, paired by seed (drop = value(first) - value(v))."""
+    param, split = cfg.drops.get(study.name), cfg.split
+    metrics = metrics_of(study, cfg, split)
+    if not param or param not in study.axes or not metrics:
+        return None
+    metric = metrics[0]
+    values = sorted({study.cell_dict(c)[param] for c in study.cells()}, key=_order)
+    rows = []
+    for method in methods_of(study, cfg, split):
+        side = Side.of(f"{split}/{method}/{metric}")
+        row = {"Method": cfg.label(method)}
+        for value in values[1:]:
+            drops = paired_values(study.frame, study.cell_params, side, side, {"param": param, "from": values[0], "to": value})
+            row[f"{param}={value}"] = format_interval(*t_interval(drops["a"].tolist()))
+        rows.append(row)
+    return Table(f"{split} {metric_label(metric)} drop from {param}={values[0]} (mean ± 95% t-interval over seeds, n)",
+                 pd.DataFrame(rows), [f"drop = {metric_label(metric)} at {param}={values[0]} minus at the column's value, "
+                                      "per seed (same seed in both cells); positive = the metric fell."])
+
+
 def _verdict(metric: str, t, p_adj: float | None) -> str:
     name = metric_label(metric)
     if t is None or t.n < 2:
@@ -749,7 +775,8 @@ def family_sections(tracking_uri: str, family: str, doc: dict, study: str | None
             if not is_headline:
                 sec.tables += grid_tables(s, st, cfg) if s.cell_params else [headline_table(s, st, cfg)]
             sec.tables += eval_tables(s, st, cfg)
-            sec.tables += [t for t in (ab_table(s, st, cfg), baseline_table(s, cfg), perf_table(s, st)) if t]
+            extra = (drop_table(s, cfg), ab_table(s, st, cfg), baseline_table(s, cfg), perf_table(s, st))
+            sec.tables += [t for t in extra if t]
         if plots_dir is not None:
             from orchestrator.plots import study_plots  # matplotlib only when plots are asked for
 

@@ -44,7 +44,7 @@ DOC = {
     "defaults": {"dataset": "digits", "noise_rate": 0.0, "batch_size": 128, "lr": 0.1, "epochs": 1, "scenario": "a",
                  "attention": True},
     "report": {"baseline": "base", "headline_metrics": ["acc", "ece"], "labels": {"good": "Good method"},
-               "focus": ["good"], "reference": {"ab": {"batch_size": 128}}},
+               "focus": ["good"], "reference": {"ab": {"batch_size": 128}}, "drops": {"noise": "noise_rate"}},
     "claims": [
         {"claim": "good beats base on accuracy", "study": "headline",
          "compare": {"metric": "test/good/acc", "baseline": "test/base/acc", "better": "higher"}},
@@ -246,6 +246,13 @@ def test_eval_axis_and_grid_tables(report):
     expect_interval(noise.loc["0.0", "base"], NOISE_BASE)
     expect_interval(noise.loc["0.3", "Good method"], np.add(NOISE_BASE[:3], 0.05) - NOISE_DROP["good"])  # diverged left out
     assert "noise_rate=0.3 seed 3: diverged" in md
+
+
+def test_drop_table_pairs_seeds_across_cells(report):
+    _, md, _ = report
+    drop = table_after(md, "test Accuracy drop from noise_rate=0.0").set_index("Method")
+    expect_interval(drop.loc["base", "noise_rate=0.3"], NOISE_DROP["base"])  # seed 3 diverged at 0.3: not paired
+    expect_interval(drop.loc["Good method", "noise_rate=0.3"], NOISE_DROP["good"])
 
 
 def test_baseline_comparisons_match_scipy_with_holm(report):
