@@ -725,7 +725,7 @@ def family_sections(tracking_uri: str, family: str, doc: dict, study: str | None
     scope = ", ".join(x for x in (study and f"study {study}", sweep_id and f"sweep {sweep_id}") if x)
     head = Section(f"{family}{f' ({scope})' if scope else ''}", 1, [doc.get("description", "")])
     if frame.empty:
-        head.text.append(f"No trial runs of {family}{f' ({scope})' if scope else ''} in {tracking_uri}.")
+        head.text += ["", f"No trial runs of {family}{f' ({scope})' if scope else ''} in {tracking_uri}."]
         return [head], [], None
     studies = select_studies(frame, doc, sweep_id)
     stats = [StudyStats(s) for s in studies]
@@ -740,7 +740,8 @@ def family_sections(tracking_uri: str, family: str, doc: dict, study: str | None
 
     chosen = [s for s in studies if s.name == cfg.headline_study] or studies[:1]
     headline, headline_stats = chosen[0], stats[studies.index(chosen[0])]
-    top = Section(f"Headline: study `{headline.name}`", 2, [headline.spec.get("description", "")])
+    title = "Headline: study" if headline.name == cfg.headline_study else "Study"
+    top = Section(f"{title} `{headline.name}`", 2, [headline.spec.get("description", "")])
     top.tables.append(headline_table(headline, headline_stats, cfg))
     sections.append(top)
 
@@ -888,6 +889,9 @@ def write_report(tracking_uri: str, names: list[str], every: bool, study: str | 
         plots_dir = str(out_path.parent / f"{out_path.stem}_plots")
     report = build_report(tracking_uri, families, study, sweep_id, Path(plots_dir) if plots_dir else None,
                           link_base=out_path.parent if out_path else Path.cwd(), summary=every or len(families) > 1)
+    if report.stats.empty:
+        scope = "".join(f", {k} {v}" for k, v in (("study", study), ("sweep", sweep_id)) if v)
+        raise UsageError(f"no finished trial runs of {', '.join(families) or 'any family'}{scope} in {tracking_uri}")
     text = report.render(fmt_name)
     if out_path is None:
         return text, []

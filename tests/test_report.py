@@ -411,6 +411,8 @@ def test_cli_report_formats_and_artifacts(store, tmp_path, monkeypatch):
     assert result.exit_code == 0, result.output
     doc = json.loads(result.output)
     assert doc["sections"][0]["title"] == "Cross-family summary"
+    result = runner.invoke(main, ["report", "busy_loop", "--tracking-uri", store["uri"], "--sweep", "nope"])
+    assert result.exit_code == 2 and "no finished trial runs of busy_loop, sweep nope" in result.output
     result = runner.invoke(main, ["report", "--tracking-uri", store["uri"]])
     assert result.exit_code == 2 and "name a FAMILY or --all" in result.output
     result = runner.invoke(main, ["report", "busy_loop"])  # no store here: one clear line, nothing created
