@@ -1,4 +1,4 @@
-"""The ``orchestrate`` command line: list, sweep, report, ui, features."""
+"""The ``orchestrate`` command line: list, sweep, report, ui, features, cluster validate, sync, server."""
 
 from __future__ import annotations
 
@@ -138,6 +138,96 @@ def ui(tracking_uri, host, port) -> None:
     click.echo(f"MLflow UI on http://{host}:{port} over {uri}")
     raise SystemExit(subprocess.call([sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri,
                                       "--host", host, "--port", str(port)]))
+
+
+@main.group()
+def cluster() -> None:
+    """Ray cluster-launcher configs for GPU clusters (see docs/cluster.md)."""
+
+
+@cluster.command("validate")
+@click.argument("file", default="cluster.yaml", type=click.Path(dir_okay=False))
+def cluster_validate(file) -> None:
+    """Check FILE against the installed Ray's cluster schema and this project's rules (a GPU
+    worker type, setup installing the project, shared storage, a reachable tracking server)."""
+    from importlib.metadata import version
+
+    from orchestrator.cluster import validate_cluster_file
+
+    problems = validate_cluster_file(Path(file))
+    for problem in problems:
+        click.echo(f"{file}: {problem}", err=True)
+    if problems:
+        raise UsageError(f"{file}: {len(problems)} problem(s)")
+    click.echo(f"{file}: valid (Ray {version('ray')} cluster schema and project checks)")
+
+
+@main.command()
+@click.argument("family", required=False)
+@click.option("--sweep", "sweep_id", help="Only this sweep id.")
+@click.option("--storage", help="Where the Tune results are (default: $ORCHESTRATE_STORAGE, else ./runs).")
+@click.option("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else ./mlflow.db).")
+def sync(family, sweep_id, storage, tracking_uri) -> None:
+    """Log into MLflow whatever it lacks of the sweeps' Tune results on disk (all sweeps of
+    FAMILY, or every sweep). Keyed by trial id and step: running it twice adds nothing."""
+    from orchestrator.cluster import STORAGE_ENV
+    from orchestrator.spaces import load_family_file
+    from orchestrator.sync import storage_location, sync_storage
+    from orchestrator.tracking import check_tracking_uri, configure_client, default_tracking_uri
+
+    if family:
+        load_family_file(family)
+    uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri(Path.cwd())
+    check_tracking_uri(uri)
+    configure_client()
+    location = storage_location(storage or os.environ.get(STORAGE_ENV) or "runs")
+    for counts in sync_storage(location, uri, family, sweep_id):
+        click.echo(counts.line())
+
+
+@main.command()
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Bind address: loopback by default; a private address on a cluster head, never a public one.")
+@click.option("--port", default=5000, show_default=True, type=click.IntRange(1, 65535))
+@click.option("--backend-store-uri", help="Run store (default: $MLFLOW_TRACKING_URI if a local store, else ./mlflow.db).")
+@click.option("--artifacts-destination", default="mlartifacts", show_default=True, type=click.Path(file_okay=False),
+              help="Where the server keeps artifacts it receives.")
+@click.option("--workers", default=1, show_default=True, type=click.IntRange(1, 16), help="Server processes (SQLite: 1).")
+def server(host, port, backend_store_uri, artifacts_destination, workers) -> None:
+    """A real MLflow tracking server (SQLite store, served artifacts) for sweeps to log to with
+    --tracking-uri http://HOST:PORT. Runs until interrupted."""
+    from orchestrator.tracking import check_tracking_uri, default_tracking_uri, serve
+
+    env_uri = os.environ.get("MLFLOW_TRACKING_URI", "")
+    backend = backend_store_uri or (env_uri if env_uri.startswith("sqlite:") else default_tracking_uri(Path.cwd()))
+    check_tracking_uri(backend)
+    artifacts = Path(artifacts_destination).expanduser().resolve()
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        click.echo(f"warning: binding {host}: whoever reaches it can read and write runs (MLflow has no auth here)", err=True)
+    click.echo(f"MLflow tracking server on http://{host}:{port} (store {backend}, artifacts {artifacts}); "
+               f"point sweeps at it with --tracking-uri http://{host}:{port} or MLFLOW_TRACKING_URI", err=True)
+    raise SystemExit(serve(host, port, backend, artifacts, workers))
+
+
+@main.command()
+@click.argument("dataset")
+@click.option("--encoder", "-e", default="own-cnn", show_default=True,
+              help="own-cnn (trained once on DATASET's own training split) | resnet18 | resnet50 | clip-vit-b32.")
+@click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
+def features(dataset, encoder, device) -> None:
+    """Precompute DATASET's frozen-encoder features into the shared cache and print where they are."""
+    from trainables.common.data import DataError, validate_spec
+    from trainables.common.encoders import check_name
+    from trainables.common.features import precompute
+
+    try:
+        validate_spec(dataset)
+        check_name(encoder)
+        paths = precompute(dataset, encoder, device=device)
+    except DataError as exc:
+        raise UsageError(str(exc)) from None
+    for split, path in paths.items():
+        click.echo(f"{split}: {path}")
 
 
 if __name__ == "__main__":

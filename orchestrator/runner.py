@@ -1,33 +1,43 @@
 """Run a validated study as a Ray Tune sweep and log it to MLflow.
 
 Local Ray by default (started in-process), ``--address``/``RAY_ADDRESS`` otherwise. Tune's
-results on disk (``./runs/<sweep_id>``) are the source of truth; MLflow mirrors them through a
-driver-side callback that survives a tracking server going away (``orchestrate sync`` fills
-the gaps later).
+results on disk (``./runs/<sweep_id>``, or ``--storage``/``ORCHESTRATE_STORAGE``: a path or an
+s3://, gs:// URI) are the source of truth; MLflow mirrors them through a driver-side callback
+that survives a tracking server going away, and a final sync (``orchestrate sync`` by hand)
+logs whatever the callback missed.
+
+Fault tolerance: trials checkpoint every epoch; a lost worker restarts its trial from the last
+checkpoint (``FailureConfig``); Tune snapshots the experiment after every trial checkpoint
+(``num_to_keep=1`` forces it), so a driver killed at any point resumes each trial from its
+latest checkpoint with ``--resume`` instead of rerunning it.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import socket
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import pyarrow.fs
 import ray
 import torch
 from ray import tune
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ray.tune.search import BasicVariantGenerator
 
+from orchestrator.cluster import STORAGE_ENV, check_shared_storage
 from orchestrator.errors import UsageError
 from orchestrator.spaces import Study, derive_params
-from orchestrator.tracking import SweepTracker, check_tracking_uri, default_tracking_uri, git_commit, warn
-from trainables import get_trainable
+from orchestrator.trainable import make_trainable
+from orchestrator.sync import storage_fs, storage_location, sync_sweep, write_sweep_meta
+from orchestrator.tracking import (SweepTracker, check_tracking_uri, configure_client, default_artifact_root,
+                                   default_tracking_uri, git_commit, node_tags, result_step, trial_tags, warn)
 from trainables.common.data import DataError, validate_spec
 
-CHECKPOINT_FILE = "state.pt"
+MLFLOW_RETRY_ENV = "ORCHESTRATE_MLFLOW_RETRY_S"
 
 
 @dataclass
@@ -47,7 +57,7 @@ class SweepOptions:
 @dataclass
 class SweepOutcome:
     sweep_id: str
-    experiment_path: Path
+    experiment_path: Path | str  # a directory, or a URI for remote storage
     tracking_uri: str
     parent_run_id: str
     trials: int
@@ -55,65 +65,43 @@ class SweepOutcome:
     diverged: int
 
 
-# ---------------------------------------------------------------- the trainable Tune runs
-
-
-def make_trainable(family: str, derive: dict, objective: str):
-    """Wrap a family's plain ``train`` so Tune can run it: derive parameters, restore from the
-    latest checkpoint, and turn ``report(metrics, checkpoint)`` into ``tune.report``. A diverged
-    report carries the objective as NaN, so searchers and schedulers count the trial as failed
-    rather than Tune rejecting the result."""
-
-    def trainable(config: dict) -> None:
-        config = derive_params(config, derive)
-        config["artifact_dir"] = str(Path.cwd() / "artifacts")  # Tune syncs the trial dir to storage
-        restore = None
-        checkpoint = tune.get_checkpoint()
-        if checkpoint is not None:
-            with checkpoint.as_directory() as directory:
-                restore = torch.load(Path(directory) / CHECKPOINT_FILE, weights_only=False)
-
-        def report(metrics: dict, checkpoint: dict | None = None) -> None:
-            if metrics.get("diverged"):
-                metrics = {objective: float("nan"), **metrics}
-            if checkpoint is None:
-                tune.report(metrics)
-                return
-            with tempfile.TemporaryDirectory() as directory:
-                torch.save(checkpoint, Path(directory) / CHECKPOINT_FILE)
-                tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(directory))
-
-        get_trainable(family)(config, report, restore)
-
-    trainable.__name__ = family
-    return trainable
-
-
 # ---------------------------------------------------------------- MLflow as a Tune callback
 
 
 class MlflowCallback(tune.Callback):
     """Mirror every trial into MLflow. MLflow failures never stop the sweep: they are warned
-    about once and left for ``orchestrate sync``."""
+    about, and while the server is unreachable the callback stays quiet for ``retry_s``
+    seconds at a time (so a dead server costs one failed call per period, not one per
+    result); what it misses is logged by the final sync or ``orchestrate sync``."""
 
-    def __init__(self, tracker: SweepTracker, study: Study):
-        self.tracker, self.study = tracker, study
-        self._warned = False
+    def __init__(self, tracker: SweepTracker, study: Study, retry_s: float = 30.0):
+        self.tracker, self.study, self.retry_s = tracker, study, retry_s
+        self._quiet_until = 0.0
+        self._down = False
 
     def _safe(self, fn, *args):
-        try:
-            return fn(*args)
-        except Exception as exc:  # noqa: BLE001 - the tracking store is best effort during a sweep
-            if not self._warned:
-                warn(f"MLflow unavailable ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); "
-                     "trials go on, run `orchestrate sync` later to log what is missing")
-                self._warned = True
+        if time.monotonic() < self._quiet_until:
             return None
+        try:
+            out = fn(*args)
+        except Exception as exc:  # noqa: BLE001 - the tracking store is best effort during a sweep
+            from mlflow.exceptions import RestException
+
+            if not isinstance(exc, RestException):  # no answer at all: back off
+                self._quiet_until = time.monotonic() + self.retry_s
+            if not self._down:
+                warn(f"MLflow unavailable ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); "
+                     "trials go on, what is missed is logged at the end or by `orchestrate sync`")
+                self._down = True
+            return None
+        if self._down:
+            warn("MLflow reachable again")
+            self._down = False
+        return out
 
     def _run_id(self, trial):
         config = derive_params(trial.config, self.study.derive)
-        tags = {"seed": config.get("seed"), "dataset": config.get("dataset"), "tune_trial_dir": trial.path}
-        return self._safe(self.tracker.child, trial.trial_id, config, tags)
+        return self._safe(self.tracker.child, trial.trial_id, config, trial_tags(config, trial.path))
 
     def on_trial_start(self, iteration, trials, trial, **info):
         self._run_id(trial)
@@ -122,10 +110,9 @@ class MlflowCallback(tune.Callback):
         run_id = self._run_id(trial)
         if run_id is None:
             return
-        step = int(result.get("epoch", result.get("training_iteration", 0)))
         if result.get("training_iteration") == 1 or result.get("iterations_since_restore") == 1:
-            self._safe(self.tracker.set_tags, run_id, {"host": result.get("hostname", ""), "node_ip": result.get("node_ip", "")})
-        self._safe(self.tracker.log_result, run_id, result, step)
+            self._safe(self.tracker.set_tags, run_id, node_tags(result))
+        self._safe(self.tracker.log_result, run_id, result, result_step(result))
         if result.get("diverged"):
             self._safe(self.tracker.set_tags, run_id, {"status": "diverged"})
 
@@ -223,17 +210,31 @@ def new_sweep_id(study: Study) -> str:
     return f"{study.family}-{study.name}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
-def find_sweep(storage: Path, study: Study, which: str) -> str:
+def find_sweep(storage: str, study: Study, which: str) -> str:
     """The sweep to resume: an explicit id, or the newest restorable one of this family/study."""
     if which != "latest":
-        if not tune.Tuner.can_restore(str(storage / which)):
+        if not tune.Tuner.can_restore(f"{storage}/{which}"):
             raise UsageError(f"no restorable sweep {which!r} under {storage}")
         return which
-    candidates = sorted((p for p in storage.glob(f"{study.family}-{study.name}-*") if tune.Tuner.can_restore(str(p))),
-                        key=lambda p: p.stat().st_mtime)
+    fs, root = storage_fs(storage)
+    pattern = re.compile(rf"{re.escape(study.family)}-{re.escape(study.name)}-\d{{8}}-\d{{6}}")
+    infos = fs.get_file_info(pyarrow.fs.FileSelector(root, allow_not_found=True))
+    names = sorted(i.base_name for i in infos if pattern.fullmatch(i.base_name))  # ids end in a timestamp
+    candidates = [name for name in names if tune.Tuner.can_restore(f"{storage}/{name}")]
     if not candidates:
         raise UsageError(f"nothing to resume: no sweep of {study.family}/{study.name} under {storage}")
-    return candidates[-1].name
+    return candidates[-1]
+
+
+def replace_callbacks(tuner: tune.Tuner, callbacks: list) -> None:
+    """Give a restored sweep fresh callbacks. Ray 2.60's ``Tuner.restore`` takes no RunConfig:
+    the restored one holds the callbacks pickled when the sweep started (an MLflow client for
+    the old tracking URI, an empty run cache), and no public API replaces them
+    (ray-project/ray#41364), so this reaches into the local tuner's RunConfig."""
+    local = getattr(tuner, "_local_tuner", None)
+    if local is None:
+        raise UsageError("--resume needs the driver on the cluster (--address auto on the head), not a ray:// client")
+    local.get_run_config().callbacks = callbacks
 
 
 def run_sweep(study: Study, opts: SweepOptions) -> SweepOutcome:
@@ -242,37 +243,46 @@ def run_sweep(study: Study, opts: SweepOptions) -> SweepOutcome:
     resolve_paths(study, workdir)
     tracking_uri = opts.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri(workdir)
     check_tracking_uri(tracking_uri)
-    storage = Path(opts.storage or workdir / "runs").expanduser().resolve()
+    configure_client()
+    storage = storage_location(opts.storage or os.environ.get(STORAGE_ENV) or str(workdir / "runs"))
     sweep_id = find_sweep(storage, study, opts.resume) if opts.resume else new_sweep_id(study)
+    experiment = f"{storage}/{sweep_id}"
     address = opts.address or os.environ.get("RAY_ADDRESS")
     if opts.gpus_per_trial and not address and not torch.cuda.is_available():
         raise UsageError(f"--gpus-per-trial {opts.gpus_per_trial} asks for GPUs but this machine has none")
 
     start_ray(address)
-    tracker = SweepTracker(
-        tracking_uri, study.family, sweep_id,
-        tags={"family": study.family, "study": study.name, "dataset": study.base.get("dataset"), "git_commit": git_commit()},
-        artifact_root=workdir / "mlartifacts" if tracking_uri.startswith("sqlite:") else None,
-    )
+    check_shared_storage(storage)
+    tags = {"family": study.family, "study": study.name, "dataset": study.base.get("dataset"), "git_commit": git_commit()}
+    tracker = SweepTracker(tracking_uri, study.family, sweep_id, tags,
+                           artifact_root=default_artifact_root(tracking_uri, workdir))
+    write_sweep_meta(experiment, {"family": study.family, "study": study.name, "sweep_id": sweep_id,
+                                  "tags": tracker.tags, "derive": study.derive})
     trainable = tune.with_resources(make_trainable(study.family, study.derive, study.objective["metric"]),
                                     {"cpu": opts.cpus_per_trial, "gpu": opts.gpus_per_trial})
-    run_config = tune.RunConfig(
-        name=sweep_id, storage_path=str(storage), callbacks=[MlflowCallback(tracker, study)],
-        failure_config=tune.FailureConfig(max_failures=opts.max_failures),
-        checkpoint_config=tune.CheckpointConfig(num_to_keep=2), verbose=opts.verbose,
-    )
+    callbacks = [MlflowCallback(tracker, study, retry_s=float(os.environ.get(MLFLOW_RETRY_ENV, "30")))]
+    # num_to_keep=1 makes Tune snapshot the experiment after every trial checkpoint (the
+    # snapshot a resumed sweep starts from); it would warn about each one as "excessive".
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     if opts.resume:
-        tuner = tune.Tuner.restore(str(storage / sweep_id), trainable=trainable, resume_unfinished=True,
+        tuner = tune.Tuner.restore(experiment, trainable=trainable, resume_unfinished=True,
                                    resume_errored=True, param_space=param_space(study))
-        tuner._local_tuner._run_config.callbacks = run_config.callbacks  # callbacks are not pickled with the tuner
+        replace_callbacks(tuner, callbacks)
     else:
+        run_config = tune.RunConfig(
+            name=sweep_id, storage_path=storage, callbacks=callbacks,
+            failure_config=tune.FailureConfig(max_failures=opts.max_failures),
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=1), verbose=opts.verbose,
+        )
         tuner = tune.Tuner(trainable, param_space=param_space(study), tune_config=tune_config(study, opts.max_concurrent),
                            run_config=run_config)
     results = tuner.fit()
     errored = sum(1 for r in results if r.error is not None)
     diverged = sum(1 for r in results if (r.metrics or {}).get("diverged"))
-    tracker.set_tags(tracker.parent_id, {"trials": len(results), "errored": errored, "diverged": diverged})
-    tracker.finish(tracker.parent_id, "FINISHED" if errored == 0 else "FAILED")
-    return SweepOutcome(sweep_id, storage / sweep_id, tracking_uri, tracker.parent_id, len(results), errored, diverged)
-
-
+    try:
+        sync_sweep(experiment, tracking_uri, workdir)
+    except Exception as exc:  # noqa: BLE001 - Tune's results on disk are complete; MLflow can catch up later
+        warn(f"MLflow not brought up to date ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); when it is "
+             f"reachable run: orchestrate sync {study.family} --sweep {sweep_id} --storage {storage} --tracking-uri {tracking_uri}")
+    path = experiment if "://" in experiment else Path(experiment)
+    return SweepOutcome(sweep_id, path, tracking_uri, tracker.parent_id, len(results), errored, diverged)

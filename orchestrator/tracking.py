@@ -8,12 +8,15 @@ not logged twice.
 
 from __future__ import annotations
 
+import os
+import signal
 import socket
 import subprocess
 import sys
 import time
 import urllib.error
 import urllib.request
+from collections import Counter
 from pathlib import Path
 
 from mlflow.entities import Metric, Param, RunTag
@@ -23,10 +26,30 @@ from orchestrator.errors import UsageError
 
 PARENT, CHILD = "parent", "trial"
 MAX_PARAM_LENGTH = 6000
+STEP_MARKER = "epoch"  # logged last in every step: its history says which steps are complete
+# The driver's MLflow client must fail fast when a tracking server goes away: MLflow's defaults
+# (7 retries, exponential backoff, 120 s timeout) would stall the sweep for minutes per call.
+CLIENT_ENV_DEFAULTS = {
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_JITTER": "0.5",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "10",
+}
+
+
+def configure_client() -> None:
+    """Short MLflow HTTP retries and timeouts for this process, unless the user set their own."""
+    for name, value in CLIENT_ENV_DEFAULTS.items():
+        os.environ.setdefault(name, value)
 
 
 def default_tracking_uri(workdir: Path) -> str:
     return f"sqlite:///{(workdir / 'mlflow.db').resolve()}"
+
+
+def default_artifact_root(tracking_uri: str, workdir: Path) -> Path | None:
+    """Artifacts of a local SQLite store go beside it in ./mlartifacts; a server picks its own."""
+    return workdir / "mlartifacts" if tracking_uri.startswith("sqlite:") else None
 
 
 def check_tracking_uri(uri: str, timeout: float = 5.0) -> None:
@@ -69,6 +92,20 @@ def flatten(config: dict, prefix: str = "") -> dict[str, str]:
     return out
 
 
+def result_step(result: dict) -> int:
+    """The MLflow step of one Tune result: the family's epoch, else Tune's iteration."""
+    return int(result.get("epoch", result.get("training_iteration", 0)))
+
+
+def trial_tags(config: dict, trial_path: str) -> dict:
+    return {"seed": config.get("seed"), "dataset": config.get("dataset"), "tune_trial_dir": trial_path}
+
+
+def node_tags(result: dict) -> dict:
+    """Where a trial ran (set from the first result after each start or restore)."""
+    return {"host": result.get("hostname", ""), "node_ip": result.get("node_ip", ""), "node_id": result.get("node_id", "")}
+
+
 def loggable_metrics(result: dict) -> dict[str, float]:
     """The family's own metrics (contract names, ``epoch``, ``diverged``), not Tune's bookkeeping."""
     out = {}
@@ -79,7 +116,11 @@ def loggable_metrics(result: dict) -> dict[str, float]:
 
 
 class SweepTracker:
-    """Creates or reattaches the parent run of one sweep and the child run of each trial."""
+    """Creates or reattaches the parent run of one sweep and the child run of each trial.
+
+    ``stats`` counts what this tracker added to the store (runs, params, steps, closed runs,
+    changed tags), so ``orchestrate sync`` can say what it did and prove a second pass adds nothing.
+    """
 
     def __init__(self, tracking_uri: str, experiment: str, sweep_id: str, tags: dict[str, str],
                  artifact_root: Path | None = None):
@@ -87,6 +128,7 @@ class SweepTracker:
         self.tracking_uri = tracking_uri
         self.sweep_id = sweep_id
         self.tags = {k: str(v) for k, v in tags.items()}
+        self.stats: Counter = Counter()
         self.experiment_id = self._experiment(experiment, artifact_root)
         self.parent_id = self._find_or_create(PARENT, None, {}, run_name=sweep_id)
         self._children: dict[str, str] = {}
@@ -109,54 +151,128 @@ class SweepTracker:
         found = self.find_runs(role, trial_id)
         if found:
             return found[0].info.run_id
-        tags = {**self.tags, **extra_tags, "role": role, "sweep_id": self.sweep_id}
+        tags = {**self.tags, **{k: str(v) for k, v in extra_tags.items()}, "role": role, "sweep_id": self.sweep_id}
         if trial_id is not None:
             tags.update({"trial_id": trial_id, "mlflow.parentRunId": self.parent_id})
         run = self.client.create_run(self.experiment_id, tags=tags, run_name=run_name)
+        self.stats["runs_created"] += 1
         return run.info.run_id
 
-    def child(self, trial_id: str, config: dict, tags: dict) -> str:
-        """The trial's run, created with its params on first sight, reattached afterwards."""
+    def child(self, trial_id: str, config: dict, tags: dict, reopen: bool = True) -> str:
+        """The trial's run, created with its params on first sight, reattached afterwards (missing
+        params added; ``reopen`` marks it RUNNING again, for a trial that resumes)."""
         if trial_id in self._children:
             return self._children[trial_id]
         existing = self.find_runs(CHILD, trial_id)
+        params = flatten(config)
         if existing:
             run = existing[0]
-            history = self.client.get_metric_history(run.info.run_id, "epoch")
-            self._last_step[run.info.run_id] = max((int(m.value) for m in history), default=0)
-            if run.info.status != "RUNNING":
-                self.client.update_run(run.info.run_id, status="RUNNING")
             run_id = run.info.run_id
+            self._last_step[run_id] = max(self.logged_steps(run_id), default=0)
+            params = {k: v for k, v in params.items() if k not in run.data.params}
+            if reopen and run.info.status != "RUNNING":
+                self.client.update_run(run_id, status="RUNNING")
         else:
             run_id = self._find_or_create(CHILD, trial_id, tags, run_name=trial_id)
-            params = [Param(k, v) for k, v in flatten(config).items()]
-            for start in range(0, len(params), 100):
-                self.client.log_batch(run_id, params=params[start:start + 100])
+        batch = [Param(k, v) for k, v in params.items()]
+        for start in range(0, len(batch), 100):
+            self.client.log_batch(run_id, params=batch[start:start + 100])
+        self.stats["params_logged"] += len(batch) if existing else 0
         self._children[trial_id] = run_id
         return run_id
+
+    def logged_steps(self, run_id: str) -> set[int]:
+        return {m.step for m in self.client.get_metric_history(run_id, STEP_MARKER)}
+
+    def log_step(self, run_id: str, result: dict, step: int) -> None:
+        """Log one report's metrics at ``step``, the step marker last (so a step whose marker is
+        present was logged whole)."""
+        now = int(time.time() * 1000)
+        metrics = loggable_metrics(result)
+        metrics.pop(STEP_MARKER, None)
+        batch = [Metric(k, v, now, step) for k, v in metrics.items()] + [Metric(STEP_MARKER, float(step), now, step)]
+        for start in range(0, len(batch), 1000):
+            self.client.log_batch(run_id, metrics=batch[start:start + 1000])
+        self.stats["steps_logged"] += 1
 
     def log_result(self, run_id: str, result: dict, step: int) -> bool:
         """Log one report at ``step``; a step already logged (a resumed trial) is skipped."""
         if step <= self._last_step.get(run_id, 0):
             return False
-        now = int(time.time() * 1000)
-        metrics = [Metric(k, v, now, step) for k, v in loggable_metrics(result).items()]
-        for start in range(0, len(metrics), 1000):
-            self.client.log_batch(run_id, metrics=metrics[start:start + 1000])
+        self.log_step(run_id, result, step)
         self._last_step[run_id] = step
         return True
 
     def set_tags(self, run_id: str, tags: dict) -> None:
         self.client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
 
+    def update_tags(self, run, tags: dict) -> None:
+        """Set only the tags whose value differs from the run's."""
+        changed = {k: str(v) for k, v in tags.items() if run.data.tags.get(k) != str(v)}
+        if changed:
+            self.set_tags(run.info.run_id, changed)
+            self.stats["tags_set"] += len(changed)
+
     def finish(self, run_id: str, status: str = "FINISHED") -> None:
         self.client.set_terminated(run_id, status=status)
+
+    def close(self, run, status: str) -> None:
+        """Terminate a run unless it already ended with ``status``."""
+        if run.info.status != status:
+            self.finish(run.info.run_id, status)
+            self.stats["runs_closed"] += 1
 
     def log_artifacts(self, run_id: str, path: Path, artifact_path: str | None = None) -> None:
         if Path(path).is_dir() and any(Path(path).iterdir()):
             self.client.log_artifacts(run_id, str(path), artifact_path)
         elif Path(path).is_file():
             self.client.log_artifact(run_id, str(path), artifact_path)
+
+
+def serve(host: str, port: int, backend_uri: str, artifacts: Path, workers: int = 1) -> int:
+    """Run a real ``mlflow server`` until it exits or this process is told to stop.
+
+    It runs in its own process group, stopped as a whole: ``mlflow server`` leaves its uvicorn
+    workers behind when only it is signalled. Job execution (MLflow's GenAI job runner, a dozen
+    extra processes) is off: sweeps need only tracking and artifacts."""
+    with socket.socket() as probe:
+        if probe.connect_ex((host, port)) == 0:
+            raise UsageError(f"{host}:{port} is already in use")
+    command = [sys.executable, "-m", "mlflow", "server", "--host", host, "--port", str(port), "--workers", str(workers),
+               "--backend-store-uri", backend_uri, "--artifacts-destination", str(artifacts)]
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    server = subprocess.Popen(command, env=env, start_new_session=True)
+
+    def stop(signum, frame):
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        return server.wait()
+    except KeyboardInterrupt:
+        return 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        _stop_group(server)
+
+
+def _stop_group(process: subprocess.Popen, grace_s: float = 15.0) -> None:
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(process.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            process.wait(timeout=grace_s)
+        except subprocess.TimeoutExpired:
+            continue
+        deadline = time.monotonic() + grace_s  # the leader is gone; give its workers the same grace
+        while time.monotonic() < deadline:
+            try:
+                os.killpg(process.pid, 0)
+            except ProcessLookupError:
+                return
+            time.sleep(0.2)
 
 
 def warn(message: str) -> None:
