@@ -13,6 +13,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from trainables.common.data import Dataset, Split
+from trainables.common.metrics import parse_metric_key
 from trainables.subtask_meta import (
     CIFAR10_CLASSES,
     bin_thresholds,
@@ -261,6 +262,8 @@ def test_family_end_to_end_on_digits():
     assert final["test/meta_mc:mc_samples:1/pred_std"] == 0 < final["test/meta_mc:mc_samples:5/pred_std"]
     assert final["test/meta_mc/acc"] == final["test/meta_mc:mc_samples:5/acc"]  # plain name: 25 absent -> largest
     assert all(final[f"perf/{k}_ms"] > 0 for k in ("features", "subtask_heads", "train", "mc_dropout", "total"))
+    outside = [k for k in final if parse_metric_key(k) is None and not k.startswith(("perf/", "info/")) and k != "epoch"]
+    assert not outside, outside  # every name follows the metric contract
 
     # resume from the epoch-1 checkpoint: epochs 2.. only, and the same final model
     resumed = Collector()

@@ -361,7 +361,7 @@ def train(config: dict, report, restore: dict | None = None) -> None:
             perf["perf/train_ms"] = 1e3 * (time.perf_counter() - t_train)
             model.load_state_dict(best_state)
             metrics.update(_final_metrics(model, inputs, y, heads, subtasks, x, config, perf))
-            metrics["best_epoch"] = epoch - stopper.bad_epochs
+            metrics["info/best_epoch"] = epoch - stopper.bad_epochs
             metrics["perf/total_ms"] = 1e3 * (time.perf_counter() - t_start)
         report(metrics, checkpoint=checkpoint)
         if done:
