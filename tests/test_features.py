@@ -15,7 +15,7 @@ import torchvision
 
 from trainables.common.data import load_dataset, with_label_noise
 from trainables.common.encoders import EncoderUnavailable, OwnCNN, get_encoder
-from trainables.common.features import cache_path_for, extract_features
+from trainables.common.features import cache_path_for, extract_features, precompute
 
 
 class ForwardCounter:
@@ -73,6 +73,12 @@ def test_second_call_reuses_features_without_running_the_encoder(cache, digits):
         direct = enc.module(digits.to_float(digits.test.images)).numpy()
     np.testing.assert_allclose(second.test, direct, rtol=1e-4, atol=1e-5)
     assert second.identity == enc.identity and first.dim == enc.dim == 256
+
+
+def test_precompute_loads_the_spec_and_fills_the_same_cache(cache, digits):
+    paths = precompute("digits", "own-cnn", cache_dir=cache, progress=False, max_train=500)
+    assert paths == extract_features(digits, "own-cnn", cache_dir=cache, progress=False).paths
+    assert all(p.exists() and p.with_suffix(".json").exists() for p in paths.values())
 
 
 def test_key_follows_image_content_not_labels(cache, digits):
