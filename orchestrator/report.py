@@ -456,14 +456,13 @@ def eval_signatures(study: StudyRuns, cfg: ReportConfig) -> dict[tuple, list[str
             values.setdefault(name, set()).add(value)
     varying = {a for a, v in values.items() if len(v) > 1}
     interest = varying if not study.cell_params else varying & set(study.spec.get("eval") or {})
-    out: dict[tuple, list[str]] = {}
+    order = [m.split(":")[0] for m in cfg.methods] + sorted(set(rows["method"]))
+    out: dict[tuple, set[str]] = {}
     for (method, axes), _ in rows.groupby(["method", "axes"]):
         signature = tuple(name for name, _ in axis_items(axes))
         if set(signature) & interest and (allowed is None or method in allowed):
-            out.setdefault(signature, [])
-            if method not in out[signature]:
-                out[signature].append(method)
-    return out
+            out.setdefault(signature, set()).add(method)
+    return {sig: sorted(methods, key=order.index) for sig, methods in out.items()}
 
 
 def axis_combos(study: StudyRuns, signature: tuple, methods: list[str], split: str) -> list[str]:
