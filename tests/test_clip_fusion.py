@@ -72,12 +72,22 @@ def test_temperature_scaling_never_raises_val_nll(case, logits, labels):
     assert nll_t <= min(cf.temperature_nll(logits, labels, g) for g in grid) + 1e-6
 
 
+def test_temperature_is_one_when_val_is_perfectly_classified():
+    logits = np.random.default_rng(6).normal(size=(50, 4))
+    assert cf.fit_temperature(logits, logits.argmax(1)) == 1.0
+    labels = logits.argmax(1)
+    labels[0] = (labels[0] + 1) % 4  # one mistake: a finite optimum below 1 exists again
+    assert cf.fit_temperature(logits, labels) < 1.0
+
+
 def test_temperature_recovers_known_overconfidence():
     rng = np.random.default_rng(2)
     logits = rng.normal(size=(4000, 10)) * 2
     labels = np.array([rng.choice(10, p=p) for p in softmax(logits, axis=1)])
     assert cf.fit_temperature(logits * 3, labels) == pytest.approx(3.0, rel=0.1)
     assert cf.fit_temperature(logits, labels) == pytest.approx(1.0, rel=0.1)
+    # the search range misses the optimum (T ~ 3): its best point loses to T = 1, which is kept
+    assert cf.fit_temperature(logits * 3, labels, bounds=(50.0, 100.0)) == 1.0
 
 
 # ---------------------------------------------------------------- prototypes

@@ -4,7 +4,8 @@ Sources (each gives logits; its probabilities are softmax(logits / T)):
 
 * ``prototype``  cosine similarity of the L2-normalised embedding to each class centroid of
   L2-normalised training embeddings, divided by ``proto_temperature``. The centroids use every
-  training image (``shots: 0``) or ``shots`` images per class drawn with the trial's seed.
+  training image (``shots: 0``) or ``shots`` images per class drawn with the trial's seed
+  (``shots`` changes only the prototypes; the supervised head always learns from all of train).
 * ``supervised`` a linear head on the frozen, standardised features, trained on the train split
   (``epochs`` of Adam, the trial's seed), or loaded from ``supervised_checkpoint``.
 * ``zeroshot``   CLIP's text classifier: per class, the normalised mean of the prompt pool's
@@ -94,8 +95,12 @@ def temperature_nll(logits: np.ndarray, labels: np.ndarray, temperature: float) 
 def fit_temperature(logits: np.ndarray, labels: np.ndarray, bounds: tuple[float, float] = TEMPERATURE_BOUNDS) -> float:
     """The scalar T minimising the NLL of softmax(logits / T) on (val) labels: a bounded Brent
     search over log T (the NLL is unimodal in it), kept only when it beats T = 1, so scaling
-    never raises the NLL it was fit on."""
+    never raises the NLL it was fit on. When every label is already the argmax the NLL falls
+    without limit as T -> 0: nothing identifies a temperature, and T = 1 is kept (a T at the
+    search bound would make every later mistake cost ~log 1e12)."""
     logits = np.asarray(logits, np.float64)
+    if np.all(logits.argmax(1) == labels):
+        return 1.0
     res = minimize_scalar(lambda log_t: temperature_nll(logits, labels, np.exp(log_t)),
                           bounds=tuple(np.log(bounds)), method="bounded", options={"xatol": 1e-5})
     t = float(np.exp(res.x))
