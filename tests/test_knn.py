@@ -118,3 +118,18 @@ def test_reset_and_errors():
 def test_auto_prefers_faiss_on_cpu():
     expected = "faiss_cpu" if "faiss_cpu" in CPU_BACKENDS else "torch_cpu"
     assert KnnIndex(4, use_gpu=False).backend == expected
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_exact_under_bf16_autocast(data, backend):
+    """Families run forward passes under bf16 autocast on CUDA (``training.autocast``), searching
+    inside it: the search must stay exact float32 and take bf16 queries (CPU autocast stands in)."""
+    bank, _, queries = data
+    index = KnnIndex(16, backend=backend)
+    index.add(bank)
+    ref_sims, ref_idx = index.search(torch.from_numpy(queries), 7)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        sims, idx = index.search(torch.from_numpy(queries), 7)
+    assert torch.equal(idx, ref_idx) and torch.equal(sims, ref_sims)
+    q16 = torch.from_numpy(queries).bfloat16()
+    assert torch.equal(index.search(q16, 7)[1], index.search(q16.float(), 7)[1])

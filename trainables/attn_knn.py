@@ -46,7 +46,7 @@ from torch import nn
 from trainables.common.data import Dataset, augment, load_dataset, with_imbalance, with_label_noise
 from trainables.common.knn import KnnIndex, softmax_vote, uniform_vote
 from trainables.common.metrics import classification_metrics, prefixed
-from trainables.common.training import is_diverged, minibatches, resolve_device, seed_everything
+from trainables.common.training import autocast, is_diverged, minibatches, resolve_device, seed_everything, to_device
 
 KNN_METHODS = ("uniform_knn", "distance_knn", "attn_knn")
 EVAL_BATCH = 512
@@ -158,16 +158,18 @@ class Memory:
 @torch.no_grad()
 def forward_all(model: AttnKnnNet, ds: Dataset, images: np.ndarray, device, view_generator=None, flip=False):
     """(cnn probabilities, embeddings) of ``images`` in eval mode; with ``view_generator`` an
-    augmented view (translation, + flip when ``flip``) instead of the clean one."""
+    augmented view (translation, + flip when ``flip``) instead of the clean one. Both float32,
+    also when the forward pass runs in bf16 on CUDA."""
     model.eval()
     probs, embeddings = [], []
     for start in range(0, len(images), EVAL_BATCH):
-        x = ds.to_float(images[start : start + EVAL_BATCH], device)
+        x = ds.to_float(to_device(torch.from_numpy(images[start : start + EVAL_BATCH]), device), device)
         if view_generator is not None:
             x = augment(x, view_generator, flip=flip)
-        logits, z = model(x)
-        probs.append(logits.softmax(1))
-        embeddings.append(z)
+        with autocast(device):
+            logits, z = model(x)
+        probs.append(logits.float().softmax(1))
+        embeddings.append(z.float())
     return torch.cat(probs), torch.cat(embeddings)
 
 
@@ -185,9 +187,10 @@ def refresh_memory(memory: Memory | None, model: AttnKnnNet, ds: Dataset, device
 def attend_all(model: AttnKnnNet, z: torch.Tensor, memory: Memory, neighbours: torch.Tensor) -> torch.Tensor:
     """attn_knn probabilities of every query, in batches (the gathered neighbours are B x k x D)."""
     model.eval()
-    out = [model.attention(z[s : s + EVAL_BATCH], memory.bank[neighbours[s : s + EVAL_BATCH]],
-                           memory.labels[neighbours[s : s + EVAL_BATCH]]).softmax(1)
-           for s in range(0, len(z), EVAL_BATCH)]
+    with autocast(z.device):
+        out = [model.attention(z[s : s + EVAL_BATCH], memory.bank[neighbours[s : s + EVAL_BATCH]],
+                               memory.labels[neighbours[s : s + EVAL_BATCH]]).float().softmax(1)
+               for s in range(0, len(z), EVAL_BATCH)]
     return torch.cat(out)
 
 
@@ -266,27 +269,29 @@ def _nll_of_probs(probs, y):
 
 
 def train_epoch(model, optimizer, ds, memory, cfg, device, flip, gen, np_rng) -> dict[str, float] | None:
-    """One pass over the training split; mean losses, or None when the loss diverged."""
+    """One pass over the training split; mean losses, or None when the loss diverged. On CUDA the
+    forward pass and losses run under bf16 autocast (the kNN search itself stays exact float32)."""
     model.train()
     ce = partial(F.cross_entropy, label_smoothing=cfg["label_smoothing"])
     labels = torch.as_tensor(ds.train.labels)
     totals, batches = {"cnn": 0.0, "attn_knn": 0.0, "distance_knn": 0.0}, 0
     for idx in minibatches(len(ds.train), cfg["batch_size"], gen):
-        x = augment(ds.to_float(ds.train.images[idx.numpy()], device), gen, flip=flip)
-        y, y2, lam, exclude = labels[idx].to(device), None, 1.0, idx
+        x = augment(ds.to_float(to_device(torch.from_numpy(ds.train.images[idx.numpy()]), device), device), gen, flip=flip)
+        y, y2, lam, exclude = to_device(labels[idx], device), None, 1.0, idx
         if cfg["mixup_alpha"] > 0:
             lam = float(np_rng.beta(cfg["mixup_alpha"], cfg["mixup_alpha"]))
             perm = torch.randperm(len(idx), generator=gen)
             x = lam * x + (1 - lam) * x[perm.to(device)]
             y2, exclude = y[perm.to(device)], torch.stack([idx, idx[perm]], dim=1)
-        cnn_logits, z = model(x)
-        _, nbr = memory.index.search(z.detach(), cfg["k_train"], exclude=exclude)
-        neighbours, neighbour_labels = memory.bank[nbr], memory.labels[nbr]
-        attn_logits = model.attention(z, neighbours, neighbour_labels)
-        sims = (z.unsqueeze(1) * neighbours).sum(-1)  # the retrieved similarities, differentiable in z
-        vote = softmax_vote(sims, neighbour_labels, ds.num_classes, cfg["temperature"])
-        losses = {"cnn": _mixed(ce, cnn_logits, y, y2, lam), "attn_knn": _mixed(ce, attn_logits, y, y2, lam),
-                  "distance_knn": _mixed(_nll_of_probs, vote, y, y2, lam)}
+        with autocast(device):
+            cnn_logits, z = model(x)
+            _, nbr = memory.index.search(z.detach(), cfg["k_train"], exclude=exclude)
+            neighbours, neighbour_labels = memory.bank[nbr], memory.labels[nbr]
+            attn_logits = model.attention(z, neighbours, neighbour_labels)
+            sims = (z.float().unsqueeze(1) * neighbours).sum(-1)  # the retrieved similarities, differentiable in z
+            vote = softmax_vote(sims, neighbour_labels, ds.num_classes, cfg["temperature"])
+            losses = {"cnn": _mixed(ce, cnn_logits, y, y2, lam), "attn_knn": _mixed(ce, attn_logits, y, y2, lam),
+                      "distance_knn": _mixed(_nll_of_probs, vote, y, y2, lam)}
         loss = losses["cnn"] + losses["attn_knn"] + cfg["knn_loss_weight"] * losses["distance_knn"]
         if is_diverged(loss):
             return None

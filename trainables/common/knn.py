@@ -113,13 +113,14 @@ class KnnIndex:
         return sims.cpu().numpy(), idx.cpu().numpy()
 
     def _torch_search(self, q: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-        parts = [torch.topk(chunk @ self._bank.T, k, dim=1) for chunk in q.split(_TORCH_QUERY_CHUNK)]
+        with torch.autocast(self._bank.device.type, enabled=False):  # exact float32 even inside a caller's bf16 autocast
+            parts = [torch.topk(chunk @ self._bank.T, k, dim=1) for chunk in q.split(_TORCH_QUERY_CHUNK)]
         return torch.cat([p.values for p in parts]), torch.cat([p.indices for p in parts])
 
 
 def _as_numpy(x) -> np.ndarray:
     if isinstance(x, torch.Tensor):
-        x = x.detach().cpu().numpy()
+        x = x.detach().to("cpu", torch.float32).numpy()  # float32 first: numpy has no bfloat16
     return np.ascontiguousarray(x, dtype=np.float32)
 
 

@@ -1,0 +1,123 @@
+"""Eval axes against the naive grid: the attn_knn ``k`` study (k x TTA views x seeds) run once
+with k and TTA as eval axes (one trained model per seed, every cell evaluated on it), and once
+the naive way, one Tune trial per (k, views, seed) cell, each training its own model.
+
+Both go through the same ``orchestrate sweep`` (real Ray + MLflow, fresh process each) with the
+same data, epochs, seeds and parallelism; the naive study is a copy of attn_knn.yaml with
+``k_eval`` x ``tta_eval`` as grid axes and no eval axes (``ORCHESTRATE_SPACES_DIR``), so each
+naive trial reports exactly its own cell under the same metric name. Prints the wall time of
+each, the ratio, and the largest difference between the two runs' metrics for the same cell and
+seed (val and test, every method and metric), read back from MLflow.
+
+Trials run one at a time by default (``--max-concurrent 1``): wall time is then the compute
+each way needs. With two slots, the three eval-axes trials would leave one slot idle for half
+their run, which measures packing, not the method.
+
+    python bench/eval_axes.py --quick     # 3 k x 2 views x 1 seed, 1 epoch (~2 min)
+    python bench/eval_axes.py             # the shipped k study: 6 k x 2 views x 3 seeds
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+from collections import defaultdict
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench._common import machine_line, sweep, table, trial_runs, verdict, write_spaces  # noqa: E402
+from trainables.common.metrics import parse_metric_key  # noqa: E402
+
+FAMILY = "attn_knn"
+TARGET = 10.0
+
+
+def bench_studies(ks: list[int], views: list[int], seeds: int, settings: dict) -> dict:
+    """The two studies: ``axes`` (eval axes k x tta_views) and ``naive`` (the same cells as a grid)."""
+    return {
+        "axes": {"description": "k and TTA views as eval axes: one trained model per seed",
+                 "set": settings, "seeds": seeds, "eval": {"k": ks, "tta_views": views}},
+        "naive": {"description": "one trial per (k, TTA views) cell, each retraining",
+                  "set": settings, "seeds": seeds, "grid": {"k_eval": ks, "tta_eval": views}},
+    }
+
+
+def cell_values(runs: list[dict], naive: bool) -> dict[tuple, list[float]]:
+    """``{(seed, split, method, k, views, metric): [values]}`` of every eval-axis metric (k is
+    None for the cnn head). A naive trial contributes only its own cell (its k_eval and
+    tta_eval); the cnn head's cells come once per naive k, hence lists."""
+    out = defaultdict(list)
+    for run in runs:
+        params = run["params"]
+        for name, value in run["metrics"].items():
+            key = parse_metric_key(name)
+            if key is None or key["split"] == "train" or "tta_views" not in key["axes"]:
+                continue
+            k, views = key["axes"].get("k"), key["axes"]["tta_views"]
+            if naive and (views != params["tta_eval"] or k not in (None, params["k_eval"])):
+                continue
+            out[(int(params["seed"]), key["split"], key["method"], k, views, key["metric"])].append(value)
+    return dict(out)
+
+
+def compare(axes: dict[tuple, list[float]], naive: dict[tuple, list[float]]) -> dict:
+    """Largest |naive - axes| over every naive value, how many differ at all, and cells the
+    eval-axes run lacks (there should be none)."""
+    diffs = [(abs(value - axes[key][0]), key) for key, values in naive.items() if key in axes for value in values]
+    worst = max(diffs, default=(0.0, None))
+    return {"compared": len(diffs), "nonzero": sum(d > 0 for d, _ in diffs), "max": worst[0], "where": worst[1],
+            "missing": sorted(set(naive) - set(axes), key=str)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="k 1/5/16 x views 1/5 x 1 seed, 1 epoch on 300 images")
+    parser.add_argument("--epochs", type=int, help="training epochs of every trial (default 3; quick 1)")
+    parser.add_argument("--max-train", type=int, help="training images (default 500; quick 300)")
+    parser.add_argument("--seeds", type=int, help="seeds (default 3, as the shipped study; quick 1)")
+    parser.add_argument("--max-concurrent", type=int, default=1, help="trials at once in both sweeps (0: Ray decides)")
+    parser.add_argument("--keep", type=Path, help="keep the sweeps' stores under this directory")
+    args = parser.parse_args()
+
+    from orchestrator.spaces import load_study
+
+    shipped = load_study(FAMILY, "k").eval_axes  # k: the study's 6 values; tta_views: the file's [1, 5]
+    ks = [1, 5, 16] if args.quick else shipped["k"]
+    views = shipped["tta_views"]
+    seeds = args.seeds or (1 if args.quick else 3)
+    settings = {"epochs": args.epochs or (1 if args.quick else 3), "max_train": args.max_train or (300 if args.quick else 500),
+                "max_test": 200 if args.quick else 0, "device": "cpu"}
+    cells = len(ks) * len(views) * seeds
+
+    print(f"{FAMILY} on digits {settings}; k {ks} x tta_views {views} x {seeds} seeds = {cells} cells; "
+          f"max_concurrent {args.max_concurrent or 'Ray decides'}")
+    print(machine_line())
+    work = args.keep or Path(tempfile.mkdtemp(prefix="bench_eval_axes_"))
+    spaces = write_spaces(work, FAMILY, bench_studies(ks, views, seeds, settings), drop_eval=True)
+    walls, runs = {}, {}
+    for study in ("axes", "naive"):
+        walls[study], uri = sweep(FAMILY, study, spaces, work / study, args.max_concurrent)
+        runs[study] = trial_runs(uri, FAMILY)
+        print(f"  {study}: {len(runs[study])} trials in {walls[study]:.1f} s", flush=True)
+    diff = compare(cell_values(runs["axes"], naive=False), cell_values(runs["naive"], naive=True))
+    if diff["missing"]:
+        raise SystemExit(f"eval-axes run lacks {len(diff['missing'])} naive cells, e.g. {diff['missing'][0]}")
+
+    print()
+    in_trials = {study: sum(run["seconds"] for run in runs[study]) for study in runs}
+    print(table(["run", "trials", "cells", "wall s", "in trials s", "outside s", "wall s / cell"], [
+        [name, len(runs[study]), cells, walls[study], in_trials[study], walls[study] - in_trials[study], walls[study] / cells]
+        for name, study in (("eval axes", "axes"), ("naive grid (retrain per cell)", "naive"))]))
+    print("  in trials: sum of trial runs' MLflow start-to-end; outside: the sweep's own start-up, scheduling and sync")
+    where = "" if diff["where"] is None else f" at seed/split/method/k/views/metric {diff['where']}"
+    print(f"metric values compared: {diff['compared']}; differing: {diff['nonzero']}; largest |difference| {diff['max']:.3g}{where}")
+    ratio = walls["naive"] / walls["axes"]
+    print(f"ratio of time in trials (start-up excluded): {in_trials['naive'] / in_trials['axes']:.1f}x; "
+          f"the limit, when training dominates, is {len(runs['naive']) / len(runs['axes']):.0f}x (trials per eval-axes trial)")
+    print(f"ratio naive / eval-axes wall time: {ratio:.1f}x (target >= {TARGET:g}x: {verdict(ratio >= TARGET)})")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,155 @@
+"""Exact kNN classification three ways on the same random unit vectors: the project's path
+(``trainables.common.knn``: ``KnnIndex`` build + search + ``uniform_vote``, on torch tensors as
+the families call it), raw FAISS (``IndexFlatIP`` add + search, the same vote in numpy), and
+scikit-learn (``KNeighborsClassifier(algorithm="brute")`` fit + predict_proba).
+
+Prints ms per query and GFLOP/s of each (2 * N * Q * D flops: the exact search's
+inner products) against a matrix-multiply roofline measured in the same run (the best of torch
+and numpy float32 GEMM of the same shape, query block by bank), then the project / FAISS time
+ratio (runs interleaved, one warm-up round). All three must agree: the same neighbours for the project and FAISS, the same class
+probabilities for all three.
+
+    python bench/knn.py --quick      # 10,000 x 256 bank, 2,000 queries
+    python bench/knn.py              # 50,000 x 256 bank, 10,000 queries, k = 16
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench._common import machine_line, min_median, table, verdict  # noqa: E402
+from trainables.common.knn import KnnIndex, uniform_vote  # noqa: E402
+
+TARGET = 1.2
+CLASSES = 10
+GEMM_BLOCK = 2048  # queries per roofline GEMM (a 2048 x N float32 product fits in memory)
+
+
+def unit_vectors(rng: np.random.Generator, n: int, dim: int) -> np.ndarray:
+    x = rng.standard_normal((n, dim), dtype=np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def timed(fn) -> tuple[float, object]:
+    began = time.perf_counter()
+    out = fn()
+    return time.perf_counter() - began, out
+
+
+def project_path(bank: np.ndarray, labels: np.ndarray, queries: np.ndarray, k: int) -> tuple[dict, tuple]:
+    """The families' path: tensors in, ``KnnIndex`` (backend auto) + ``uniform_vote``."""
+    bank_t, labels_t, queries_t = torch.from_numpy(bank), torch.from_numpy(labels), torch.from_numpy(queries)
+
+    def build():
+        index = KnnIndex(bank.shape[1])
+        index.add(bank_t)
+        return index
+
+    t_build, index = timed(build)
+    t_search, (sims, idx) = timed(lambda: index.search(queries_t, k))
+    t_vote, probs = timed(lambda: uniform_vote(sims, labels_t[idx], CLASSES))
+    return {"build": t_build, "search": t_search, "vote": t_vote}, (idx.numpy(), probs.numpy(), index.backend)
+
+
+def faiss_path(bank: np.ndarray, labels: np.ndarray, queries: np.ndarray, k: int) -> tuple[dict, tuple]:
+    import faiss
+
+    def build():
+        index = faiss.IndexFlatIP(bank.shape[1])
+        index.add(bank)
+        return index
+
+    def vote(idx):
+        rows = np.repeat(np.arange(len(idx)), idx.shape[1])
+        counts = np.bincount(rows * CLASSES + labels[idx].ravel(), minlength=len(idx) * CLASSES)
+        return counts.reshape(len(idx), CLASSES).astype(np.float32) / idx.shape[1]
+
+    t_build, index = timed(build)
+    t_search, (_, idx) = timed(lambda: index.search(queries, k))
+    t_vote, probs = timed(lambda: vote(idx))
+    return {"build": t_build, "search": t_search, "vote": t_vote}, (idx, probs)
+
+
+def sklearn_path(bank: np.ndarray, labels: np.ndarray, queries: np.ndarray, k: int) -> tuple[dict, tuple]:
+    """scikit-learn has no separate search-then-vote step: ``predict_proba`` does both."""
+    from sklearn.neighbors import KNeighborsClassifier
+
+    t_build, clf = timed(lambda: KNeighborsClassifier(n_neighbors=k, algorithm="brute").fit(bank, labels))
+    t_search, probs = timed(lambda: clf.predict_proba(queries))
+    return {"build": t_build, "search": t_search, "vote": 0.0}, (None, probs)
+
+
+def roofline_gflops(bank: np.ndarray, queries: np.ndarray) -> dict[str, float]:
+    """Best float32 GEMM rate of torch and of numpy on (query block x D) @ (D x N)."""
+    block, flops = queries[:GEMM_BLOCK], 2.0 * min(GEMM_BLOCK, len(queries)) * bank.shape[0] * bank.shape[1]
+    bank_t, block_t = torch.from_numpy(bank), torch.from_numpy(block)
+    rates = {}
+    for name, fn in (("torch", lambda: block_t @ bank_t.T), ("numpy", lambda: block @ bank.T)):
+        fn()  # warm-up
+        rates[name] = flops / min(timed(fn)[0] for _ in range(3)) / 1e9
+    return rates
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="10,000 x 256 bank, 2,000 queries")
+    parser.add_argument("--n", type=int, help="bank vectors (default 50,000; quick 10,000)")
+    parser.add_argument("--queries", type=int, help="queries (default 10,000; quick 2,000)")
+    parser.add_argument("--dim", type=int, default=256)
+    parser.add_argument("--k", type=int, default=16)
+    parser.add_argument("--repeats", type=int, default=5, help="timed runs of each path, after one warm-up (min / median shown)")
+    args = parser.parse_args()
+    n, q, dim, k = args.n or (10_000 if args.quick else 50_000), args.queries or (2_000 if args.quick else 10_000), args.dim, args.k
+
+    rng = np.random.default_rng(0)
+    bank, queries = unit_vectors(rng, n, dim), unit_vectors(rng, q, dim)
+    labels = rng.integers(0, CLASSES, n)
+    flops = 2.0 * n * q * dim
+    print(f"exact kNN: bank {n} x {dim}, {q} queries, k = {k}, {CLASSES} classes; torch threads {torch.get_num_threads()}")
+    print(machine_line())
+
+    roof = roofline_gflops(bank, queries)
+    best_roof = max(roof.values())
+    paths = {"project (KnnIndex + uniform_vote)": project_path, "raw FAISS (IndexFlatIP + numpy vote)": faiss_path,
+             "scikit-learn (brute KNeighborsClassifier)": sklearn_path}
+    times, outputs = {name: [] for name in paths}, {}
+    for rep in range(args.repeats + 1):  # round-robin, so drifting load hits every path alike; round 0 warms up
+        for name, fn in paths.items():
+            parts, outputs[name] = fn(bank, labels, queries, k)
+            if rep:
+                times[name].append(parts)
+    (p_idx, p_probs, backend), (f_idx, f_probs), (_, s_probs) = outputs.values()
+    same_neighbours = np.array_equal(p_idx, f_idx)
+    same_probs = np.allclose(p_probs, f_probs) and np.allclose(s_probs, f_probs)
+
+    rows = []
+    for name, runs in times.items():
+        totals = [sum(r.values()) for r in runs]
+        best = min(range(len(runs)), key=lambda i: totals[i])
+        rows.append([name, *(f"{1000 * runs[best][part]:.1f}" for part in ("build", "search", "vote")),
+                     min_median([1000 * t for t in totals]), f"{1000 * min(totals) / q:.4f}",
+                     f"{flops / min(totals) / 1e9:.1f}", f"{100 * flops / min(totals) / 1e9 / best_roof:.0f}%"])
+    print()
+    print(f"roofline: float32 GEMM {min(GEMM_BLOCK, q)} x {dim} @ {dim} x {n}: "
+          + ", ".join(f"{name} {rate:.1f} GFLOP/s" for name, rate in roof.items()))
+    print(f"project backend: {backend}; same neighbours as FAISS: {same_neighbours}; same class probabilities (all three): {same_probs}")
+    print(table(["path", "build ms", "search ms", "vote ms", "total ms (min / median)", "ms / query", "GFLOP/s",
+                 "of roofline"], rows))
+    print("  build / search / vote: the fastest run; GFLOP/s and ms / query from the fastest total")
+    project, raw = ([sum(r.values()) for r in times[name]] for name in list(paths)[:2])
+    ratio = min(project) / min(raw)  # the min: load on a shared machine only ever adds time
+    print(f"ratio project / raw FAISS total time: {ratio:.2f}x fastest runs, {statistics.median(project) / statistics.median(raw):.2f}x "
+          f"medians (target <= {TARGET}x: {verdict(ratio <= TARGET)})")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,105 @@
+"""The benchmarks' own logic: the studies they compile, the cells they compare, the pool
+baseline, the kNN bench end to end (small), and the GPU check's CPU dry run."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # bench/ is scripts, not an installed package
+
+from bench import eval_axes, gpu_check, overhead  # noqa: E402
+from bench._common import sweep, trial_runs, write_spaces  # noqa: E402
+from orchestrator.spaces import load_study  # noqa: E402
+from trainables.common.metrics import metric_key  # noqa: E402
+
+
+def run_script(*args, timeout=300):
+    done = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    return done.stdout.strip().splitlines()
+
+
+def test_eval_axes_studies_compile(tmp_path, monkeypatch):
+    """The naive study is one trial per cell with no eval axes; the axes study one trial per seed."""
+    spaces = write_spaces(tmp_path, "attn_knn", eval_axes.bench_studies([1, 5, 16], [1, 5], 3, {"epochs": 2}), drop_eval=True)
+    monkeypatch.setenv("ORCHESTRATE_SPACES_DIR", str(spaces))
+    axes, naive = load_study("attn_knn", "axes"), load_study("attn_knn", "naive")
+    assert axes.num_trials == 3 and axes.eval_axes == {"k": [1, 5, 16], "tta_views": [1, 5]}
+    assert naive.num_trials == 18 and naive.eval_axes == {}
+    cells = {(c["k_eval"], c["tta_eval"], c["seed"]) for c in naive.trial_configs()}
+    assert len(cells) == 18 and all(c["epochs"] == 2 for c in naive.trial_configs())
+
+
+def test_cells_compare_only_a_naive_trials_own_cell():
+    def run(seed, metrics, **params):
+        return {"params": {"seed": str(seed), **{k: str(v) for k, v in params.items()}}, "metrics": metrics, "seconds": 1.0}
+
+    axes_metrics = {metric_key("test", "attn_knn", "acc", k=5, tta_views=2): 0.9,
+                    metric_key("test", "attn_knn", "acc", k=5, tta_views=1): 0.8,
+                    metric_key("test", "cnn", "acc", tta_views=2): 0.7, "test/attn_knn/acc": 0.8, "perf/epoch_ms": 3.0}
+    naive_metrics = {metric_key("test", "attn_knn", "acc", k=5, tta_views=2): 0.9,
+                     metric_key("test", "attn_knn", "acc", k=5, tta_views=1): 0.5,  # not this trial's cell: ignored
+                     metric_key("test", "cnn", "acc", tta_views=2): 0.75}
+    axes = eval_axes.cell_values([run(0, axes_metrics, k_eval=16, tta_eval=5)], naive=False)
+    naive = eval_axes.cell_values([run(0, naive_metrics, k_eval=5, tta_eval=2)], naive=True)
+    assert set(naive) == {(0, "test", "attn_knn", "5", "2", "acc"), (0, "test", "cnn", None, "2", "acc")}
+    diff = eval_axes.compare(axes, naive)
+    assert diff["compared"] == 2 and diff["nonzero"] == 1 and diff["missing"] == []
+    assert diff["max"] == pytest.approx(0.05) and diff["where"][2] == "cnn"
+    assert eval_axes.compare({}, naive)["missing"]  # a cell the eval-axes run lacks is reported
+
+
+def test_pool_baseline_runs_the_sweeps_configs(tmp_path, monkeypatch):
+    configs = overhead.trial_configs(2, 1, 0.2)
+    studies = {"bench": {"description": "d", "seeds": 2, "set": {"epochs": 1, "seconds_per_epoch": 0.2}}}
+    monkeypatch.setenv("ORCHESTRATE_SPACES_DIR", str(write_spaces(tmp_path, "busy_loop", studies, drop_eval=True)))
+    assert [{**c, "eval": {}} for c in load_study("busy_loop", "bench").trial_configs()] == configs
+    wall = overhead.pool_wall(configs, 2)  # checks every kernel's reported metrics itself
+    assert 0.2 <= wall < 30
+
+
+def test_knn_bench_quick_agrees_and_prints_the_ratio():
+    lines = run_script("bench/knn.py", "--quick", "--n", "3000", "--queries", "300", "--repeats", "1")
+    assert any("same neighbours as FAISS: True; same class probabilities (all three): True" in line for line in lines)
+    assert lines[-1].startswith("ratio project / raw FAISS total time:")
+
+
+def test_gpu_check_reads_defaults_without_yaml():
+    text = (ROOT / "search_spaces" / "attn_knn.yaml").read_text()
+    assert gpu_check.parse_defaults(text) == yaml.safe_load(text)["defaults"]
+
+
+@pytest.mark.slow
+def test_gpu_check_cpu_dry_run():
+    lines = run_script("bench/gpu_check.py", "--cpu-dry-run", "--quick", "--pack", "0")
+    assert "none imported" in lines[1]
+    assert lines[-1].startswith("ratio cpu / cpu train() wall time:")
+
+
+@pytest.mark.slow
+def test_sweep_helper_times_a_real_sweep(tmp_path):
+    studies = {"bench": {"description": "d", "seeds": 1, "set": {"epochs": 1, "seconds_per_epoch": 0.1}}}
+    spaces = write_spaces(tmp_path, "busy_loop", studies, drop_eval=True)
+    wall, uri = sweep("busy_loop", "bench", spaces, tmp_path / "work", 1)
+    runs = trial_runs(uri, "busy_loop")
+    assert len(runs) == 1 and runs[0]["metrics"]["test/busy/acc"] > 0 and 0.1 < runs[0]["seconds"] < wall
+
+
+@pytest.mark.slow
+def test_attn_knn_bf16_path_runs(monkeypatch):
+    """The CUDA path's bf16 autocast, with CPU autocast standing in: dtypes meet (bf16 forward,
+    float32 bank and search), the losses stay finite, and the model still learns digits."""
+    import torch
+
+    from trainables import attn_knn
+
+    monkeypatch.setattr(attn_knn, "autocast", lambda device: torch.autocast("cpu", dtype=torch.bfloat16))
+    config = {**gpu_check.load_defaults(), "seed": 0, "device": "cpu", "epochs": 2, "max_train": 300, "max_test": 150,
+              "mixup_alpha": 0.2, "eval": {"k": [5], "tta_views": [1, 2]}}
+    reports = []
+    attn_knn.train(config, lambda metrics, checkpoint=None: reports.append(metrics))
+    assert "diverged" not in reports[-1] and reports[-1]["test/distance_knn/acc"] > 0.5
