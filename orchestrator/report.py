@@ -241,8 +241,8 @@ def select_studies(frame: pd.DataFrame, doc: dict, sweep_id: str | None = None) 
         axes = [p for p in declared if p in varying] + sorted(p for p in varying if p not in declared and p not in derived)
         study = StudyRuns(name, done, axes, derived, chosen, [s for s in started.index if s not in chosen],
                           counts, [], spec)
-        study.failed = [f"{study.label(tuple(r[f'param.{p}'] for p in study.cell_params))} seed {r['seed']}: {r['status']}"
-                        for _, r in per_run[per_run["status"] != "finished"].iterrows()]
+        study.failed = [f"{study.label(tuple(r[f'param.{p}'] for p in study.cell_params)) + ' ' if study.cell_params else ''}"
+                        f"seed {r['seed']}: {r['status']}" for _, r in per_run[per_run["status"] != "finished"].iterrows()]
         study.changed = _changed(done, doc.get("defaults") or {}, study.cell_params)
         out.append(study)
     return out
@@ -332,11 +332,14 @@ class Report:
         out = []
         for section in self.sections:
             out += ["#" * section.level + " " + section.title, ""]
-            out += [*section.text, ""] if section.text else []
+            for i, line in enumerate(section.text):
+                tight = i and line.startswith("- ") and section.text[i - 1].startswith("- ")
+                out += [line] if tight or not out[-1] else ["", line] if i else [line]
+            out += [""] if section.text else []
             for table in section.tables:
                 if table.title:
                     out += [f"**{table.title}**", ""]
-                out += [to_markdown(table.frame), ""]
+                out += [to_markdown(table.frame) if not table.frame.empty else "_no finished trials with these metrics_", ""]
                 out += [f"- {note}" for note in table.notes] + ([""] if table.notes else [])
             for title, path in section.plots:
                 out += [f"![{title}]({self._link(path)})", ""]
@@ -724,11 +727,11 @@ def family_sections(tracking_uri: str, family: str, doc: dict, study: str | None
     scope = ", ".join(x for x in (study and f"study {study}", sweep_id and f"sweep {sweep_id}") if x)
     head = Section(f"{family}{f' ({scope})' if scope else ''}", 1, [doc.get("description", "")])
     if frame.empty:
-        head.text += ["", f"No trial runs of {family}{f' ({scope})' if scope else ''} in {tracking_uri}."]
+        head.text += [f"No trial runs of {family}{f' ({scope})' if scope else ''} in {tracking_uri}."]
         return [head], [], None
     studies = select_studies(frame, doc, sweep_id)
     stats = [StudyStats(s) for s in studies]
-    head.text += ["", f"Source: MLflow `{tracking_uri}`, experiment `{family}`; generated {_now()}.",
+    head.text += [f"Source: MLflow `{tracking_uri}`, experiment `{family}`; generated {_now()}.",
                   f"Statistics: mean ± 95% Student-t interval over seeds with n; n = 1 is shown as such (no interval). "
                   f"Only trials with status `finished` count."]
     for s in studies:

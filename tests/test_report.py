@@ -73,6 +73,7 @@ DOC = {
         "single": {"description": "one seed", "seeds": 1},
         "wm": {"description": "models from different trials", "grid": {"scenario": ["a", "b"], "attention": [True, False]},
                "seeds": 2},
+        "broken": {"description": "every trial diverged", "seeds": 1},
         "tune": {"description": "random search", "space": {"lr": {"loguniform": [0.001, 1.0]}}, "samples": 3},
     },
 }
@@ -132,6 +133,7 @@ def fill_store(root) -> dict:
     _sweep(uri, "single", "fam-single-1", [(_cfg(0), {"test/base/acc": 0.7, "test/good/acc": 0.8, "val/good/acc": 0.99})])
     _sweep(uri, "wm", "fam-wm-1", [(_cfg(s, scenario=sc, attention=m == "attention"), {f"test/{m}/acc": WM[sc, m][s]})
                                    for sc in "ab" for m in ("attention", "base") for s in range(2)])
+    _sweep(uri, "broken", "fam-broken-1", [(_cfg(0), None)])
     _sweep(uri, "tune", "fam-tune-1", [(_cfg(0, lr=lr), {"val/good/acc": acc, "test/good/acc": acc - 0.01})
                                        for lr, acc in TUNE_LR.items()])
     busy = [({"dataset": "digits", "epochs": 3, "seconds_per_epoch": 0.2, "lr": lr, "batch_size": 128, "lr_rule": "none",
@@ -356,6 +358,13 @@ def test_search_study_ranks_trials_by_objective(report):
     ranked = table_after(md[md.index("## Study `tune`"):], "best 3 of 3 trials by val/good/acc (max)")
     assert ranked["lr"].tolist() == ["0.1", "0.01", "0.5"]
     assert ranked["val/good/acc"].tolist() == ["0.9500", "0.9100", "0.8000"]
+
+
+def test_a_study_without_finished_trials_says_so(report):
+    _, md, _ = report
+    broken = md[md.index("## Study `broken`"):md.index("## Study `tune`")]
+    assert "Not counted: seed 0: diverged" in broken and "_no finished trials with these metrics_" in broken
+    assert "study `broken`: sweep fam-broken-1: 1 diverged" in md
 
 
 def test_single_run_and_best_configuration(report):
