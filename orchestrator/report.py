@@ -18,7 +18,6 @@ import datetime
 import json
 import math
 import os
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -718,6 +717,38 @@ def best_configuration(study_stats: list[StudyStats], cfg: ReportConfig) -> dict
 # ---------------------------------------------------------------- assembling a report
 
 
+def claims_section(claims: list, studies: list[StudyRuns]) -> Section:
+    results = check_claims(claims, {s.name: (s.frame, s.cell_params) for s in studies})
+    table = pd.DataFrame([{"Claim": r.claim.text, "Study": r.claim.study, "Status": r.status, "Evidence": r.evidence}
+                          for r in results])
+    note = (f"Status from a paired t-test over seeds, Holm-adjusted across the claims of this report ({len(claims)}) "
+            f"(alpha {ALPHA}); VALIDATED: significant in the claimed direction; INVALIDATED: significant against it, "
+            "or the 95% CI of the difference inside the claim's margin; INCONCLUSIVE: otherwise (or n < 2).")
+    return Section("Claims", 2, tables=[Table("", table, [note], [r.record() for r in results])])
+
+
+def fill_study_section(sec: Section, family: str, study: StudyRuns, stats: StudyStats, cfg: ReportConfig,
+                       is_headline: bool, plots_dir: Path | None) -> None:
+    """A study's tables (the headline study's own table is already in ``sec``) and plots."""
+    if study.changed:
+        sec.text.append("Every trial differs from the YAML defaults in: "
+                        + ", ".join(f"{k}={v}" for k, v in study.changed.items()))
+    if study.failed:
+        sec.text.append("Not counted: " + "; ".join(study.failed))
+    if study.is_search:
+        sec.tables += [t for t in [ranking_table(study, cfg)] if t]
+    else:
+        if not is_headline:
+            sec.tables += grid_tables(study, stats, cfg) if study.cell_params else [headline_table(study, stats, cfg)]
+        sec.tables += eval_tables(study, stats, cfg)
+        extra = (drop_table(study, cfg), ab_table(study, stats, cfg), baseline_table(study, cfg), perf_table(study, stats))
+        sec.tables += [t for t in extra if t]
+    if plots_dir is not None:
+        from orchestrator.plots import study_plots  # matplotlib only when plots are asked for
+
+        sec.plots += study_plots(family, study, stats, cfg, Path(plots_dir))
+
+
 def family_sections(tracking_uri: str, family: str, doc: dict, study: str | None = None, sweep_id: str | None = None,
                     plots_dir: Path | None = None) -> tuple[list[Section], list[dict], dict | None]:
     """The markdown sections of one family, its per-cell statistics, and its best configuration."""
@@ -749,14 +780,7 @@ def family_sections(tracking_uri: str, family: str, doc: dict, study: str | None
 
     in_scope = claims if not (study or sweep_id) else [c for c in claims if c.study in {s.name for s in studies}]
     if in_scope:
-        results = check_claims(in_scope, {s.name: (s.frame, s.cell_params) for s in studies})
-        table = pd.DataFrame([{"Claim": r.claim.text, "Study": r.claim.study, "Status": r.status, "Evidence": r.evidence}
-                              for r in results])
-        sections.append(Section("Claims", 2, tables=[Table("", table, [
-            f"Status from a paired t-test over seeds, Holm-adjusted across the claims of this report ({len(in_scope)}) "
-            f"(alpha {ALPHA}); VALIDATED: significant in the claimed direction; INVALIDATED: significant against it, "
-            "or the 95% CI of the difference inside the claim's margin; INCONCLUSIVE: otherwise (or n < 2)."],
-            [r.record() for r in results])]))
+        sections.append(claims_section(in_scope, studies))
 
     best = best_configuration(stats, cfg)
     if best:
@@ -765,26 +789,9 @@ def family_sections(tracking_uri: str, family: str, doc: dict, study: str | None
                                                           "studies above."], [Table("", pd.DataFrame([best]))]))
 
     for s, st in zip(studies, stats):
-        is_headline = s is headline
-        sec = top if is_headline else Section(f"Study `{s.name}`", 2, [s.spec.get("description", "")])
-        if s.changed:
-            sec.text.append("Every trial differs from the YAML defaults in: "
-                            + ", ".join(f"{k}={v}" for k, v in s.changed.items()))
-        if s.failed:
-            sec.text.append("Not counted: " + "; ".join(s.failed))
-        if s.is_search:
-            sec.tables += [t for t in [ranking_table(s, cfg)] if t]
-        else:
-            if not is_headline:
-                sec.tables += grid_tables(s, st, cfg) if s.cell_params else [headline_table(s, st, cfg)]
-            sec.tables += eval_tables(s, st, cfg)
-            extra = (drop_table(s, cfg), ab_table(s, st, cfg), baseline_table(s, cfg), perf_table(s, st))
-            sec.tables += [t for t in extra if t]
-        if plots_dir is not None:
-            from orchestrator.plots import study_plots  # matplotlib only when plots are asked for
-
-            sec.plots += study_plots(family, s, st, cfg, Path(plots_dir))
-        if not is_headline:
+        sec = top if s is headline else Section(f"Study `{s.name}`", 2, [s.spec.get("description", "")])
+        fill_study_section(sec, family, s, st, cfg, s is headline, plots_dir)
+        if s is not headline:
             sections.append(sec)
     records = [r for st in stats for r in st.records(family)]
     return sections, records, ({"Family": family, **best} if best else None)
