@@ -105,8 +105,8 @@ def _under(path: str, roots) -> bool:
     return any(path == r.rstrip("/") or path.startswith(r.rstrip("/") + "/") for r in roots)
 
 
-def project_problems(config: dict) -> list[str]:
-    """The project's rules on top of Ray's schema (each message starts with the offending key)."""
+def _node_type_problems(config: dict) -> list[str]:
+    """A cloud cluster: a head type, a GPU worker type that can scale above zero, sane counts."""
     problems = []
     types = config.get("available_node_types") or {}
     head = config.get("head_node_type")
@@ -124,7 +124,23 @@ def project_problems(config: dict) -> list[str]:
     total_min = sum(s.get("min_workers", 0) for n, s in types.items() if n != head and isinstance(s.get("min_workers", 0), int))
     if isinstance(config.get("max_workers"), int) and total_min > config["max_workers"]:
         problems.append(f"max_workers: {config['max_workers']} is less than the node types' min_workers ({total_min})")
+    return problems
 
+
+def _local_node_problems(config: dict) -> list[str]:
+    """On premises (provider ``local``): Ray makes one node type itself and detects each
+    machine's GPUs, so the file names machines instead of node types."""
+    problems = [f"{key}: Ray builds node types itself for provider local; remove it"
+                for key in ("available_node_types", "head_node_type") if key in config]
+    if not (config.get("provider") or {}).get("worker_ips"):
+        problems.append("provider.worker_ips: no worker machines (the GPU machines the trials run on)")
+    return problems
+
+
+def project_problems(config: dict) -> list[str]:
+    """The project's rules on top of Ray's schema (each message starts with the offending key)."""
+    on_premises = (config.get("provider") or {}).get("type") == "local"
+    problems = _local_node_problems(config) if on_premises else _node_type_problems(config)
     setup = _commands(config, "setup_commands")
     targets = [t for t in (_installs_project(c) for c in setup) if t is not None]
     if not targets:

@@ -31,10 +31,10 @@ from ray.tune.search import BasicVariantGenerator
 from orchestrator.cluster import STORAGE_ENV, check_shared_storage
 from orchestrator.errors import UsageError
 from orchestrator.spaces import Study, derive_params
-from orchestrator.trainable import make_trainable
 from orchestrator.sync import storage_fs, storage_location, sync_sweep, write_sweep_meta
 from orchestrator.tracking import (SweepTracker, check_tracking_uri, configure_client, default_artifact_root,
                                    default_tracking_uri, git_commit, node_tags, result_step, trial_tags, warn)
+from orchestrator.trainable import make_trainable
 from trainables.common.data import DataError, validate_spec
 
 MLFLOW_RETRY_ENV = "ORCHESTRATE_MLFLOW_RETRY_S"
@@ -78,6 +78,7 @@ class MlflowCallback(tune.Callback):
         self.tracker, self.study, self.retry_s = tracker, study, retry_s
         self._quiet_until = 0.0
         self._down = False
+        self._rejected = False
 
     def _safe(self, fn, *args):
         if time.monotonic() < self._quiet_until:
@@ -87,11 +88,16 @@ class MlflowCallback(tune.Callback):
         except Exception as exc:  # noqa: BLE001 - the tracking store is best effort during a sweep
             from mlflow.exceptions import RestException
 
-            if not isinstance(exc, RestException):  # no answer at all: back off
-                self._quiet_until = time.monotonic() + self.retry_s
+            what = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+            if isinstance(exc, RestException):  # the server answered: a refused request, not an outage
+                if not self._rejected:
+                    warn(f"MLflow refused a request ({what}); `orchestrate sync` logs what is missing")
+                    self._rejected = True
+                return None
+            self._quiet_until = time.monotonic() + self.retry_s
             if not self._down:
-                warn(f"MLflow unavailable ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); "
-                     "trials go on, what is missed is logged at the end or by `orchestrate sync`")
+                warn(f"MLflow unavailable ({what}); trials go on, what is missed is logged at the end "
+                     "or by `orchestrate sync`")
                 self._down = True
             return None
         if self._down:

@@ -35,7 +35,9 @@ class SyncCounts:
 
 
 def storage_location(storage: str) -> str:
-    """A URI as given (s3://, gs://, ...), a local path made absolute."""
+    """A remote URI as given (s3://, gs://, ...), a local path (or file:// URI) made absolute."""
+    if storage.startswith("file://"):
+        storage = storage[len("file://"):]
     return storage.rstrip("/") if "://" in storage else str(Path(storage).expanduser().resolve())
 
 
@@ -60,12 +62,12 @@ def _read_text(fs, path: str) -> str | None:
     try:
         with fs.open_input_stream(path) as stream:
             return stream.read().decode()
-    except (FileNotFoundError, OSError):
+    except OSError:
         return None
 
 
 def find_sweeps(storage: str, family: str | None = None, sweep_id: str | None = None) -> list[str]:
-    """Experiment locations under ``storage`` written by this orchestrator (oldest first)."""
+    """Experiment locations under ``storage`` written by this orchestrator, in name order."""
     fs, root = storage_fs(storage)
     if sweep_id:
         names = [sweep_id]
@@ -98,6 +100,34 @@ def _trial_results(fs, trial_dir: str) -> tuple[dict, list[dict]]:
     return params, [json.loads(line) for line in lines if line.strip()]
 
 
+def _sync_trial(tracker: SweepTracker, meta: dict, fs, trial_dir: str, experiment: str, status: str | None,
+                results: list[dict], config: dict) -> None:
+    """One trial: its run (params), every missing step, where it ran, and how it ended."""
+    local_dir = trial_dir if isinstance(fs, pyarrow.fs.LocalFileSystem) else None
+    tags = trial_tags(config, local_dir or f"{experiment}/{posixpath.basename(trial_dir)}")
+    run_id = tracker.child(results[0]["trial_id"], derive_params(config, meta.get("derive", {})), tags, reopen=False)
+    logged = tracker.logged_steps(run_id)
+    for result in results:
+        step = result_step(result)
+        if step not in logged:
+            tracker.log_step(run_id, result, step)
+            logged.add(step)
+    starts = [r for r in results if r.get("iterations_since_restore") == 1] or results
+    tags = node_tags(starts[-1])
+    if status in ("TERMINATED", "ERROR"):
+        tags["status"] = "error" if status == "ERROR" else "diverged" if results[-1].get("diverged") else "finished"
+    run = tracker.client.get_run(run_id)
+    tracker.update_tags(run, tags)
+    if status == "TERMINATED":
+        artifacts = Path(local_dir) / "artifacts" if local_dir else None
+        if artifacts and artifacts.is_dir() and any(artifacts.iterdir()) and not tracker.client.list_artifacts(run_id, "artifacts"):
+            tracker.log_artifacts(run_id, artifacts, "artifacts")
+            tracker.stats["artifact_dirs_logged"] += 1
+        tracker.close(run, "FINISHED")
+    elif status == "ERROR":
+        tracker.close(run, "FAILED")
+
+
 def sync_sweep(experiment: str, tracking_uri: str, workdir: Path | None = None) -> SyncCounts:
     """Log into MLflow whatever of one sweep's on-disk results it lacks; return what was added."""
     fs, path = storage_fs(experiment)
@@ -109,42 +139,16 @@ def sync_sweep(experiment: str, tracking_uri: str, workdir: Path | None = None) 
                            artifact_root=default_artifact_root(tracking_uri, workdir or Path.cwd()))
     statuses = _trial_statuses(experiment)
     infos = fs.get_file_info(pyarrow.fs.FileSelector(path))
-    trial_dirs = sorted(i.path for i in infos if i.type == pyarrow.fs.FileType.Directory)
-    diverged = trials = 0
-    for trial_dir in trial_dirs:
+    trials = diverged = 0
+    for trial_dir in sorted(i.path for i in infos if i.type == pyarrow.fs.FileType.Directory):
         config, results = _trial_results(fs, trial_dir)
-        if not results:
-            continue
-        trials += 1
-        trial_id = results[0]["trial_id"]
-        local_dir = trial_dir if isinstance(fs, pyarrow.fs.LocalFileSystem) else None
-        run_id = tracker.child(trial_id, derive_params(config, meta.get("derive", {})),
-                               trial_tags(config, local_dir or experiment + "/" + posixpath.basename(trial_dir)), reopen=False)
-        logged = tracker.logged_steps(run_id)
-        for result in results:
-            step = result_step(result)
-            if step not in logged:
-                tracker.log_step(run_id, result, step)
-                logged.add(step)
-        starts = [r for r in results if r.get("iterations_since_restore") == 1] or results
-        status = statuses.get(trial_id)
-        is_diverged = bool(results[-1].get("diverged"))
-        tags = node_tags(starts[-1])
-        if status in ("TERMINATED", "ERROR"):
-            tags["status"] = "error" if status == "ERROR" else "diverged" if is_diverged else "finished"
-        run = tracker.client.get_run(run_id)
-        tracker.update_tags(run, tags)
-        if status == "TERMINATED":
-            diverged += is_diverged
-            artifacts = Path(local_dir or "/nonexistent") / "artifacts"
-            if artifacts.is_dir() and any(artifacts.iterdir()) and not tracker.client.list_artifacts(run_id, "artifacts"):
-                tracker.log_artifacts(run_id, artifacts, "artifacts")
-                tracker.stats["artifact_dirs_logged"] += 1
-            tracker.close(run, "FINISHED")
-        elif status == "ERROR":
-            tracker.close(run, "FAILED")
-    errored = sum(s == "ERROR" for s in statuses.values())
+        if results:
+            status = statuses.get(results[0]["trial_id"])
+            _sync_trial(tracker, meta, fs, trial_dir, experiment, status, results, config)
+            trials += 1
+            diverged += status == "TERMINATED" and bool(results[-1].get("diverged"))
     if statuses and all(s in ("TERMINATED", "ERROR") for s in statuses.values()):
+        errored = sum(s == "ERROR" for s in statuses.values())
         parent = tracker.client.get_run(tracker.parent_id)
         tracker.update_tags(parent, {"trials": len(statuses), "errored": errored, "diverged": diverged})
         tracker.close(parent, "FINISHED" if errored == 0 else "FAILED")

@@ -67,6 +67,24 @@ def test_broken_cluster_yaml_fails_naming_the_key(tmp_path, name):
     assert "Traceback" not in result.output
 
 
+def test_documented_on_premises_config_is_valid(tmp_path):
+    doc = (ROOT / "docs" / "cluster.md").read_text()
+    block = doc.split("```yaml\n", 1)[1].split("```", 1)[0]
+    assert "type: local" in block
+    path = tmp_path / "lab.yaml"
+    path.write_text(block)
+    result = CliRunner().invoke(main, ["cluster", "validate", str(path)])
+    assert result.exit_code == 0, result.output
+    on_premises = yaml.safe_load(block)
+    on_premises["provider"].pop("worker_ips")
+    on_premises["available_node_types"] = {"gpu": {"resources": {"GPU": 1}, "node_config": {}}}
+    path.write_text(yaml.safe_dump(on_premises))
+    result = CliRunner().invoke(main, ["cluster", "validate", str(path)])
+    assert result.exit_code == 2
+    assert "provider.worker_ips: no worker machines" in result.output
+    assert "available_node_types: Ray builds node types itself for provider local" in result.output
+
+
 def test_s3_storage_needs_no_mount(tmp_path):
     def to_s3(config):
         config["setup_commands"][1] = "echo 'export ORCHESTRATE_STORAGE=s3://my-bucket/sweeps' >> ~/.bashrc"

@@ -13,8 +13,9 @@ from trainables.busy_loop import expected_acc
 pytestmark = pytest.mark.slow
 
 EPOCHS = 4
+# half a CPU per trial: all 4 trials run at once (one wave, not two)
 SWEEP = ["sweep", "busy_loop", "--study", "smoke", "--set", f"epochs={EPOCHS}", "--set", "seconds_per_epoch=0.5",
-         "--storage", "runs", "--no-report"]
+         "--cpus-per-trial", "0.5", "--storage", "runs", "--no-report"]
 
 
 def test_driver_killed_mid_sweep_then_resume_finishes_every_trial_once(tmp_path):
@@ -24,7 +25,7 @@ def test_driver_killed_mid_sweep_then_resume_finishes_every_trial_once(tmp_path)
 
     first = start(args, tmp_path, tmp_path / "first.log")
     try:
-        # kill once a trial is past its second epoch: some trials mid-way, some not started
+        # kill once a trial is past its second epoch
         wait_for(lambda: any(r[-1]["epoch"] >= 2 for r in results_on_disk(storage).values()), 240,
                  "a trial's second epoch", first, tmp_path / "first.log")
         os.kill(first.pid, signal.SIGKILL)
