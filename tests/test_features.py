@@ -35,6 +35,16 @@ class ForwardCounter:
         self.handle.remove()
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny 8x8 models gain nothing from intra-op threads, and on a shared 2-core machine two
+    threads per process oversubscribe it badly; restored for the tests after this module."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def digits():
     return load_dataset("digits", max_train=500)

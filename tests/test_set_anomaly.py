@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 import yaml
 from scipy.spatial.distance import cosine
 from scipy.stats import chisquare
@@ -81,8 +82,13 @@ def cache(tmp_path_factory):
 
 
 def _collect(cfg, restore=None):
-    reports = []
-    train(cfg, lambda metrics, checkpoint=None: reports.append((metrics, checkpoint)), restore=restore)
+    """Run the family with a list collector, on one thread (see tests/test_features.py::one_thread)."""
+    reports, threads = [], torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        train(cfg, lambda metrics, checkpoint=None: reports.append((metrics, checkpoint)), restore=restore)
+    finally:
+        torch.set_num_threads(threads)
     return reports
 
 
