@@ -4,10 +4,13 @@ half-written file and a crash mid-write leaves nothing behind."""
 from __future__ import annotations
 
 import os
+import sys
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
+from filelock import FileLock, Timeout
 
 
 def default_cache_dir() -> Path:
@@ -40,3 +43,22 @@ def atomic_save_npz(path: Path, **arrays: np.ndarray) -> Path:
             np.savez(fh, **arrays)
 
     return atomic_write(path, write)
+
+
+@contextmanager
+def build_lock(path: str | os.PathLike, what: str = ""):
+    """Hold a cross-process lock for building ``path`` (a ``.lock`` file beside it). Usage: check
+    whether ``path`` is valid; if not, take the lock, check again, build it. The OS frees the lock
+    if its holder dies, so a crashed builder never blocks the others."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(str(path) + ".lock")
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        print(f"waiting for another process building {what or path.name}", file=sys.stderr)
+        lock.acquire()
+    try:
+        yield
+    finally:
+        lock.release()

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from trainables.common.cache import atomic_save_npz, default_cache_dir
+from trainables.common.cache import atomic_save_npz, build_lock, default_cache_dir
 
 
 class DataError(ValueError):
@@ -218,14 +218,28 @@ def _decode_cached(src: Path, cache_dir) -> dict[str, tuple[np.ndarray, np.ndarr
     stat = src.stat()
     key = hashlib.sha256(f"{src.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|v1".encode()).hexdigest()[:16]
     cache = Path(cache_dir or default_cache_dir()) / "imagefolder" / f"{src.stem}-{key}.npz"
-    if cache.exists():
-        try:
-            with np.load(cache, allow_pickle=False) as z:
-                splits = [str(s) for s in z["splits"]]
-                classes = [str(c) for c in z["classes"]]
-                return {s: (z[f"{s}_x"], z[f"{s}_y"], classes) for s in splits}
-        except (OSError, KeyError, ValueError, zipfile.BadZipFile):
-            cache.unlink(missing_ok=True)  # truncated or corrupted: rebuild below
+    cached = _load_decoded(cache)
+    if cached is not None:
+        return cached
+    with build_lock(cache, f"decoded images of {src.name}"):  # one process decodes, the others wait
+        cached = _load_decoded(cache)
+        return cached if cached is not None else _decode_all(src, cache)
+
+
+def _load_decoded(cache: Path) -> dict | None:
+    if not cache.exists():
+        return None
+    try:
+        with np.load(cache, allow_pickle=False) as z:
+            splits = [str(s) for s in z["splits"]]
+            classes = [str(c) for c in z["classes"]]
+            return {s: (z[f"{s}_x"], z[f"{s}_y"], classes) for s in splits}
+    except (OSError, KeyError, ValueError, zipfile.BadZipFile):
+        cache.unlink(missing_ok=True)  # truncated or corrupted: rebuilt by the caller
+        return None
+
+
+def _decode_all(src: Path, cache: Path) -> dict[str, tuple[np.ndarray, np.ndarray, list[str]]]:
     files = _list_image_files(src)
     if not files:
         raise DataError(f"no images in ImageFolder layout (SPLIT/CLASS/IMAGE) under {src}")

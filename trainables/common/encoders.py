@@ -19,7 +19,6 @@ from __future__ import annotations
 import hashlib
 import os
 import sys
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -27,10 +26,9 @@ from typing import Callable
 import numpy as np
 import torch
 import torch.nn.functional as F
-from filelock import FileLock, Timeout
 from torch import nn
 
-from trainables.common.cache import atomic_write, default_cache_dir
+from trainables.common.cache import atomic_write, build_lock, default_cache_dir
 from trainables.common.data import DataError, Dataset, augment
 from trainables.common.training import minibatches, resolve_device
 
@@ -54,23 +52,6 @@ class Encoder:
     encode_text: Callable[[list[str]], np.ndarray] | None = None  # CLIP only: L2-normalised
 
 
-@contextmanager
-def build_lock(path: str | os.PathLike, what: str = ""):
-    """Hold a cross-process lock for building ``path`` (a ``.lock`` file beside it). Usage: check
-    whether ``path`` is valid; if not, take the lock, check again, build it. The OS frees the lock
-    if its holder dies, so a crashed builder never blocks the others."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    lock = FileLock(str(path) + ".lock")
-    try:
-        lock.acquire(timeout=0)
-    except Timeout:
-        print(f"waiting for another process building {what or path.name}", file=sys.stderr)
-        lock.acquire()
-    try:
-        yield
-    finally:
-        lock.release()
 
 
 def describe(name: str, dataset: Dataset, *, device: str = "auto", cache_dir=None, progress: bool = True) -> tuple[str, str]:

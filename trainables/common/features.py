@@ -24,7 +24,8 @@ import torch
 
 from trainables.common.cache import atomic_write, default_cache_dir
 from trainables.common.data import Dataset, load_dataset
-from trainables.common.encoders import Encoder, build_lock, check_name, describe, get_encoder, sha256_file
+from trainables.common.cache import build_lock
+from trainables.common.encoders import Encoder, check_name, describe, get_encoder, sha256_file
 
 CODE_VERSION = 1  # bump when the extraction code changes what it writes
 SPLITS = ("train", "val", "test")
