@@ -265,13 +265,13 @@ def test_family_runs_end_to_end_on_digits(attention, tmp_path):
     assert [r["epoch"] for r in reports] == [1, 2] and all(c is not None for c in checkpoints)
     assert f"train/{method}/loss" in reports[0] and f"val/{method}/acc" in reports[0]
     final = reports[-1]
-    names = ["acc", "ece", "nll", "brier", "balanced_acc", "macro_f1", "acc_all_steps", "acc_2back_identity",
+    names = ["acc", "ece", "nll", "brier", "balanced_acc", "macro_f1", "loss", "acc_all_steps", "acc_2back_location",
              "decode_relevant", "orthogonality_rnn", "orthogonality_cnn", "procrustes_disparity", "swap_disparity"]
     if attention:
-        names += ["decode_irrelevant", "acc_2back_location", "attn_entropy", "attn_sparsity", "attn_on_stimulus",
+        names += ["decode_irrelevant", "acc_2back_identity", "attn_entropy", "attn_sparsity", "attn_on_stimulus",
                   "attn_entropy_2back_location", "attn_sparsity_2back_category"]
     else:
-        names += ["gen_acc", "gen_acc_2back_identity"]
+        names += ["gen_acc", "gen_acc_2back_location"]
         assert not any("attn_" in key for key in final)
     for name in names:
         assert f"test/{method}/{name}" in final, name

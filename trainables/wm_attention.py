@@ -21,12 +21,13 @@ its hidden states; every analysis is a ``test/<method>/<metric>`` metric:
 * ``orthogonality_rnn`` / ``orthogonality_cnn``: 1 - mean |cos| between the hyperplane normals
   (rows of ``coef_``) of decoders of *different* features, averaged over feature pairs (and
   over steps and tasks for the RNN). 1 = the features are read out along orthogonal axes.
-  CNN features are the globally pooled front-end maps of every stimulus.
+  CNN features are the globally pooled front-end maps of every stimulus the test shows.
 * ``procrustes_disparity``: scipy's Procrustes disparity between the centroids (one per value
-  of the task feature) of the stimulus shown at step s as represented at steps t and t + 1,
-  averaged over s <= t; ``swap_disparity``: the same after applying the transform fitted for
-  one (s, t) to another (s', t') -- close to ``procrustes_disparity`` means one shared,
-  time-invariant transformation moves memories along.
+  of the task feature, in the top V - 1 principal components of the hidden states) of the
+  stimulus shown at step s as represented at steps t and t + 1, averaged over s <= t and tasks;
+  ``swap_disparity``: the same after applying the transform fitted for one (s, t) to another
+  (s', t') -- close to ``procrustes_disparity`` means one shared, time-invariant
+  transformation moves memories along; much larger means each step transforms differently.
 * attention only: ``attn_entropy`` (nats), ``attn_sparsity`` (Hoyer: 0 uniform, 1 one-hot),
   ``attn_on_stimulus`` (weight mass on the stimulus's quadrant), each also per task.
 
@@ -430,47 +431,53 @@ def save_artifacts(directory: str, method: str, metrics: dict, details: dict, st
     path = Path(directory)
     path.mkdir(parents=True, exist_ok=True)
     (path / "analysis.json").write_text(json.dumps({"method": method, "metrics": metrics, **details}, indent=2))
-    written = ["analysis.json"]
+    figures = {"decoding.png": _plot_decoding(plt, method, details["decoding_by_step"])}
+    if "attention" in out:
+        figures["attention_heatmaps.png"] = _plot_attention(plt, stim, seqs, out, tasks)
+    for name, fig in figures.items():
+        fig.savefig(path / name, dpi=110)
+        plt.close(fig)
+    return ["analysis.json", *figures]
 
-    curves = details["decoding_by_step"]
+
+def _plot_decoding(plt, method: str, curves: dict[str, dict[str, list]]):
     fig, axes = plt.subplots(1, len(curves), figsize=(3.2 * len(curves), 2.8), squeeze=False, sharey=True)
     for ax, (name, by_feat) in zip(axes[0], curves.items()):
         for f, accs in by_feat.items():
-            style = "-" if name.endswith(f) else "--"
-            ax.plot(range(len(accs)), accs, style, marker="o", label=f + (" (task)" if style == "-" else ""))
+            relevant = name.endswith(f)
+            ax.plot(range(len(accs)), accs, "-" if relevant else "--", marker="o", label=f + (" (task)" if relevant else ""))
         ax.set_title(name, fontsize=9)
         ax.set_xlabel("step")
     axes[0][0].set_ylabel("decoding accuracy (CV)")
     axes[0][0].legend(fontsize=7)
     fig.suptitle(f"{method}: decoding of the current stimulus from the RNN state", fontsize=10)
     fig.tight_layout()
-    fig.savefig(path / "decoding.png", dpi=110)
-    plt.close(fig)
-    written.append("decoding.png")
+    return fig
 
-    if "attention" in out:
-        t_len = seqs.target.shape[1]
-        fig, axes = plt.subplots(len(tasks), t_len, figsize=(1.6 * t_len, 1.8 * len(tasks)), squeeze=False)
-        index = seqs.stimulus_index(stim.n_identities)
-        pred = out["probs"].argmax(-1)
-        for k, task in enumerate(tasks):
-            b = int(np.flatnonzero(seqs.task == k)[0])
-            for t in range(t_len):
-                ax = axes[k][t]
-                canvas = stim.canvas[index[b, t]]
-                h, w = canvas.shape[:2]
-                ax.imshow(canvas.squeeze(-1) if canvas.shape[-1] == 1 else canvas, cmap="gray", extent=(0, w, h, 0))
-                ax.imshow(out["attention"][b, t], cmap="inferno", alpha=0.55, extent=(0, w, h, 0), interpolation="nearest")
-                ax.set_title(f"{RESPONSES[seqs.target[b, t]]}\n-> {RESPONSES[pred[b, t]]}", fontsize=6)
-                ax.set_xticks([])
-                ax.set_yticks([])
-            axes[k][0].set_ylabel(task.name, fontsize=7)
-        fig.suptitle("attention over the canvas (target -> response)", fontsize=9)
-        fig.tight_layout()
-        fig.savefig(path / "attention_heatmaps.png", dpi=110)
-        plt.close(fig)
-        written.append("attention_heatmaps.png")
-    return written
+
+def _plot_attention(plt, stim: Stimuli, seqs: Sequences, out: dict, tasks: list[Task]):
+    """The first test sequence of each task: canvases with the attention weights over them."""
+    t_len = seqs.target.shape[1]
+    fig, axes = plt.subplots(len(tasks), t_len, figsize=(1.6 * t_len, 1.8 * len(tasks)), squeeze=False)
+    index = seqs.stimulus_index(stim.n_identities)
+    pred = out["probs"].argmax(-1)
+    shown = {k: int(np.flatnonzero(seqs.task == k)[0]) for k in range(len(tasks)) if (seqs.task == k).any()}
+    vmax = float(out["attention"][list(shown.values())].max())  # one colour scale for every panel
+    for k, b in shown.items():
+        for t in range(t_len):
+            ax = axes[k][t]
+            canvas = stim.canvas[index[b, t]]
+            extent = (0, canvas.shape[1], canvas.shape[0], 0)
+            ax.imshow(canvas.squeeze(-1) if canvas.shape[-1] == 1 else canvas, cmap="gray", extent=extent)
+            ax.imshow(out["attention"][b, t], cmap="inferno", alpha=0.55, extent=extent, interpolation="nearest",
+                      vmin=0.0, vmax=vmax)
+            ax.set_title(f"{RESPONSES[seqs.target[b, t]]}\n-> {RESPONSES[pred[b, t]]}", fontsize=6)
+            ax.set_xticks([])
+            ax.set_yticks([])
+        axes[k][0].set_ylabel(tasks[k].name, fontsize=7)
+    fig.suptitle(f"attention over the canvas (target -> response); colour 0 to {vmax:.2f}", fontsize=9)
+    fig.tight_layout()
+    return fig
 
 
 # ---------------------------------------------------------------- training
