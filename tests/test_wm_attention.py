@@ -13,7 +13,6 @@ from scipy.spatial import procrustes
 
 from trainables import wm_attention as wm
 from trainables.wm_tasks import (
-    FEATURES,
     MATCH,
     N_LOCATIONS,
     N_VIEWS,
