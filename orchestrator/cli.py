@@ -196,11 +196,9 @@ def sync(family, sweep_id, storage, tracking_uri) -> None:
 def server(host, port, backend_store_uri, artifacts_destination, workers) -> None:
     """A real MLflow tracking server (SQLite store, served artifacts) for sweeps to log to with
     --tracking-uri http://HOST:PORT. Runs until interrupted."""
-    from orchestrator.tracking import check_tracking_uri, default_tracking_uri, serve
+    from orchestrator.server import backend_store, serve
 
-    env_uri = os.environ.get("MLFLOW_TRACKING_URI", "")
-    backend = backend_store_uri or (env_uri if env_uri.startswith("sqlite:") else default_tracking_uri(Path.cwd()))
-    check_tracking_uri(backend)
+    backend = backend_store(backend_store_uri)
     artifacts = Path(artifacts_destination).expanduser().resolve()
     if host not in ("127.0.0.1", "localhost", "::1"):
         click.echo(f"warning: binding {host}: whoever reaches it can read and write runs (MLflow has no auth here)", err=True)

@@ -81,6 +81,8 @@ class MlflowCallback(tune.Callback):
         self._rejected = False
 
     def _safe(self, fn, *args):
+        """``fn(*args)``, one request to the store (callers skip calls that would not reach it,
+        so a success means the store answers), or None on failure or in a quiet period."""
         if time.monotonic() < self._quiet_until:
             return None
         try:
@@ -106,6 +108,9 @@ class MlflowCallback(tune.Callback):
         return out
 
     def _run_id(self, trial):
+        run_id = self.tracker.known_run(trial.trial_id)
+        if run_id is not None:
+            return run_id
         config = derive_params(trial.config, self.study.derive)
         return self._safe(self.tracker.child, trial.trial_id, config, trial_tags(config, trial.path))
 
@@ -118,7 +123,8 @@ class MlflowCallback(tune.Callback):
             return
         if result.get("training_iteration") == 1 or result.get("iterations_since_restore") == 1:
             self._safe(self.tracker.set_tags, run_id, node_tags(result))
-        self._safe(self.tracker.log_result, run_id, result, result_step(result))
+        if not self.tracker.is_logged(run_id, result_step(result)):
+            self._safe(self.tracker.log_result, run_id, result, result_step(result))
         if result.get("diverged"):
             self._safe(self.tracker.set_tags, run_id, {"status": "diverged"})
 
@@ -128,7 +134,9 @@ class MlflowCallback(tune.Callback):
             return
         diverged = bool((trial.last_result or {}).get("diverged"))
         self._safe(self.tracker.set_tags, run_id, {"status": "diverged" if diverged else "finished"})
-        self._safe(self.tracker.log_artifacts, run_id, Path(trial.path) / "artifacts", "artifacts")
+        artifacts = Path(trial.path) / "artifacts"
+        if artifacts.is_dir() and any(artifacts.iterdir()):
+            self._safe(self.tracker.log_artifacts, run_id, artifacts, "artifacts")
         self._safe(self.tracker.finish, run_id, "FINISHED")
 
     def on_trial_error(self, iteration, trials, trial, **info):

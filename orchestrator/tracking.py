@@ -9,7 +9,6 @@ not logged twice.
 from __future__ import annotations
 
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -183,6 +182,14 @@ class SweepTracker:
         self._children[trial_id] = run_id
         return run_id
 
+    def known_run(self, trial_id: str) -> str | None:
+        """The trial's run id if this tracker already has it (no request to the store)."""
+        return self._children.get(trial_id)
+
+    def is_logged(self, run_id: str, step: int) -> bool:
+        """Whether ``log_result`` would skip ``step`` (no request to the store)."""
+        return step <= self._last_step.get(run_id, 0)
+
     def logged_steps(self, run_id: str) -> set[int]:
         return {m.step for m in self.client.get_metric_history(run_id, STEP_MARKER)}
 
@@ -199,7 +206,7 @@ class SweepTracker:
 
     def log_result(self, run_id: str, result: dict, step: int) -> bool:
         """Log one report at ``step``; a step already logged (a resumed trial) is skipped."""
-        if step <= self._last_step.get(run_id, 0):
+        if self.is_logged(run_id, step):
             return False
         self.log_step(run_id, result, step)
         self._last_step[run_id] = step
@@ -229,52 +236,6 @@ class SweepTracker:
             self.client.log_artifacts(run_id, str(path), artifact_path)
         elif Path(path).is_file():
             self.client.log_artifact(run_id, str(path), artifact_path)
-
-
-def serve(host: str, port: int, backend_uri: str, artifacts: Path, workers: int = 1) -> int:
-    """Run a real ``mlflow server`` until it exits or this process is told to stop.
-
-    It runs in its own process group, stopped as a whole: ``mlflow server`` leaves its uvicorn
-    workers behind when only it is signalled. Job execution (MLflow's GenAI job runner, a dozen
-    extra processes) is off: sweeps need only tracking and artifacts."""
-    with socket.socket() as probe:
-        if probe.connect_ex((host, port)) == 0:
-            raise UsageError(f"{host}:{port} is already in use")
-    command = [sys.executable, "-m", "mlflow", "server", "--host", host, "--port", str(port), "--workers", str(workers),
-               "--backend-store-uri", backend_uri, "--artifacts-destination", str(artifacts)]
-    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
-    server = subprocess.Popen(command, env=env, start_new_session=True)
-
-    def stop(signum, frame):
-        raise SystemExit(128 + signum)
-
-    previous = signal.signal(signal.SIGTERM, stop)
-    try:
-        return server.wait()
-    except KeyboardInterrupt:
-        return 130
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-        _stop_group(server)
-
-
-def _stop_group(process: subprocess.Popen, grace_s: float = 15.0) -> None:
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        try:
-            os.killpg(process.pid, sig)
-        except ProcessLookupError:
-            return
-        try:
-            process.wait(timeout=grace_s)
-        except subprocess.TimeoutExpired:
-            continue
-        deadline = time.monotonic() + grace_s  # the leader is gone; give its workers the same grace
-        while time.monotonic() < deadline:
-            try:
-                os.killpg(process.pid, 0)
-            except ProcessLookupError:
-                return
-            time.sleep(0.2)
 
 
 def warn(message: str) -> None:

