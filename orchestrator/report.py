@@ -841,19 +841,24 @@ def log_to_parent(tracking_uri: str, family: str, sweep_id: str, report_path: Pa
     return run_id
 
 
-def write_sweep_report(outcome, study) -> Path:
+def write_sweep_report(outcome, study) -> Path | None:
     """The sweep's report (with plots/) next to its Tune results, and as an artifact of its
     MLflow parent run."""
+    from orchestrator.tracking import warn
+
     base = Path(outcome.experiment_path)
-    report = build_report(outcome.tracking_uri, study.family, sweep_id=outcome.sweep_id, plots_dir=base / "plots",
-                          link_base=base)
+    try:
+        report = build_report(outcome.tracking_uri, study.family, sweep_id=outcome.sweep_id, plots_dir=base / "plots",
+                              link_base=base)
+    except Exception as exc:  # noqa: BLE001 - a finished sweep must not end in a traceback over its report
+        warn(f"no report written ({str(exc).splitlines()[0][:200]}); once MLflow holds the runs: "
+             f"orchestrate report {study.family} --sweep {outcome.sweep_id} --out report.md")
+        return None
     path = base / "report.md"
     path.write_text(report.markdown())
     try:
         log_to_parent(outcome.tracking_uri, study.family, outcome.sweep_id, path, base / "plots")
     except Exception as exc:  # noqa: BLE001 - the report on disk is what matters if MLflow is down
-        from orchestrator.tracking import warn
-
         warn(f"report not logged to MLflow: {exc}")
     return path
 
