@@ -48,7 +48,8 @@ def list_cmd() -> None:
 @click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="Override a config value (repeatable).")
 @click.option("--address", help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray started here).")
 @click.option("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else ./mlflow.db).")
-@click.option("--storage", help="Where Tune keeps results and checkpoints (default: $ORCHESTRATE_STORAGE, else ./runs; shared storage on a cluster).")
+@click.option("--storage", help="Where Tune keeps results and checkpoints "
+              "(default: $ORCHESTRATE_STORAGE, else ./runs; shared storage on a cluster).")
 @click.option("--cpus-per-trial", type=click.FloatRange(min=0, min_open=True), default=1.0, show_default=True)
 @click.option("--gpus-per-trial", type=click.FloatRange(min=0), default=0.0, show_default=True,
               help="Fractions pack several trials on one GPU, e.g. 0.25.")
