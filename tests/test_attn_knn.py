@@ -2,6 +2,8 @@
 
 from pathlib import Path
 
+import urllib.request
+
 import pytest
 import torch
 import yaml
@@ -123,6 +125,9 @@ def test_missing_pretrained_weights_is_a_clear_error(tmp_path, monkeypatch):
         monkeypatch.setenv(var, "http://127.0.0.1:9")  # ... and no way to download them
     monkeypatch.delenv("no_proxy", raising=False)
     monkeypatch.delenv("NO_PROXY", raising=False)
+    # urlopen caches its opener (and the proxies it read) for the whole process: give this test
+    # its own and put the clean one back afterwards, or later tests' loopback requests go to :9
+    monkeypatch.setattr(urllib.request, "_opener", None)
     with pytest.raises(MissingWeightsError, match="resnet18.*resnet18-f37072fd.pth.*pretrained: none"):
         build_backbone("resnet18", 3, 32, "imagenet")
     with pytest.raises(MissingWeightsError, match="small_cnn"):
