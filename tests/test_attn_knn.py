@@ -1,8 +1,7 @@
 """The attn_knn family without Ray: the report contract, eval axes, resume, divergence, backbones."""
 
-from pathlib import Path
-
 import urllib.request
+from pathlib import Path
 
 import pytest
 import torch
