@@ -37,14 +37,16 @@ def write_spaces(work: Path, family: str, studies: dict, drop_eval: bool = False
     return spaces
 
 
-def sweep(family: str, study: str, spaces: Path, work: Path, max_concurrent: int, extra: tuple[str, ...] = ()) -> tuple[float, str]:
+def sweep(family: str, study: str, spaces: Path, work: Path, cpus_per_trial: float, extra: tuple[str, ...] = ()) -> tuple[float, str]:
     """Run ``orchestrate sweep`` in a fresh process (``--address local``: a Ray of its own, started
-    and stopped inside it, never another session's cluster; MLflow in a SQLite store under ``work``); returns (wall seconds, tracking URI). A failed sweep raises with
-    the end of its output."""
+    and stopped inside it, never another session's cluster; MLflow in a SQLite store under
+    ``work``); returns (wall seconds, tracking URI). A failed sweep raises with the end of its
+    output. ``cpus_per_trial`` sets how many trials run at once (as many as fit in the CPUs): Ray
+    2.60's Tune ignores ``--max-concurrent`` for grid studies (see bench/README.md)."""
     work.mkdir(parents=True, exist_ok=True)
     uri = f"sqlite:///{work / 'mlflow.db'}"
     cmd = [sys.executable, "-m", "orchestrator.cli", "sweep", family, "--study", study, "--storage", str(work / "runs"),
-           "--tracking-uri", uri, "--max-concurrent", str(max_concurrent), "--no-report", "--address", "local", *extra]
+           "--tracking-uri", uri, "--cpus-per-trial", str(cpus_per_trial), "--no-report", "--address", "local", *extra]
     env = {**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}, "ORCHESTRATE_SPACES_DIR": str(spaces)}
     began = time.perf_counter()
     done = subprocess.run(cmd, cwd=work, env=env, capture_output=True, text=True)

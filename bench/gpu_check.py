@@ -109,7 +109,7 @@ def knn_check(gpu_backends: list[str], n: int, q: int, dim: int, k: int) -> list
             ref = idx
         exact = np.einsum("qkd,qd->qk", bank[idx].astype(np.float64), queries.astype(np.float64))
         ref_sims = np.einsum("qkd,qd->qk", bank[ref].astype(np.float64), queries.astype(np.float64))
-        rows.append([backend, f"{1000 * seconds / q:.4f}", f"{np.mean((idx == ref).all(1)):.4%}",
+        rows.append([backend, f"{1000 * seconds / q:.4f}", f"{np.mean((idx == ref).all(1)):.2%}",
                      str(bool(np.abs(exact - ref_sims).max() < 1e-5)), str(bool(np.array_equal(idx_amp, idx)))])
     return rows
 

@@ -65,7 +65,7 @@ def sweep_wall(work: Path, trials: int, epochs: int, seconds_per_epoch: float, w
     studies = {"bench": {"description": "fixed kernels for the overhead benchmark", "seeds": trials,
                          "set": {"epochs": epochs, "seconds_per_epoch": seconds_per_epoch}}}
     spaces = write_spaces(work, FAMILY, studies, drop_eval=True)
-    wall, uri = sweep(FAMILY, "bench", spaces, work, workers)
+    wall, uri = sweep(FAMILY, "bench", spaces, work, os.cpu_count() / workers)
     runs = trial_runs(uri, FAMILY)
     if len(runs) != trials:
         raise RuntimeError(f"sweep logged {len(runs)} trial runs, expected {trials}")
