@@ -3,11 +3,13 @@
 the families call it), raw FAISS (``IndexFlatIP`` add + search, the same vote in numpy), and
 scikit-learn (``KNeighborsClassifier(algorithm="brute")`` fit + predict_proba).
 
-Prints ms per query and GFLOP/s of each (2 * N * Q * D flops: the exact search's
-inner products) against a matrix-multiply roofline measured in the same run (the best of torch
-and numpy float32 GEMM of the same shape, query block by bank), then the project / FAISS time
-ratio (runs interleaved, one warm-up round). All three must agree: the same neighbours for the project and FAISS, the same class
-probabilities for all three.
+Prints ms per query and GFLOP/s of each (2 * N * Q * D flops: the exact search's inner
+products) against a matrix-multiply roofline measured in the same rounds (the faster of torch
+and numpy float32 GEMM, a query block by the whole bank in tiles), then the project / FAISS
+time ratio.
+Runs are interleaved in a rotating order after a warm-up round, with a pause before each: idle
+OpenMP/BLAS worker threads spin for a while and would slow whatever runs next. The paths must
+agree: the same neighbours for the project and FAISS, the same class probabilities for all three.
 
     python bench/knn.py --quick      # 10,000 x 256 bank, 2,000 queries
     python bench/knn.py              # 50,000 x 256 bank, 10,000 queries, k = 16
@@ -36,6 +38,8 @@ from trainables.common.knn import KnnIndex, uniform_vote  # noqa: E402
 TARGET = 1.2
 CLASSES = 10
 GEMM_BLOCK = 2048  # queries per roofline GEMM (a 2048 x N float32 product fits in memory)
+GEMM_TILE = 4096  # bank rows per roofline GEMM tile
+SETTLE_S = 0.5  # pause before each timed job
 
 
 def unit_vectors(rng: np.random.Generator, n: int, dim: int) -> np.ndarray:
@@ -88,15 +92,22 @@ def sklearn_path(bank: np.ndarray, labels: np.ndarray, queries: np.ndarray, k: i
     return {"build": t_build, "search": t_search, "vote": 0.0}, (None, probs)
 
 
-def roofline_gflops(bank: np.ndarray, queries: np.ndarray) -> dict[str, float]:
-    """Best float32 GEMM rate of torch and of numpy on (query block x D) @ (D x N)."""
-    block, flops = queries[:GEMM_BLOCK], 2.0 * min(GEMM_BLOCK, len(queries)) * bank.shape[0] * bank.shape[1]
-    bank_t, block_t = torch.from_numpy(bank), torch.from_numpy(block)
-    rates = {}
-    for name, fn in (("torch", lambda: block_t @ bank_t.T), ("numpy", lambda: block @ bank.T)):
-        fn()  # warm-up
-        rates[name] = flops / min(timed(fn)[0] for _ in range(3)) / 1e9
-    return rates
+def gemm_seconds(bank: np.ndarray, queries: np.ndarray) -> dict[str, float]:
+    """The roofline's runs: float32 GEMM of a query block against the whole bank, tile by tile
+    into preallocated outputs (as FAISS tiles the bank), once in torch and once in numpy."""
+    block, tiles = queries[:GEMM_BLOCK], [bank[i : i + GEMM_TILE] for i in range(0, len(bank), GEMM_TILE)]
+    outs = {len(t): np.empty((len(block), len(t)), np.float32) for t in tiles}
+    block_t, tiles_t, outs_t = torch.from_numpy(block), [torch.from_numpy(t) for t in tiles], {n: torch.from_numpy(o) for n, o in outs.items()}
+
+    def with_numpy():
+        for t in tiles:
+            np.matmul(block, t.T, out=outs[len(t)])
+
+    def with_torch():
+        for t in tiles_t:
+            torch.matmul(block_t, t.T, out=outs_t[len(t)])
+
+    return {"torch": timed(with_torch)[0], "numpy": timed(with_numpy)[0]}
 
 
 def main() -> None:
@@ -125,16 +136,23 @@ def run(args) -> None:
     print(f"exact kNN: bank {n} x {dim}, {q} queries, k = {k}, {CLASSES} classes; {args.threads} thread(s)")
     print(machine_line())
 
-    roof = roofline_gflops(bank, queries)
-    best_roof = max(roof.values())
     paths = {"project (KnnIndex + uniform_vote)": project_path, "raw FAISS (IndexFlatIP + numpy vote)": faiss_path,
              "scikit-learn (brute KNeighborsClassifier)": sklearn_path}
-    times, outputs = {name: [] for name in paths}, {}
-    for rep in range(args.repeats + 1):  # round-robin, so drifting load hits every path alike; round 0 warms up
-        for name, fn in paths.items():
-            parts, outputs[name] = fn(bank, labels, queries, k)
+    times, outputs, gemms = {name: [] for name in paths}, {}, []
+    jobs = [*paths, "gemm"]
+    for rep in range(args.repeats + 1):  # round 0 warms up
+        # rotate the order, so each job follows each other one equally often, after a pause
+        for name in jobs[rep % len(jobs):] + jobs[:rep % len(jobs)]:
+            time.sleep(SETTLE_S)
+            if name == "gemm":
+                gemms += [gemm_seconds(bank, queries)] if rep else []
+                continue
+            parts, outputs[name] = paths[name](bank, labels, queries, k)
             if rep:
                 times[name].append(parts)
+    gemm_flops = 2.0 * min(GEMM_BLOCK, q) * n * dim
+    roof = {name: gemm_flops / min(g[name] for g in gemms) / 1e9 for name in gemms[0]}
+    best_roof = max(roof.values())
     (p_idx, p_probs, backend), (f_idx, f_probs), (_, s_probs) = outputs.values()
     same_neighbours = np.array_equal(p_idx, f_idx)
     same_probs = np.isclose(p_probs, f_probs).all(1).mean(), np.isclose(s_probs, f_probs).all(1).mean()
@@ -147,7 +165,7 @@ def run(args) -> None:
                      min_median([1000 * t for t in totals]), f"{1000 * min(totals) / q:.4f}",
                      f"{flops / min(totals) / 1e9:.1f}", f"{100 * flops / min(totals) / 1e9 / best_roof:.0f}%"])
     print()
-    print(f"roofline: float32 GEMM {min(GEMM_BLOCK, q)} x {dim} @ {dim} x {n}: "
+    print(f"roofline: float32 GEMM {min(GEMM_BLOCK, q)} x {dim} @ {dim} x {n} in {GEMM_TILE}-column tiles: "
           + ", ".join(f"{name} {rate:.1f} GFLOP/s" for name, rate in roof.items()))
     print(f"project backend: {backend}; same neighbours as FAISS: {same_neighbours}; queries with FAISS's class "
           f"probabilities: project {same_probs[0]:.2%}, scikit-learn {same_probs[1]:.2%}")
