@@ -170,7 +170,7 @@ def tune_config(study: Study, max_concurrent: int) -> tune.TuneConfig:
         search_alg = OptunaSearch(metric=metric, mode=mode, seed=study.seeds[0])
         samples = study.samples
     else:
-        search_alg = BasicVariantGenerator(random_state=study.seeds[0])
+        search_alg = BasicVariantGenerator(random_state=study.seeds[0], max_concurrent=max_concurrent)
         samples = study.samples if study.space else 1
     scheduler = (ASHAScheduler(metric=metric, mode=mode, time_attr="training_iteration",
                                max_t=int(study.base.get("epochs", 100)), grace_period=1)
@@ -217,7 +217,7 @@ def start_ray(address: str | None) -> None:
         except (ConnectionError, RuntimeError) as exc:
             raise UsageError(f"cannot connect to Ray at {address}: {str(exc).splitlines()[0]}") from None
     else:
-        ray.init(include_dashboard=False, configure_logging=False)
+        ray.init(address="local", include_dashboard=False, configure_logging=False)  # never join a stray cluster
 
 
 def new_sweep_id(study: Study) -> str:
