@@ -8,10 +8,44 @@ and '=' in metric names, so the contract uses colons, which it accepts.)
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 from sklearn.metrics import balanced_accuracy_score, f1_score
 
 ECE_BINS = 15
+
+
+@dataclass(frozen=True)
+class MetricInfo:
+    """What a metric name means to a reader: its label, which way is better, and its bounds
+    (None: unbounded on that side). Reports and claims read directions and bounds from here."""
+
+    label: str
+    better: str  # "higher" | "lower"
+    low: float | None = None
+    high: float | None = None
+
+
+# The metric part of ``<split>/<method>/<metric>``: one table for every family and the engine.
+METRICS: dict[str, MetricInfo] = {
+    "acc": MetricInfo("Accuracy", "higher", 0.0, 1.0),
+    "top5": MetricInfo("Top-5", "higher", 0.0, 1.0),
+    "balanced_acc": MetricInfo("Balanced acc", "higher", 0.0, 1.0),
+    "macro_f1": MetricInfo("Macro-F1", "higher", 0.0, 1.0),
+    "ece": MetricInfo("ECE", "lower", 0.0, 1.0),
+    "nll": MetricInfo("NLL", "lower", 0.0, None),
+    "brier": MetricInfo("Brier", "lower", 0.0, 2.0),
+    "loss": MetricInfo("Loss", "lower", None, None),
+}
+
+
+def metric_info(key: str) -> MetricInfo | None:
+    """The :data:`METRICS` entry of a full key (``test/attn_knn:k:20/ece``) or a bare metric
+    name; timings (``perf/...``) are lower-is-better and non-negative; None when unknown."""
+    if key.startswith("perf/"):
+        return MetricInfo(key.split("/", 1)[1], "lower", 0.0, None)
+    return METRICS.get(key.rsplit("/", 1)[-1])
 
 
 def accuracy(probs: np.ndarray, labels: np.ndarray) -> float:
@@ -30,14 +64,44 @@ def expected_calibration_error(probs: np.ndarray, labels: np.ndarray, bins: int 
     """L1 ECE over ``bins`` equal-width confidence bins: sum_b |B|/N * |acc(B) - conf(B)|."""
     conf = probs.max(1)
     correct = (probs.argmax(1) == labels).astype(np.float64)
-    # bin b holds conf in (b/bins, (b+1)/bins]; conf == 0 goes to the first bin
-    idx = np.clip(np.ceil(conf * bins).astype(int) - 1, 0, bins - 1)
+    idx = _bin_index(conf, bins)
     ece = 0.0
     for b in range(bins):
         mask = idx == b
         if mask.any():
             ece += mask.mean() * abs(correct[mask].mean() - conf[mask].mean())
     return float(ece)
+
+
+def _bin_index(conf: np.ndarray, bins: int) -> np.ndarray:
+    # bin b holds conf in (b/bins, (b+1)/bins]; conf == 0 goes to the first bin
+    return np.clip(np.ceil(conf * bins).astype(int) - 1, 0, bins - 1)
+
+
+def reliability_bins(probs: np.ndarray, labels: np.ndarray, bins: int = ECE_BINS) -> dict:
+    """The data of a reliability diagram, on the same bins as :func:`expected_calibration_error`:
+    per bin the count, mean confidence and accuracy (None for an empty bin), and the ECE."""
+    probs = np.asarray(probs, dtype=np.float64)
+    conf = probs.max(1)
+    correct = (probs.argmax(1) == np.asarray(labels)).astype(np.float64)
+    idx = _bin_index(conf, bins)
+    count = np.bincount(idx, minlength=bins)
+    conf_sum = np.bincount(idx, weights=conf, minlength=bins)
+    acc_sum = np.bincount(idx, weights=correct, minlength=bins)
+    nonempty = count > 0
+    return {
+        "count": [int(c) for c in count],
+        "confidence": [float(s / c) if c else None for s, c in zip(conf_sum, count)],
+        "accuracy": [float(s / c) if c else None for s, c in zip(acc_sum, count)],
+        "ece": float(np.sum(count[nonempty] / count.sum() * np.abs(acc_sum[nonempty] / count[nonempty]
+                                                                    - conf_sum[nonempty] / count[nonempty]))),
+    }
+
+
+def ece_from_bins(entry: dict) -> float:
+    """ECE recomputed from a :func:`reliability_bins` entry (what a report reads back)."""
+    total = sum(entry["count"])
+    return float(sum(c / total * abs(a - f) for c, a, f in zip(entry["count"], entry["accuracy"], entry["confidence"]) if c))
 
 
 def negative_log_likelihood(probs: np.ndarray, labels: np.ndarray, eps: float = 1e-12) -> float:
