@@ -19,10 +19,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402 - the backend must be chosen first
 
-from orchestrator.report import (  # noqa: E402 - report imports this module lazily, never at import time
-    ReportConfig, StudyRuns, StudyStats, axis_combos, axis_items, eval_signatures, find_reference, methods_of,
-    metric_label, metrics_of, typed,
-)
+from orchestrator.report_data import ReportConfig, StudyRuns, StudyStats, axis_items, metric_label, typed  # noqa: E402
+from orchestrator.report_tables import axis_combos, eval_signatures, find_reference, methods_of, metrics_of  # noqa: E402
 from trainables.common.metrics import metric_key  # noqa: E402
 
 MAX_SERIES = 10

@@ -15,7 +15,8 @@ from mlflow.tracking import MlflowClient
 from scipy import stats
 
 from orchestrator.cli import main
-from orchestrator.report import build_report, load_runs
+from orchestrator.report_build import build_report
+from orchestrator.report_data import load_runs
 from orchestrator.tracking import SweepTracker
 from trainables.busy_loop import expected_acc
 
@@ -431,7 +432,7 @@ def test_cli_report_formats_and_artifacts(store, tmp_path, monkeypatch):
 
 def test_shipped_claims_and_report_keys_parse():
     from orchestrator.claims import parse_claims
-    from orchestrator.report import ReportConfig
+    from orchestrator.report_data import ReportConfig
     from orchestrator.spaces import available_families, load_family_file
 
     for family in available_families():
