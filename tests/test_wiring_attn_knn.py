@@ -1,0 +1,292 @@
+"""attn_knn's wiring, through its real train(): which examples each retrieval sees, what each
+split is used for, what each knob changes, that eval-axis values come from the one trained
+model, and that every method is what its name says (checked against scikit-learn / numpy
+recomputations on the trained model the run ends with).
+
+Spies wrap the family's real functions (they record, never replace): ``refresh_memory`` hands
+over the final model, dataset and memory bank; ``minibatches`` + ``KnnIndex.search`` pair each
+training batch with the retrieval made for it.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from scipy.special import softmax
+from sklearn.neighbors import KNeighborsClassifier
+
+import trainables.attn_knn as attn_knn
+from trainables.common.data import augment, load_dataset
+from trainables.common.knn import KnnIndex
+from trainables.common.metrics import classification_metrics
+
+from test_attn_knn import SPACE, one_thread  # noqa: F401  (one torch / FAISS thread for this module too)
+
+KS, VIEWS = [1, 5], [1, 2]
+
+
+def config(**overrides):
+    smoke = SPACE["studies"]["smoke"]
+    cfg = {**SPACE["defaults"], **smoke["set"], "seed": 0, "device": "cpu", "max_train": 200, "max_test": 150,
+           "k_eval": 5, "eval": {"k": KS, "tta_views": VIEWS}}
+    return {**cfg, **overrides}
+
+
+class Recorder:
+    """Runs train() with spies on the family's own functions."""
+
+    def __init__(self, monkeypatch):
+        self.memories, self.events = [], []
+        real_refresh, real_batches, real_search = attn_knn.refresh_memory, attn_knn.minibatches, KnnIndex.search
+
+        def refresh(memory, model, ds, *args, **kwargs):
+            out = real_refresh(memory, model, ds, *args, **kwargs)
+            self.memories.append((out, model, ds))
+            return out
+
+        def batches(*args, **kwargs):
+            for idx in real_batches(*args, **kwargs):
+                self.events.append(("batch", idx.clone()))
+                yield idx
+
+        def search(index, q, k, exclude=None):
+            sims, idx = real_search(index, q, k, exclude=exclude)
+            self.events.append(("search", k, None if exclude is None else torch.as_tensor(exclude).clone(),
+                                torch.as_tensor(idx).clone()))
+            return sims, idx
+
+        monkeypatch.setattr(attn_knn, "refresh_memory", refresh)
+        monkeypatch.setattr(attn_knn, "minibatches", batches)
+        monkeypatch.setattr(KnnIndex, "search", search)
+
+    def run(self, cfg):
+        reports = []
+        attn_knn.train(cfg, lambda metrics, checkpoint=None: reports.append(metrics))
+        return reports
+
+    @property
+    def final(self):
+        return self.memories[-1]
+
+    def training_retrievals(self):
+        """(batch indices, search k, exclude, returned neighbour indices) of every training batch."""
+        out = []
+        for first, second in zip(self.events, self.events[1:]):
+            if first[0] == "batch" and second[0] == "search":
+                out.append((first[1], *second[1:]))
+        return out
+
+
+def run_recorded(monkeypatch, **overrides):
+    rec = Recorder(monkeypatch)
+    reports = rec.run(config(**overrides))
+    return rec, reports
+
+
+@pytest.fixture(scope="module")
+def recorded():
+    mp = pytest.MonkeyPatch()  # undone right after the run, so later tests' trainings are not recorded here
+    try:
+        return run_recorded(mp, epochs=2)
+    finally:
+        mp.undo()
+
+
+def clean_embeddings(model, ds, images):
+    """cnn probabilities and embeddings of clean images, computed here (eval mode, no TTA)."""
+    model.eval()
+    with torch.no_grad():
+        features = model.backbone(ds.to_float(images))
+        cnn_logits = features @ model.cnn_head.weight.T + model.cnn_head.bias  # a linear head on the backbone
+        z = torch.nn.functional.normalize(model.projector(features), dim=1)
+    return softmax(cnn_logits.double().numpy(), axis=1), z.double().numpy()
+
+
+def close(reported: dict, prefix: str, probs: np.ndarray, labels: np.ndarray, tol=1e-6):
+    expected = classification_metrics(probs, labels)
+    for metric, value in expected.items():
+        assert reported[f"{prefix}/{metric}"] == pytest.approx(value, abs=tol), f"{prefix}/{metric}"
+
+
+# ---------------------------------------------------------------- which examples each retrieval may see
+
+
+def test_training_never_retrieves_a_query_among_its_own_neighbours(recorded):
+    rec, _ = recorded
+    retrievals = rec.training_retrievals()
+    cfg = config(epochs=2)
+    assert len(retrievals) == 2 * -(-len(rec.final[2].train) // cfg["batch_size"])  # one retrieval per training batch
+    for idx, k, _, neighbours in retrievals:
+        assert k == cfg["k_train"] and neighbours.shape == (len(idx), cfg["k_train"])
+        assert not (neighbours == idx.view(-1, 1)).any(), "a training image retrieved itself"
+
+
+def test_mixup_excludes_both_source_images(monkeypatch):
+    rec, _ = run_recorded(monkeypatch, mixup_alpha=0.4)
+    for idx, _, exclude, neighbours in rec.training_retrievals():
+        assert exclude.shape == (len(idx), 2) and torch.equal(exclude[:, 0], idx)
+        assert sorted(exclude[:, 1].tolist()) == sorted(idx.tolist())  # the partner is another image of the batch
+        assert not (neighbours.unsqueeze(2) == exclude.unsqueeze(1)).any()
+
+
+def test_memory_bank_is_the_training_split_under_the_final_model(recorded):
+    rec, _ = recorded
+    memory, model, ds = rec.final
+    _, z_train = clean_embeddings(model, ds, ds.train.images)
+    clean = load_dataset("digits", max_train=200, max_test=150)
+    np.testing.assert_array_equal(ds.train.images, clean.train.images)  # the training split, nothing else
+    assert len(memory.index) == len(ds.train)
+    np.testing.assert_allclose(memory.bank.double().numpy(), z_train, atol=1e-5)
+    np.testing.assert_array_equal(memory.labels.numpy(), ds.train.labels)
+
+
+# ---------------------------------------------------------------- methods are what their names say
+
+
+def test_every_method_recomputed_independently_on_the_trained_model(recorded):
+    """Every reported test metric at one view, every k, from the final model and the
+    training bank: uniform and distance votes by scikit-learn / numpy, attention over the
+    scikit-learn neighbours, the cnn head as a linear layer on the backbone."""
+    rec, reports = recorded
+    memory, model, ds = rec.final
+    last, cfg = reports[-1], config(epochs=2)
+    clean = load_dataset("digits", max_train=200, max_test=150)
+    np.testing.assert_array_equal(ds.test.labels, clean.test.labels)
+    cnn_probs, z_test = clean_embeddings(model, ds, ds.test.images)
+    bank = memory.bank.double().numpy()
+    close(last, "test/cnn:tta_views:1", cnn_probs, ds.test.labels)
+    for k in KS:
+        knn = KNeighborsClassifier(n_neighbors=k, algorithm="brute").fit(bank, ds.train.labels)
+        close(last, f"test/uniform_knn:k:{k}:tta_views:1", knn.predict_proba(z_test), ds.test.labels)
+        nbr = knn.kneighbors(z_test, return_distance=False)
+        sims = np.take_along_axis(z_test @ bank.T, nbr, 1)
+        weights = softmax(sims / cfg["temperature"], axis=1)
+        votes = np.zeros((len(z_test), ds.num_classes))
+        np.add.at(votes, (np.arange(len(z_test))[:, None], ds.train.labels[nbr]), weights)
+        close(last, f"test/distance_knn:k:{k}:tta_views:1", votes, ds.test.labels, tol=1e-5)
+        with torch.no_grad():
+            logits = model.attention(torch.from_numpy(z_test).float(), memory.bank[torch.from_numpy(nbr)],
+                                     memory.labels[torch.from_numpy(nbr)])
+        close(last, f"test/attn_knn:k:{k}:tta_views:1", softmax(logits.double().numpy(), axis=1), ds.test.labels, tol=1e-5)
+
+
+def test_uniform_knn_is_uniform_and_attention_at_k1_reads_only_the_neighbours_label(recorded):
+    rec, reports = recorded
+    memory, model, ds = rec.final
+    probs = attn_knn.predict(model, ds, ds.test.images, memory, [1, 5], [1], config(epochs=2), torch.device("cpu"), False)
+    uniform = probs["uniform_knn", 5, 1]
+    np.testing.assert_allclose(uniform * 5, np.round(uniform * 5), atol=1e-9)  # fractions of 5 votes
+    _, z = clean_embeddings(model, ds, ds.test.images)
+    nearest_label = ds.train.labels[np.argmax(z @ memory.bank.double().numpy().T, axis=1)]
+    attn1 = probs["attn_knn", 1, 1]
+    for c in np.unique(nearest_label):  # one key: the attention output is a function of its label only
+        rows = attn1[nearest_label == c]
+        np.testing.assert_allclose(rows, np.broadcast_to(rows[0], rows.shape), atol=1e-6)
+    np.testing.assert_array_equal(probs["uniform_knn", 1, 1].argmax(1), nearest_label)
+
+
+def test_tta_views_average_the_clean_view_and_seeded_translations(recorded):
+    rec, reports = recorded
+    memory, model, ds = rec.final
+    last, cfg = reports[-1], config(epochs=2)
+    cnn_clean, _ = clean_embeddings(model, ds, ds.test.images)
+    x = ds.to_float(ds.test.images)
+    view = augment(x, torch.Generator().manual_seed(cfg["seed"] + 7919), flip=False)  # digits: no flips
+    with torch.no_grad():
+        cnn_view = model.cnn_head(model.backbone(view)).double().softmax(1).numpy()
+    close(last, "test/cnn:tta_views:2", (cnn_clean + cnn_view) / 2, ds.test.labels)
+    assert last["test/cnn_tta/nll"] == last["test/cnn:tta_views:2/nll"]
+
+
+# ---------------------------------------------------------------- splits: fit, select, report
+
+
+def test_test_split_is_reported_once_and_never_shapes_training(recorded, monkeypatch):
+    _, reports = recorded
+    assert not any(key.startswith("test/") for key in reports[0])  # only the final report holds test metrics
+    assert SPACE["objective"]["metric"].startswith("val/")
+    other = Recorder(monkeypatch).run(config(epochs=2, max_test=60))  # another test split, same train and val
+    for a, b in zip(reports, other):
+        for key in a:
+            if key.startswith(("train/", "val/")):
+                assert a[key] == b[key], key
+
+
+def test_noise_and_imbalance_touch_the_training_split_only(monkeypatch):
+    rec, reports = run_recorded(monkeypatch, epochs=1, noise_rate=0.3, imbalance=5.0, max_train=0)
+    memory, model, ds = rec.final
+    clean = load_dataset("digits", max_test=150)
+    np.testing.assert_array_equal(ds.val.labels, clean.val.labels)
+    np.testing.assert_array_equal(ds.test.labels, clean.test.labels)
+    np.testing.assert_array_equal(ds.test.images, clean.test.images)
+    counts = np.bincount(ds.train.labels, minlength=10)
+    assert len(ds.train) < len(clean.train)
+    np.testing.assert_array_equal(memory.labels.numpy(), ds.train.labels)  # the bank carries the noisy labels
+    # the evaluation scores against the clean test labels
+    cnn_probs, _ = clean_embeddings(model, ds, ds.test.images)
+    close(reports[-1], "test/cnn:tta_views:1", cnn_probs, clean.test.labels)
+    assert counts.max() > 2 * counts.min()
+
+
+# ---------------------------------------------------------------- knobs change what they should, nothing else
+
+
+def test_temperature_changes_only_the_distance_vote_when_it_is_not_a_loss(monkeypatch):
+    base = Recorder(monkeypatch).run(config(knn_loss_weight=0.0, temperature=0.07))[-1]
+    warm = Recorder(monkeypatch).run(config(knn_loss_weight=0.0, temperature=5.0))[-1]
+    for key in base:
+        if key.startswith("perf/"):
+            continue
+        if "distance_knn" in key and ":k:1:" not in key:  # its vote (and its loss, reported at weight 0)
+            continue
+        assert base[key] == warm[key], key  # training and every other method untouched
+    assert base["test/distance_knn:k:5:tta_views:1/nll"] != warm["test/distance_knn:k:5:tta_views:1/nll"]
+    # limits: a high temperature is the uniform vote, a tiny one the nearest neighbour's
+    hot = Recorder(monkeypatch).run(config(knn_loss_weight=0.0, temperature=1e6))[-1]
+    cold = Recorder(monkeypatch).run(config(knn_loss_weight=0.0, temperature=1e-6))[-1]
+    for metric in ("acc", "nll", "brier"):
+        assert hot[f"test/distance_knn:k:5:tta_views:1/{metric}"] == pytest.approx(
+            hot[f"test/uniform_knn:k:5:tta_views:1/{metric}"], abs=1e-4)
+    assert cold["test/distance_knn:k:5:tta_views:1/acc"] == cold["test/uniform_knn:k:1:tta_views:1/acc"]
+
+
+def test_the_temperature_of_the_knn_loss_is_the_configured_one(monkeypatch):
+    a = Recorder(monkeypatch).run(config(temperature=0.07))[-1]
+    b = Recorder(monkeypatch).run(config(temperature=0.5))[-1]
+    assert a["train/distance_knn/loss"] != b["train/distance_knn/loss"]
+    off = Recorder(monkeypatch).run(config(knn_loss_weight=0.0))[-1]
+    assert off["train/cnn/loss"] != a["train/cnn/loss"]  # the weight reaches the loss
+
+
+def test_heads_k_train_and_embed_dim_reach_the_model_and_the_retrieval(monkeypatch):
+    rec, _ = run_recorded(monkeypatch, heads=2, embed_dim=64, k_train=7)
+    _, model, _ = rec.final
+    assert model.attention.attention.num_heads == 2 and model.attention.attention.embed_dim == 64
+    assert {k for _, k, _, _ in rec.training_retrievals()} == {7}
+
+
+def test_k_eval_and_tta_eval_pick_the_plain_and_tta_names(recorded, monkeypatch):
+    _, reports = recorded
+    last = reports[-1]
+    for method in ("uniform_knn", "distance_knn", "attn_knn"):
+        assert last[f"test/{method}/acc"] == last[f"test/{method}:k:5:tta_views:1/acc"]
+    other = Recorder(monkeypatch).run(config(epochs=2, k_eval=1, tta_eval=1, eval={"k": KS, "tta_views": [1]}))[-1]
+    for method in ("uniform_knn", "distance_knn", "attn_knn"):
+        assert other[f"test/{method}/nll"] == last[f"test/{method}:k:1:tta_views:1/nll"]
+        assert other[f"test/{method}_tta/nll"] == other[f"test/{method}/nll"]
+
+
+# ---------------------------------------------------------------- eval axes: one trained model
+
+
+def test_eval_axis_values_come_from_one_model_and_equal_the_naive_runs(recorded, monkeypatch):
+    """Every (k, views) cell of the eval-axes run equals a run that trains for that one cell."""
+    _, reports = recorded
+    last = reports[-1]
+    assert [r["epoch"] for r in reports] == [1, 2]  # one training
+    for k, n in ((1, 2), (5, 2)):
+        naive = Recorder(monkeypatch).run(config(epochs=2, k_eval=k, tta_eval=n, eval={"k": [k], "tta_views": [n]}))[-1]
+        for method in ("uniform_knn", "distance_knn", "attn_knn"):
+            for metric in ("acc", "nll", "ece"):
+                assert naive[f"test/{method}_tta/{metric}"] == last[f"test/{method}:k:{k}:tta_views:{n}/{metric}"]
