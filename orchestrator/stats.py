@@ -164,3 +164,15 @@ def holm(pvalues: list[float | None]) -> list[float | None]:
         running = max(running, min(1.0, (m - rank) * p))
         out[i] = running
     return out
+
+
+def holm_levels(pvalues: list[float | None], alpha: float) -> list[float | None]:
+    """The raw-p threshold Holm's step-down puts on each test: ``alpha / (m - rank)`` for the
+    test at 0-based ``rank`` in ascending order of p (m tests; ``None`` entries stay ``None``).
+    It is the level a test must reach in its own place of the order, whatever the tests ranked
+    before it do; what :func:`orchestrator.power.seeds_needed` plans for."""
+    tested = sorted((p, i) for i, p in enumerate(pvalues) if p is not None)
+    out: list[float | None] = [None] * len(pvalues)
+    for rank, (_, i) in enumerate(tested):
+        out[i] = alpha / (len(tested) - rank)
+    return out

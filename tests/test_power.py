@@ -1,0 +1,43 @@
+"""Seeds needed for 80% power: the noncentral-t formula against statsmodels' TTestPower."""
+
+import math
+
+import pytest
+from statsmodels.stats.power import TTestPower
+
+from orchestrator.power import n_for_power, power, seeds_needed
+from orchestrator.stats import holm_levels
+
+
+@pytest.mark.parametrize("effect_size, alpha", [(0.3, 0.05), (0.5, 0.05), (1.0, 0.025), (1.5, 0.0125), (2.5, 0.05)])
+def test_power_and_seeds_equal_statsmodels(effect_size, alpha):
+    ref = TTestPower()
+    for n in (3, 5, 12):
+        assert power(effect_size, n, alpha) == pytest.approx(ref.power(effect_size, n, alpha, alternative="two-sided"))
+    exact = ref.solve_power(effect_size=effect_size, alpha=alpha, power=0.8, alternative="two-sided")
+    assert n_for_power(effect_size, alpha) == math.ceil(exact)
+
+
+def test_seeds_needed_plans_for_the_margin_else_the_observed_difference():
+    by_diff = seeds_needed(diff=-0.01, sd=0.02, n_now=3, alpha=0.025)
+    assert by_diff.basis == "observed difference" and by_diff.effect == 0.01
+    assert by_diff.n == math.ceil(TTestPower().solve_power(effect_size=0.5, alpha=0.025, power=0.8))
+    assert by_diff.text() == f"{by_diff.n} ({by_diff.n - 3} more)" and not by_diff.caveat
+    by_margin = seeds_needed(diff=0.001, sd=0.02, n_now=3, alpha=0.05, margin=0.04)
+    assert by_margin.basis == "margin" and by_margin.n == n_for_power(2.0, 0.05)
+    assert seeds_needed(diff=0.05, sd=0.01, n_now=8, alpha=0.05).text().endswith("(have them)")
+
+
+def test_seeds_needed_says_why_when_it_cannot_name_a_number():
+    assert "unreliable" in seeds_needed(0.01, 0.02, 2, 0.05).text()  # n = 2: the sd rests on one df
+    assert "at least 2 seeds" in seeds_needed(0.01, None, 1, 0.05).reason
+    assert "no difference" in seeds_needed(0.0, 0.01, 4, 0.05).reason
+    assert "sd of the differences is 0" in seeds_needed(0.01, 0.0, 4, 0.05).reason
+    assert "more than 10000" in seeds_needed(1e-6, 1.0, 4, 0.05).reason
+    assert seeds_needed(0.01, None, 1, 0.05).n is None
+
+
+def test_holm_levels_are_the_step_down_thresholds():
+    # sorted 0.01, 0.02, 0.04 -> alpha/3, alpha/2, alpha/1
+    assert holm_levels([0.04, 0.01, None, 0.02], 0.05) == pytest.approx([0.05, 0.05 / 3, None, 0.025])
+    assert holm_levels([], 0.05) == []
