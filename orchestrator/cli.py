@@ -22,19 +22,34 @@ def _parse_sets(values: tuple[str, ...]) -> dict[str, str]:
     return out
 
 
+def _use_spaces(ctx, param, folders) -> None:
+    from orchestrator.registry import set_spaces_dirs
+
+    set_spaces_dirs(folders)
+
+
+spaces_option = click.option(
+    "--spaces", multiple=True, metavar="DIR", expose_value=False, callback=_use_spaces,
+    help="A folder of your own family YAMLs, searched before $ORCHESTRATE_SPACES_DIR and the shipped ones (repeatable).")
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 def main() -> None:
     """Run ablation studies as Ray Tune sweeps, logged to MLflow, reported as tables."""
 
 
 @main.command("list")
+@spaces_option
 def list_cmd() -> None:
-    """Families and their studies, one line each with what the study varies."""
-    from orchestrator.spaces import available_families, describe_study, load_family_file, load_study
+    """Families and their studies, one line each with what the study varies; a family that is
+    not shipped says where it comes from."""
+    from orchestrator.registry import families
+    from orchestrator.spaces import describe_study, load_family_file, load_study
 
-    for family in available_families():
+    for family, file in families().items():
         doc = load_family_file(family)
-        click.echo(f"{family}: {doc.get('description', '')}")
+        origin = "" if file.shipped else f" [{file.path} via {file.origin}]"
+        click.echo(f"{family}: {doc.get('description', '')}{origin}")
         for name in doc["studies"]:
             study = load_study(family, name)
             default = " (default)" if name == doc.get("default_study") else ""
@@ -43,6 +58,7 @@ def list_cmd() -> None:
 
 @main.command()
 @click.argument("family")
+@spaces_option
 @click.option("--study", "-s", help="Study name from search_spaces/FAMILY.yaml (default: the file's default_study).")
 @click.option("--dataset", help="digits | cifar10 | cifar100 | imagefolder:PATH (folder or zip).")
 @click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="Override a config value (repeatable).")
@@ -101,6 +117,7 @@ def _print_plan(spec) -> None:
 
 @main.command()
 @click.argument("families", nargs=-1, metavar="[FAMILY ...]")
+@spaces_option
 @click.option("--all", "every", is_flag=True, help="Every family with runs in the store, plus a cross-family summary.")
 @click.option("--study", "-s", help="Only this study.")
 @click.option("--sweep", "sweep_id", help="Only this sweep id (default: the latest sweep of each study).")
@@ -165,6 +182,7 @@ def cluster_validate(file) -> None:
 
 @main.command()
 @click.argument("family", required=False)
+@spaces_option
 @click.option("--sweep", "sweep_id", help="Only this sweep id.")
 @click.option("--storage", help="Where the Tune results are (default: $ORCHESTRATE_STORAGE, else ./runs).")
 @click.option("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else ./mlflow.db).")

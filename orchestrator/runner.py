@@ -24,11 +24,12 @@ from pathlib import Path
 import pyarrow.fs
 import ray
 import torch
+import yaml
 from ray import tune
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ray.tune.search import BasicVariantGenerator
 
-from orchestrator.cluster import STORAGE_ENV, check_shared_storage
+from orchestrator.cluster import BOOTSTRAP_CONFIG, STORAGE_ENV, check_shared_storage
 from orchestrator.errors import UsageError
 from orchestrator.spaces import Study, derive_params
 from orchestrator.sync import storage_fs, storage_location, sync_sweep, write_sweep_meta
@@ -207,17 +208,57 @@ def check_ray_address(address: str) -> None:
         raise UsageError(f"Ray cluster at {address} is not reachable") from None
 
 
-def start_ray(address: str | None) -> None:
+def start_ray(address: str | None) -> bool:
+    """Connect to ``address``, or start a local Ray listening on loopback only; False when a Ray
+    was already initialized in this process (the caller did not start it, so must not stop it)."""
     if ray.is_initialized():
-        return
+        return False
     if address:
         check_ray_address(address)
         try:
             ray.init(address=address, log_to_driver=True)
         except (ConnectionError, RuntimeError) as exc:
             raise UsageError(f"cannot connect to Ray at {address}: {str(exc).splitlines()[0]}") from None
-    else:
-        ray.init(address="local", include_dashboard=False, configure_logging=False)  # never join a stray cluster
+        return True
+    # ray.init turns a node address of 127.0.0.1 into the machine's own (its _node_ip_address is
+    # "resolved for localhost"), and then its GCS, raylet and workers listen on every interface.
+    # Its single-machine mode (the default on macOS and Windows) keeps the node on 127.0.0.1
+    # and every one of those sockets on loopback; it is read when the node starts, so switching
+    # it on for ray.init alone is enough. address="local": never join a stray cluster.
+    from ray._private import ray_constants
+
+    saved, ray_constants.ENABLE_RAY_CLUSTER = ray_constants.ENABLE_RAY_CLUSTER, False
+    try:
+        ray.init(address="local", include_dashboard=False, configure_logging=False)
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = saved
+    return True
+
+
+def node_shapes() -> list[dict] | None:
+    """The CPU/GPU of every node the cluster has or may add (``ray up`` node types), or None
+    when a node type leaves its resources to be detected at launch (nothing to compare with)."""
+    shapes = [node["Resources"] for node in ray.nodes() if node.get("Alive")]
+    path = BOOTSTRAP_CONFIG.expanduser()
+    if path.is_file():
+        try:
+            types = (yaml.safe_load(path.read_text()) or {}).get("available_node_types") or {}
+        except yaml.YAMLError:
+            return None
+        if not types or any("CPU" not in (spec.get("resources") or {}) for spec in types.values()):
+            return None
+        shapes += [spec["resources"] for spec in types.values()]
+    return shapes
+
+
+def check_trial_resources(cpus: float, gpus: float) -> None:
+    """Refuse (exit 2) a per-trial request that no node can give: Tune would wait for it forever."""
+    shapes = node_shapes()
+    if shapes is None or any(s.get("CPU", 0) >= cpus and s.get("GPU", 0) >= gpus for s in shapes):
+        return
+    have = sorted({f"{s.get('CPU', 0):g} CPU + {s.get('GPU', 0):g} GPU" for s in shapes})
+    raise UsageError(f"--cpus-per-trial {cpus:g} --gpus-per-trial {gpus:g}: no node of the cluster has that much "
+                     f"(nodes: {'; '.join(have)})")
 
 
 def new_sweep_id(study: Study) -> str:
@@ -265,14 +306,21 @@ def run_sweep(study: Study, opts: SweepOptions) -> SweepOutcome:
     if opts.gpus_per_trial and not address and not torch.cuda.is_available():
         raise UsageError(f"--gpus-per-trial {opts.gpus_per_trial} asks for GPUs but this machine has none")
 
-    start_ray(address)
+    started = start_ray(address)
+    try:
+        check_trial_resources(opts.cpus_per_trial, opts.gpus_per_trial)
+    except UsageError:
+        if started:
+            ray.shutdown()
+        raise
     check_shared_storage(storage)
     tags = {"family": study.family, "study": study.name, "dataset": study.base.get("dataset"), "git_commit": git_commit()}
     tracker = SweepTracker(tracking_uri, study.family, sweep_id, tags,
                            artifact_root=default_artifact_root(tracking_uri, workdir))
     write_sweep_meta(experiment, {"family": study.family, "study": study.name, "sweep_id": sweep_id,
                                   "tags": tracker.tags, "derive": study.derive})
-    trainable = tune.with_resources(make_trainable(study.family, study.derive, study.objective["metric"]),
+    trainable = tune.with_resources(make_trainable(study.family, study.derive, study.objective["metric"],
+                                                   study.entrypoint, study.import_paths),
                                     {"cpu": opts.cpus_per_trial, "gpu": opts.gpus_per_trial})
     callbacks = [MlflowCallback(tracker, study, retry_s=float(os.environ.get(MLFLOW_RETRY_ENV, "30")))]
     # num_to_keep=1 makes Tune snapshot the experiment after every trial checkpoint (the

@@ -1,41 +1,36 @@
 """Search-space YAML -> a validated study -> a Ray Tune param space.
 
 The grammar is in ``search_spaces/README.md``. Everything is checked here, before Ray starts:
-unknown keys, wrong types, out-of-range values, malformed distributions. Nothing is evaluated
-as code (``yaml.safe_load``; values are coerced to the type of the family default).
+unknown keys, wrong types, out-of-range values, non-finite numbers, malformed distributions,
+the dataset spec, the family's code (``orchestrator.registry``) and the family's own
+cross-field ``check`` on every trial config the study launches. Nothing is evaluated as code
+(``yaml.safe_load``; values are coerced to the type of the family default).
 """
 
 from __future__ import annotations
 
 import itertools
 import math
-import os
 from dataclasses import dataclass, field
-from importlib import resources
-from pathlib import Path
 from typing import Any
 
 import yaml
 
 from orchestrator.errors import UsageError
+from orchestrator.registry import families, family_code, read_family
 
 DISTRIBUTIONS = ("choice", "uniform", "loguniform", "randint")
 SEARCHES = ("random", "optuna")
 SCHEDULERS = ("fifo", "asha")
 LR_RULES = ("linear", "sqrt", "none")
 STUDY_KEYS = {"description", "set", "grid", "eval", "space", "search", "samples", "scheduler", "seeds", "derive"}
-FILE_KEYS = {"family", "description", "objective", "default_study", "defaults", "eval", "params", "claims", "report", "studies"}
+FILE_KEYS = {"family", "description", "entrypoint", "check", "objective", "default_study", "defaults", "eval", "params",
+             "claims", "report", "studies"}
 RESERVED = {"seed", "eval", "artifact_dir"}
 
 
-def spaces_dir() -> Path:
-    """The shipped ``search_spaces/``, or ``$ORCHESTRATE_SPACES_DIR`` for a user's own YAMLs."""
-    override = os.environ.get("ORCHESTRATE_SPACES_DIR")
-    return Path(override).expanduser() if override else Path(str(resources.files("search_spaces")))
-
-
 def available_families() -> list[str]:
-    return sorted(p.stem for p in spaces_dir().glob("*.yaml"))
+    return list(families())
 
 
 @dataclass
@@ -56,6 +51,8 @@ class Study:
     derive: dict[str, dict]
     objective: dict[str, str]
     claims: list = field(default_factory=list)
+    entrypoint: str = ""  # module.path:function of the family's train
+    import_paths: tuple[str, ...] = ()  # folders a worker puts on sys.path before importing it
 
     @property
     def num_trials(self) -> int:
@@ -78,17 +75,8 @@ class Study:
 
 
 def load_family_file(family: str) -> dict:
-    path = spaces_dir() / f"{family}.yaml"
-    if not path.exists():
-        raise UsageError(f"unknown family {family!r}: choose one of {', '.join(available_families())}")
-    try:
-        doc = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" (line {mark.line + 1})" if mark else ""
-        raise UsageError(f"malformed YAML in {path}{where}: {getattr(exc, 'problem', exc)}") from None
-    if not isinstance(doc, dict):
-        raise UsageError(f"{path}: top level must be a mapping")
+    file, doc = read_family(family)
+    path = file.path
     unknown = set(doc) - FILE_KEYS
     if unknown:
         raise UsageError(f"{path}: unknown top-level key(s) {sorted(unknown)}")
@@ -97,6 +85,7 @@ def load_family_file(family: str) -> dict:
             raise UsageError(f"{path}: '{key}' must be a mapping")
     if doc.get("family", family) != family:
         raise UsageError(f"{path}: 'family' is {doc['family']!r}, expected {family!r}")
+    _refuse_non_finite(doc, path.name)
     return doc
 
 
@@ -156,11 +145,17 @@ def load_study(family: str, study: str | None = None, overrides: dict[str, str] 
     objective = doc["objective"]
     if objective.get("mode") not in ("min", "max") or not isinstance(objective.get("metric"), str):
         raise UsageError(f"{family}.yaml objective: needs 'metric' and 'mode' (min|max)")
-    return Study(
+    code = family_code(family)
+    compiled = Study(
         family=family, name=study, description=str(spec.get("description", "")), base=base, grid=grid,
         eval_axes=eval_axes, space=space, search=search, samples=samples, scheduler=scheduler,
         seeds=seeds, derive=derive, objective=dict(objective), claims=list(doc.get("claims") or []),
+        entrypoint=code.entrypoint, import_paths=code.file.import_paths,
     )
+    _check_datasets(compiled)
+    if code.check is not None:
+        _check_trials(compiled, code.check, overrides or {}, where)
+    return compiled
 
 
 def derive_params(config: dict, derive: dict[str, dict]) -> dict:
@@ -171,6 +166,23 @@ def derive_params(config: dict, derive: dict[str, dict]) -> dict:
         ratio = config[rule.get("batch_key", "batch_size")] / rule["reference_batch"]
         factor = {"linear": ratio, "sqrt": math.sqrt(ratio), "none": 1.0}[name]
         out[key] = rule["reference_value"] * factor
+    return out
+
+
+def checked_configs(study: Study) -> list[tuple[str, dict]]:
+    """Every config a study can launch, as its trainable receives it (before ``artifact_dir``),
+    labelled by what varies: each grid point x seed, and for ``space`` studies every combination
+    of the distributions' bounds (each value of a ``choice``)."""
+    names = list(study.grid)
+    bounds = {key: _bounds(dist) for key, dist in study.space.items()}
+    seeds = study.seeds if study.search != "optuna" else study.seeds[:1]
+    out = []
+    for values in itertools.product(*(study.grid[n] for n in names)):
+        for drawn in itertools.product(*bounds.values()):
+            for seed in seeds:
+                point = {**dict(zip(names, values)), **dict(zip(bounds, drawn)), "seed": seed}
+                config = {**study.base, **point, "eval": dict(study.eval_axes), "device": study.base.get("device", "auto")}
+                out.append((" ".join(f"{k}={v}" for k, v in point.items()), derive_params(config, study.derive)))
     return out
 
 
@@ -206,6 +218,48 @@ def _seeds(value, where: str) -> list[int]:
     raise UsageError(f"{where}.seeds: expected an int or a list of ints, got {value!r}")
 
 
+def _bounds(dist: dict) -> list:
+    """The values of a distribution the compiler checks: a choice's values, a range's ends."""
+    (kind, args), = dist.items()
+    if kind == "choice":
+        return list(args)
+    return [args[0], args[1] - 1] if kind == "randint" else list(args)
+
+
+def _refuse_non_finite(value, where: str) -> None:
+    if isinstance(value, float) and not math.isfinite(value):
+        raise UsageError(f"{where}: {value} is not a finite number")
+    if isinstance(value, dict):
+        for key, item in value.items():
+            _refuse_non_finite(item, f"{where}.{key}")
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            _refuse_non_finite(item, f"{where}[{i}]")
+
+
+def _check_datasets(study: Study) -> None:
+    """Every dataset spec the study can use names data that is there (no image is decoded)."""
+    from trainables.common.data import DataError, validate_spec
+
+    specs = [study.base.get("dataset"), *study.grid.get("dataset", []), *study.space.get("dataset", {}).get("choice", [])]
+    for spec in dict.fromkeys(s for s in specs if s is not None):
+        try:
+            validate_spec(spec)
+        except DataError as exc:
+            raise UsageError(str(exc)) from None
+
+
+def _check_trials(study: Study, check, overrides: dict, where: str) -> None:
+    """Run the family's ``check`` on every config the study launches; the first refusal is one
+    line naming the study, the trial (as ``--dry-run`` numbers them) and the ``--set`` keys."""
+    cli = "".join(f"; --set {key}={study.base[key]}" for key in overrides)
+    for i, (label, config) in enumerate(checked_configs(study)):
+        try:
+            check(config)
+        except ValueError as exc:  # ConfigError, and the DataError / ValueError a check may raise
+            raise UsageError(f"{where} trial {i} ({label}{cli}): {exc}") from None
+
+
 def _describe_distribution(dist: dict) -> str:
     (kind, args), = dist.items()
     return f"{kind}({', '.join(map(str, args))})"
@@ -232,9 +286,14 @@ class _Checker:
             if isinstance(default, int):
                 return int(raw)
             if isinstance(default, float):
-                return float(raw)
+                value = float(raw)
+                if not math.isfinite(value):
+                    raise UsageError(f"--set {key}={raw}: not a finite number")
+                return value
             if isinstance(default, (list, dict)) or default is None:
-                return yaml.safe_load(raw)
+                value = yaml.safe_load(raw)
+                _refuse_non_finite(value, f"--set {key}")
+                return value
             return raw
         except (ValueError, yaml.YAMLError):
             raise UsageError(f"--set {key}={raw}: expected {type(default).__name__}") from None

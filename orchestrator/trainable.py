@@ -13,13 +13,13 @@ import ray
 import torch
 from ray import tune
 
+from orchestrator.registry import resolve_entrypoint
 from orchestrator.spaces import derive_params
-from trainables import get_trainable
 
 CHECKPOINT_FILE = "state.pt"
 
 
-def make_trainable(family: str, derive: dict, objective: str):
+def make_trainable(family: str, derive: dict, objective: str, entrypoint: str, import_paths: tuple[str, ...]):
     """Wrap a family's plain ``train`` so Tune can run it: derive parameters, restore from the
     latest checkpoint, and turn ``report(metrics, checkpoint)`` into ``tune.report``. A diverged
     report carries the objective as NaN, so searchers and schedulers count the trial as failed
@@ -47,7 +47,7 @@ def make_trainable(family: str, derive: dict, objective: str):
                 torch.save(checkpoint, Path(directory) / CHECKPOINT_FILE)
                 tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(directory))
 
-        get_trainable(family)(config, report, restore)
+        resolve_entrypoint(entrypoint, import_paths)(config, report, restore)  # the YAML's folder first on sys.path
 
     trainable.__name__ = family
     return trainable

@@ -6,18 +6,17 @@ import textwrap
 import pytest
 
 from orchestrator.errors import UsageError
-from orchestrator.spaces import available_families, derive_params, load_study
 from orchestrator.runner import param_space
+from orchestrator.spaces import available_families, checked_configs, derive_params, load_family_file, load_study
 
 
 def test_every_shipped_study_compiles():
     for family in available_families():
-        from orchestrator.spaces import load_family_file
-
         for name in load_family_file(family)["studies"]:
-            study = load_study(family, name)
+            study = load_study(family, name)  # also runs the family's check on every trial config
             assert study.num_trials >= 1
             assert study.trial_configs(), (family, name)
+            assert study.entrypoint == f"trainables.{family}:train"
 
 
 def test_grid_times_seeds_with_derived_lr():
@@ -62,19 +61,41 @@ def test_cli_overrides_are_coerced_to_the_default_type():
     ("busy_loop", None, {"lr": "-0.1"}, "lr=-0.1 is out of range"),
     ("busy_loop", None, {"lr": "0"}, "must be > 0"),
     ("busy_loop", None, {"lr_rule": "cubic"}, "not one of"),
+    ("busy_loop", None, {"lr": "nan"}, "--set lr=nan: not a finite number"),
+    ("busy_loop", None, {"lr": "-inf"}, "not a finite number"),
 ])
 def test_bad_input_is_one_clear_error(family, study, overrides, message):
     with pytest.raises(UsageError, match=message):
         load_study(family, study, overrides)
 
 
-def _write(tmp_path, text):
+CODE = """
+from trainables.common.checks import ConfigError
+
+
+def train(config, report, restore=None):
+    report({"epoch": 1, "val/x/acc": 1.0})
+
+
+def check(config):
+    if config["batch_size"] % 4:
+        raise ConfigError(f"batch_size {config['batch_size']} must be a multiple of 4")
+    if config["lr"] * config["epochs"] > 10:
+        raise ConfigError(f"lr {config['lr']:g} x epochs {config['epochs']} is more than 10")
+"""
+
+
+def _write(tmp_path, text, monkeypatch=None):
     (tmp_path / "fam.yaml").write_text(textwrap.dedent(text))
+    (tmp_path / "fam_code.py").write_text(CODE)
+    if monkeypatch is not None:  # another test's fam_code.py may be imported already
+        monkeypatch.delitem(__import__("sys").modules, "fam_code", raising=False)
     return tmp_path
 
 
 BASE = """
 family: fam
+entrypoint: fam_code:train
 objective: {metric: val/x/acc, mode: max}
 defaults: {dataset: digits, lr: 0.1, epochs: 1, noise_rate: 0.0, batch_size: 8, lr_rule: none}
 params:
@@ -99,8 +120,39 @@ studies:
     ("  s: {derive: {lr: {rule_from: lr_rule, reference_batch: 8}}}", "needs reference_batch"),
     ("  s: {bogus: 1}", "unknown key"),
     ("  s: {grid: {lr: [0.1}", "malformed YAML"),
+    ("  s: {grid: {lr: [0.1, .nan]}}", r"fam.yaml.studies.s.grid.lr\[1\]: nan is not a finite number"),
+    ("  s: {set: {noise_rate: .inf}}", "inf is not a finite number"),
+    # the family's own check, on every grid point x seed, numbered as --dry-run numbers trials
+    ("  s: {grid: {batch_size: [8, 6]}, seeds: 2}", r"fam.yaml studies.s trial 2 \(batch_size=6 seed=0\): "
+                                                   "batch_size 6 must be a multiple of 4"),
+    # space studies: every combination of the distributions' bounds
+    ("  s: {space: {lr: {loguniform: [0.01, 2.0]}, epochs: {randint: [1, 7]}}}", r"\(lr=2.0 epochs=6 seed=0\): "
+                                                                               "lr 2 x epochs 6 is more than 10"),
+    ("  s: {space: {batch_size: {choice: [8, 12, 10]}}}", "batch_size 10 must be"),
 ])
 def test_bad_yaml_is_rejected_before_anything_starts(tmp_path, monkeypatch, study_yaml, message):
-    monkeypatch.setenv("ORCHESTRATE_SPACES_DIR", str(_write(tmp_path, BASE + study_yaml + "\n")))
+    monkeypatch.setenv("ORCHESTRATE_SPACES_DIR", str(_write(tmp_path, BASE + study_yaml + "\n", monkeypatch)))
     with pytest.raises(UsageError, match=message):
         load_study("fam", "s")
+
+
+def test_check_failure_names_the_cli_override(tmp_path, monkeypatch):
+    monkeypatch.setenv("ORCHESTRATE_SPACES_DIR", str(_write(tmp_path, BASE + "  s: {seeds: 1}\n", monkeypatch)))
+    with pytest.raises(UsageError, match=r"trial 0 \(seed=0; --set batch_size=6\): batch_size 6 must"):
+        load_study("fam", "s", {"batch_size": "6"})
+    assert load_study("fam", "s", {"batch_size": "12"}).base["batch_size"] == 12
+
+
+def test_checked_configs_are_what_the_trainable_receives(tmp_path, monkeypatch):
+    """Each config the check sees is a trial's: grid point, seed, derived lr, eval axes, device."""
+    study_yaml = ("  s: {grid: {batch_size: [8, 16]}, seeds: 2, eval: {k: [1, 3]},\n"
+                  "      derive: {lr: {rule: linear, reference_batch: 8, reference_value: 0.1}}}\n")
+    monkeypatch.setenv("ORCHESTRATE_SPACES_DIR", str(_write(tmp_path, BASE + study_yaml, monkeypatch)))
+    study = load_study("fam", "s")
+    checked = checked_configs(study)
+    assert [label for label, _ in checked] == ["batch_size=8 seed=0", "batch_size=8 seed=1",
+                                                "batch_size=16 seed=0", "batch_size=16 seed=1"]
+    space = param_space(study)
+    for (_, config), planned in zip(checked, study.trial_configs()):
+        assert config == {**planned, "eval": space["eval"], "device": space["device"]}
+    assert [c["lr"] for _, c in checked] == pytest.approx([0.1, 0.1, 0.2, 0.2])

@@ -78,16 +78,47 @@ class Dataset:
 DATASET_NAMES = ("digits", "cifar10", "cifar100")
 
 
-def validate_spec(spec: str) -> None:
-    """Cheap check of a dataset spec before anything starts (no image is decoded)."""
-    if spec in DATASET_NAMES:
+def validate_spec(spec: str, download: bool = False, data_root: str | os.PathLike | None = None) -> None:
+    """Cheap check of a dataset spec before anything starts (no image is decoded): a torchvision
+    dataset is on disk or asked to ``download``; an ImageFolder path is a readable folder or zip
+    of SPLIT/CLASS/IMAGE or CLASS/IMAGE files with at least two classes in every split."""
+    if spec == "digits":
+        return
+    if spec in ("cifar10", "cifar100"):
+        if not download:
+            _require_torchvision_files(spec, data_root)
         return
     if spec.startswith("imagefolder:"):
         path = Path(spec.split(":", 1)[1]).expanduser()
         if not path.exists():
             raise DataError(f"dataset path does not exist: {path}")
+        if not os.access(path, os.R_OK | (os.X_OK if path.is_dir() else 0)):
+            raise DataError(f"dataset path is not readable: {path}")
+        try:
+            splits = _layout(_list_image_files(path))
+        except (OSError, zipfile.BadZipFile) as exc:
+            raise DataError(f"cannot read {path}: {exc}") from None
+        if not splits:
+            raise DataError(f"no images in ImageFolder layout (SPLIT/CLASS/IMAGE or CLASS/IMAGE) under {path}")
+        for split, items in splits.items():
+            classes = sorted({cls for cls, _ in items})
+            if len(classes) < 2:
+                where = "" if split == "all" else f" split {split!r}"
+                raise DataError(f"{path}{where}: ImageFolder needs at least 2 class folders, found {classes}")
         return
     raise DataError(f"unknown dataset {spec!r}: use one of {', '.join(DATASET_NAMES)} or imagefolder:PATH")
+
+
+def _require_torchvision_files(name: str, data_root) -> None:
+    from torchvision import datasets
+
+    root = Path(data_root or default_cache_dir() / "torchvision").expanduser()
+    cls = datasets.CIFAR10 if name == "cifar10" else datasets.CIFAR100
+    folder = root / cls.base_folder
+    if not all((folder / file).is_file() for file, _ in cls.train_list + cls.test_list):
+        fetch = (f"python -c \"from torchvision.datasets import {cls.__name__} as D; "
+                 f"[D('{root}', train=t, download=True) for t in (True, False)]\"")
+        raise DataError(f"{name} is not on disk under {root}: download it once (needs network) with: {fetch}")
 
 
 def load_dataset(
@@ -106,7 +137,7 @@ def load_dataset(
     ``max_train``/``max_test`` take a stratified, seeded subset (for CPU-sized runs); the val
     split is carved before ``max_train`` applies so val never overlaps train.
     """
-    validate_spec(spec)
+    validate_spec(spec, download, data_root)
     if spec == "digits":
         train, test, classes, mean, std = _load_digits()
     elif spec in ("cifar10", "cifar100"):
@@ -164,7 +195,7 @@ def _load_torchvision_cifar(name: str, download: bool, data_root):
         tr = cls(str(root), train=True, download=download)
         te = cls(str(root), train=False, download=download)
     except RuntimeError as exc:  # torchvision: "Dataset not found or corrupted..."
-        hint = "" if download else " (pass --download to fetch it; needs network access)"
+        hint = "" if download else " (load it with download=True; needs network access)"
         raise DataError(f"{name} is not available under {root}{hint}: {exc}") from None
     except OSError as exc:  # URLError and friends when the download itself fails
         raise DataError(f"{name} download failed (no network?): {exc}") from None
@@ -243,11 +274,7 @@ def _decode_all(src: Path, cache: Path) -> dict[str, tuple[np.ndarray, np.ndarra
     files = _list_image_files(src)
     if not files:
         raise DataError(f"no images in ImageFolder layout (SPLIT/CLASS/IMAGE) under {src}")
-    by_split: dict[str, list[tuple[str, str]]] = {}
-    for rel in files:
-        parts = rel.split("/")
-        split = parts[-3] if len(parts) >= 3 and parts[-3] in ("train", "test", "val") else "all"
-        by_split.setdefault(split, []).append((parts[-2], rel))
+    by_split = _layout(files)
     classes = sorted({cls for items in by_split.values() for cls, _ in items})
     index = {c: i for i, c in enumerate(classes)}
     out, arrays = {}, {}
@@ -260,6 +287,19 @@ def _decode_all(src: Path, cache: Path) -> dict[str, tuple[np.ndarray, np.ndarra
             arrays[f"{split}_x"], arrays[f"{split}_y"] = x, y
     atomic_save_npz(cache, splits=np.array(sorted(out)), classes=np.array(classes), **arrays)
     return out
+
+
+def _layout(files: list[str]) -> dict[str, list[tuple[str, str]]]:
+    """ImageFolder paths by split: ``{split: [(class, path)]}``; a file directly under the root
+    (no class folder) is not part of the layout. Split ``all`` when there are no split folders."""
+    by_split: dict[str, list[tuple[str, str]]] = {}
+    for rel in files:
+        parts = rel.split("/")
+        if len(parts) < 2:
+            continue
+        split = parts[-3] if len(parts) >= 3 and parts[-3] in ("train", "test", "val") else "all"
+        by_split.setdefault(split, []).append((parts[-2], rel))
+    return by_split
 
 
 def _list_image_files(src: Path) -> list[str]:
