@@ -24,6 +24,7 @@ from __future__ import annotations
 import io
 import sys
 import time
+from contextlib import contextmanager
 
 import numpy as np
 import torch
@@ -190,23 +191,45 @@ def load_data(cfg: dict) -> Dataset:
     return load_dataset(cfg["dataset"], max_train=cfg["max_train"] or None, max_test=cfg["max_test"] or None)
 
 
-def train_epoch(models, optimizers, active, data: SetFeatures, batch_size: int, gen) -> dict[str, float] | None:
-    """One pass over the training sets for every still-active net; None when a loss diverged."""
+@contextmanager
+def own_stream(seed: int, net: str, *step: int, device: torch.device):
+    """Run a block on the net's own torch stream (``[seed, net, *step]``), then put the global RNG
+    back: each net's initial weights and dropout masks are then the same whatever the other net
+    is (a knob of the attention block must not move the flat MLP's results) and whichever nets
+    still train."""
+    cuda = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=cuda):
+        torch.manual_seed(int(np.random.SeedSequence([seed, 1003, NETS.index(net), *step]).generate_state(1)[0]))
+        yield
+
+
+def build_models(feature_dim: int, cfg: dict, device: torch.device) -> dict[str, nn.Module]:
+    models = {}
+    for name, cls in (("attention", SetAttention), ("flat_mlp", FlatMLP)):
+        with own_stream(cfg["seed"], name, device=device):
+            models[name] = cls(feature_dim, cfg).to(device)
+    return models
+
+
+def train_epoch(models, optimizers, active, data: SetFeatures, batch_size: int, gen, seed: int, epoch: int) -> dict[str, float] | None:
+    """One pass over the training sets (one batch order for every net) for every still-active
+    net, each on its own dropout stream; None when a loss diverged."""
+    batches = list(minibatches(len(data), batch_size, gen))
+    out = {}
     for name in active:
-        models[name].train()
-    sums, steps = dict.fromkeys(active, 0.0), 0
-    for rows in minibatches(len(data), batch_size, gen):
-        x, y = data.batch(rows.numpy())
-        steps += 1
-        for name in active:
-            loss = F.cross_entropy(models[name](x), y)
-            if is_diverged(loss):
-                return None
-            optimizers[name].zero_grad(set_to_none=True)
-            loss.backward()
-            optimizers[name].step()
-            sums[name] += loss.item()
-    return {metric_key("train", name, "loss"): total / steps for name, total in sums.items()}
+        model, total = models[name].train(), 0.0
+        with own_stream(seed, name, epoch, device=data.device):
+            for rows in batches:
+                x, y = data.batch(rows.numpy())
+                loss = F.cross_entropy(model(x), y)
+                if is_diverged(loss):
+                    return None
+                optimizers[name].zero_grad(set_to_none=True)
+                loss.backward()
+                optimizers[name].step()
+                total += loss.item()
+        out[metric_key("train", name, "loss")] = total / len(batches)
+    return out
 
 
 def _snapshot(state):
@@ -230,7 +253,7 @@ def train(config: dict, report, restore: dict | None = None) -> None:
     std = torch.from_numpy(np.asarray(fs.train).std(0, dtype=np.float64).astype(np.float32)).clamp_min(1e-6)
     data = {split: SetFeatures(fs.split(split), *sets, mean, std, device) for split, sets in build_sets(ds, cfg, n_classes).items()}
 
-    models = {"attention": SetAttention(fs.dim, cfg).to(device), "flat_mlp": FlatMLP(fs.dim, cfg).to(device)}
+    models = build_models(fs.dim, cfg, device)
     optimizers = {name: torch.optim.AdamW(m.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"]) for name, m in models.items()}
     stoppers = {name: EarlyStopping(cfg["patience"]) for name in NETS}
     best = {name: _snapshot(m.state_dict()) for name, m in models.items()}
@@ -247,7 +270,7 @@ def train(config: dict, report, restore: dict | None = None) -> None:
 
     for epoch in range(start, cfg["epochs"] + 1):
         began = time.perf_counter()
-        losses = train_epoch(models, optimizers, active, data["train"], cfg["batch_size"], gen)
+        losses = train_epoch(models, optimizers, active, data["train"], cfg["batch_size"], gen, cfg["seed"], epoch)
         if losses is None:
             report({"diverged": 1.0, "epoch": epoch})
             return

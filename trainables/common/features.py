@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import random
 import re
 import sys
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +28,7 @@ from trainables.common.cache import atomic_write, default_cache_dir
 from trainables.common.data import Dataset, load_dataset
 from trainables.common.cache import build_lock
 from trainables.common.encoders import Encoder, check_name, describe, get_encoder, sha256_file
+from trainables.common.training import resolve_device
 
 CODE_VERSION = 1  # bump when the extraction code changes what it writes
 SPLITS = ("train", "val", "test")
@@ -48,7 +51,28 @@ class FeatureSet:
 def extract_features(dataset: Dataset, encoder: str, *, device: str = "auto", cache_dir=None,
                      batch_size: int = 256, progress: bool = True) -> FeatureSet:
     """Features of every split of ``dataset`` under ``encoder``: loaded from the cache, or
-    computed once (under a lock) and cached."""
+    computed once (under a lock) and cached. Leaves every RNG as it found it, so a trial reports
+    the same whether the cache was cold (an encoder built or own-cnn trained here) or warm."""
+    with _rng_untouched(device):
+        return _extract_features(dataset, encoder, device, cache_dir, batch_size, progress)
+
+
+@contextmanager
+def _rng_untouched(device: str):
+    """Restore python's, numpy's and torch's global RNGs (the CUDA one of ``device`` too) on exit:
+    building an encoder draws its initial weights, and training own-cnn reseeds torch."""
+    python, numpy = random.getstate(), np.random.get_state()
+    resolved = resolve_device(device)
+    cuda = [resolved.index if resolved.index is not None else torch.cuda.current_device()] if resolved.type == "cuda" else []
+    try:
+        with torch.random.fork_rng(devices=cuda):
+            yield
+    finally:
+        random.setstate(python)
+        np.random.set_state(numpy)
+
+
+def _extract_features(dataset: Dataset, encoder: str, device: str, cache_dir, batch_size: int, progress: bool) -> FeatureSet:
     check_name(encoder)
     identity, transform = describe(encoder, dataset, device=device, cache_dir=cache_dir, progress=progress)
     built: Encoder | None = None

@@ -1,0 +1,221 @@
+"""set_anomaly's wiring, through its real ``train()`` on digits: which split each step may see
+(sets, standardisation, early stopping, report), that each knob reaches what it names and
+nothing else, and that the baselines are what their names say (against numpy
+reimplementations). Each test fails when that choice is broken (see the mutations named in
+the docstrings)."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from scipy.stats import binomtest, chisquare
+from torch import nn
+
+from trainables import set_anomaly as sa
+from trainables.common.data import Split
+from trainables.common.features import extract_features
+
+SPEC = yaml.safe_load(open("search_spaces/set_anomaly.yaml"))
+# 400 training images: own-cnn trains in seconds, once per test session (the session cache)
+BASE = {**SPEC["defaults"], "seed": 0, "device": "cpu", "max_train": 400, "n_classes": 10, "n_train_sets": 200,
+        "n_val_sets": 100, "n_test_sets": 300, "epochs": 2, "patience": 50, "mlp_hidden": 32, "lr": 3e-3}
+
+
+def config(**overrides) -> dict:
+    return {**BASE, **overrides}
+
+
+def run(cfg: dict, restore=None) -> list[tuple[dict, dict]]:
+    reports, threads = [], torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        sa.train(cfg, lambda metrics, checkpoint=None: reports.append((metrics, checkpoint)), restore=restore)
+    finally:
+        torch.set_num_threads(threads)
+    return reports
+
+
+def final(cfg: dict) -> dict:
+    return run(cfg)[-1][0]
+
+
+def pick(metrics: dict, prefix: str) -> dict:
+    return {k: v for k, v in metrics.items() if k.startswith(prefix)}
+
+
+def features(cfg: dict):
+    ds = sa.load_data(cfg)
+    return ds, extract_features(ds, cfg["encoder"], device="cpu", progress=False)
+
+
+@pytest.fixture(scope="module")
+def base_run():
+    return run(config())
+
+
+# ---------------------------------------------------------------- the sets
+
+
+def test_sets_hold_one_anomaly_of_another_class_at_the_target_in_shuffled_positions():
+    """Mutations caught: anomaly of the same class, target off by one, no shuffle, n_classes ignored."""
+    cfg = config(n_classes=4, n_train_sets=2000)
+    ds = sa.load_data(cfg)
+    sets = sa.build_sets(ds, cfg, sa.effective_classes(ds, cfg["n_classes"]))
+    for split, (idx, target) in sets.items():
+        labels = getattr(ds, split).labels[idx]
+        assert idx.shape == (cfg[f"n_{split}_sets"], cfg["set_size"])
+        anomaly = labels[np.arange(len(idx)), target]
+        rest = labels[np.arange(len(idx))[:, None], [np.delete(np.arange(cfg["set_size"]), t) for t in target]]
+        assert (rest == rest[:, :1]).all(), split  # set_size - 1 images of class A ...
+        assert (anomaly != rest[:, 0]).all(), split  # ... and the one at the target is of another class
+        assert set(np.unique(labels)) == set(range(4)), split  # the first n_classes classes, all of them
+    _, target = sets["train"]
+    assert chisquare(np.bincount(target, minlength=cfg["set_size"])).pvalue > 1e-3  # positions shuffled
+
+
+# ---------------------------------------------------------------- baselines
+
+
+def _ranking(scores: np.ndarray, target: np.ndarray) -> tuple[float, float]:
+    true = scores[np.arange(len(target)), target]
+    higher = (scores > true[:, None]).sum(1)
+    return float(np.mean(scores.argmax(1) == target)), float(np.mean(higher < 5))
+
+
+def test_farthest_from_mean_is_the_argmax_cosine_distance_to_the_set_mean():
+    """Against a numpy reimplementation on the raw cached features of the sets train() draws
+    (n_classes 4, so the sets' classes are wired too). Mutations caught: argmin, Euclidean
+    distance, the val sets scored as test, n_classes not reaching the sets."""
+    cfg = config(n_classes=4, epochs=1)
+    got = final(cfg)
+    ds, fs = features(cfg)
+    sets = sa.build_sets(ds, cfg, 4)
+    for split in ("val", "test"):
+        idx, target = sets[split]
+        x = np.asarray(fs.split(split), dtype=np.float64)[idx]  # (n, S, D)
+        mean = x.mean(1, keepdims=True)
+        cos = (x * mean).sum(-1) / (np.linalg.norm(x, axis=-1) * np.linalg.norm(mean, axis=-1))
+        acc, top5 = _ranking(1.0 - cos, target)
+        assert got[f"{split}/farthest_from_mean/acc"] == pytest.approx(acc, abs=1e-12)
+        assert got[f"{split}/farthest_from_mean/top5"] == pytest.approx(top5, abs=1e-12)
+
+
+def test_random_baseline_is_chance_and_blind_to_features_and_models(base_run):
+    """Mutations caught: random scores that read the features or the target; random metrics
+    that move with a model knob."""
+    got = final(config(n_test_sets=3000, epochs=1))
+    for metric, chance in (("acc", 1 / 10), ("top5", 5 / 10)):
+        hits = round(got[f"test/random/{metric}"] * 3000)
+        assert binomtest(hits, 3000, chance).pvalue > 1e-3, metric
+    other = final(config(heads=2, layers=2, dropout=0.3))
+    assert pick(other, "test/random/") == pick(base_run[-1][0], "test/random/")
+
+
+def test_flat_mlp_reads_the_concatenated_set_and_attention_is_permutation_equivariant():
+    """The two nets are what their names say (no positional encoding in attention)."""
+    cfg, dim = config(), 16
+    torch.manual_seed(0)
+    flat, attention = sa.FlatMLP(dim, cfg).eval(), sa.SetAttention(dim, cfg).eval()
+    first = next(m for m in flat.modules() if isinstance(m, nn.Linear))
+    assert first.in_features == cfg["set_size"] * dim
+    x = torch.randn(3, cfg["set_size"], dim)
+    perm = torch.randperm(cfg["set_size"])
+    with torch.no_grad():
+        torch.testing.assert_close(attention(x[:, perm]), attention(x)[:, perm])
+        assert flat(x).shape == (3, cfg["set_size"])
+        assert not torch.allclose(flat(x[:, perm]), flat(x)[:, perm])
+
+
+# ---------------------------------------------------------------- knobs
+
+
+@pytest.mark.parametrize("heads,layers,dropout,model_dim", [(1, 1, 0.0, 0), (4, 3, 0.3, 0), (2, 2, 0.5, 24)])
+def test_heads_layers_dropout_model_dim_reach_the_attention_block(heads, layers, dropout, model_dim):
+    cfg = config(heads=heads, layers=layers, dropout=dropout, model_dim=model_dim)
+    model = sa.SetAttention(256, cfg)
+    attn = [m for m in model.modules() if isinstance(m, nn.MultiheadAttention)]
+    assert len(attn) == layers
+    assert all(m.num_heads == heads and m.dropout == dropout and m.embed_dim == (model_dim or 256) for m in attn)
+    drops = [m for m in model.modules() if isinstance(m, nn.Dropout)]
+    assert drops and all(m.p == dropout for m in drops)
+    assert all(m.p == dropout for m in sa.FlatMLP(256, cfg).modules() if isinstance(m, nn.Dropout))
+
+
+@pytest.mark.parametrize("knob,value,changes", [
+    ("heads", 2, ("attention",)),
+    ("layers", 2, ("attention",)),
+    ("model_dim", 32, ("attention",)),
+    ("dropout", 0.3, ("attention", "flat_mlp")),
+])
+def test_each_model_knob_changes_its_nets_and_nothing_else(base_run, knob, value, changes):
+    """Through train(): a knob that does not reach its net (hard-coded heads, dropout kept out of
+    the attention path) or that leaks into another method fails here."""
+    base, other = base_run[-1][0], final(config(**{knob: value}))
+    for method in ("attention", "flat_mlp", "farthest_from_mean", "random"):
+        a, b = pick(base, f"test/{method}/"), pick(other, f"test/{method}/")
+        if method in changes:
+            assert a != b, (knob, method)
+        else:
+            assert a == b, (knob, method)
+
+
+# ---------------------------------------------------------------- which split does what
+
+
+def test_early_stopping_selects_on_val_and_reports_the_val_best_model():
+    """The final report holds, per net, the model of the first epoch with the best val top-1:
+    its val metrics are that epoch's, and its val and test metrics are those of a run that
+    ended there. Mutations caught: selection on test, no restore of the best model."""
+    epochs = 7
+    reports = run(config(epochs=epochs))
+    assert [m["epoch"] for m, _ in reports] == list(range(1, epochs + 1))
+    last = reports[-1][0]  # its val figures are the restored best model's, not epoch 7's
+    checked = 0
+    for net in ("attention", "flat_mlp"):
+        accs = [m[f"val/{net}/acc"] for m, _ in reports[:-1]]
+        assert last[f"val/{net}/acc"] >= max(accs), net
+        if last[f"val/{net}/acc"] > max(accs):
+            continue  # the last epoch was the best one
+        best_epoch = int(np.argmax(accs)) + 1
+        assert pick(reports[best_epoch - 1][0], f"val/{net}/") == pick(last, f"val/{net}/")
+        stopped = final(config(epochs=best_epoch))
+        assert pick(last, f"test/{net}/") == pick(stopped, f"test/{net}/"), (net, best_epoch)
+        checked += 1
+    assert checked  # the config keeps at least one net's best epoch before the last
+
+
+def test_test_split_changes_only_test_metrics():
+    """max_test changes only the test split (val and train are carved first): every train, val
+    and info figure of every report must stay the same. Mutations caught: standardising with
+    test statistics, selecting on test, test sets drawn into training."""
+    a, b = run(config(epochs=3, max_test=200)), run(config(epochs=3, max_test=300))
+    assert [m["epoch"] for m, _ in a] == [m["epoch"] for m, _ in b]
+    for (ma, _), (mb, _) in zip(a, b):
+        keep = [k for k in ma if not k.startswith(("test/", "perf/"))]
+        assert {k: ma[k] for k in keep} == {k: mb[k] for k in keep}
+    assert pick(a[-1][0], "test/") != pick(b[-1][0], "test/")
+
+
+def test_val_split_is_used_for_selection_and_reporting_only(monkeypatch):
+    """A different val split (its images mirrored) leaves training untouched: every epoch's
+    train loss and the test baselines stay the same. Mutations caught: standardising with val
+    statistics, val sets trained on."""
+    cfg = config(epochs=3)
+    plain = run(cfg)
+    load = sa.load_data
+
+    def mirrored_val(c):
+        ds = load(c)
+        return replace(ds, val=Split(np.ascontiguousarray(ds.val.images[:, :, ::-1]), ds.val.labels))
+
+    monkeypatch.setattr(sa, "load_data", mirrored_val)
+    other = run(cfg)
+    for (ma, _), (mb, _) in zip(plain, other):
+        assert pick(ma, "train/") == pick(mb, "train/")
+    assert pick(plain[-1][0], "val/farthest_from_mean/") != pick(other[-1][0], "val/farthest_from_mean/")
+    for method in ("random", "farthest_from_mean"):
+        assert pick(plain[-1][0], f"test/{method}/") == pick(other[-1][0], f"test/{method}/")
