@@ -31,10 +31,12 @@ from ray.tune.search import BasicVariantGenerator
 
 from orchestrator.cluster import BOOTSTRAP_CONFIG, STORAGE_ENV, check_shared_storage
 from orchestrator.errors import UsageError
-from orchestrator.spaces import Study, derive_params
-from orchestrator.sync import storage_fs, storage_location, sync_sweep, write_sweep_meta
+from orchestrator.mlflow_callback import MlflowCallback
+from orchestrator.spaces import Study
+from orchestrator.sweep_summary import log_summary
+from orchestrator.sync import finish_parent, storage_fs, storage_location, sync_sweep, write_sweep_meta
 from orchestrator.tracking import (SweepTracker, check_tracking_uri, configure_client, default_artifact_root,
-                                   default_tracking_uri, git_commit, node_tags, result_step, trial_tags, warn)
+                                   default_tracking_uri, git_commit, warn)
 from orchestrator.trainable import make_trainable
 from trainables.common.data import DataError, validate_spec
 
@@ -66,87 +68,6 @@ class SweepOutcome:
     diverged: int
 
 
-# ---------------------------------------------------------------- MLflow as a Tune callback
-
-
-class MlflowCallback(tune.Callback):
-    """Mirror every trial into MLflow. MLflow failures never stop the sweep: they are warned
-    about, and while the server is unreachable the callback stays quiet for ``retry_s``
-    seconds at a time (so a dead server costs one failed call per period, not one per
-    result); what it misses is logged by the final sync or ``orchestrate sync``."""
-
-    def __init__(self, tracker: SweepTracker, study: Study, retry_s: float = 30.0):
-        self.tracker, self.study, self.retry_s = tracker, study, retry_s
-        self._quiet_until = 0.0
-        self._down = False
-        self._rejected = False
-
-    def _safe(self, fn, *args):
-        """``fn(*args)``, one request to the store (callers skip calls that would not reach it,
-        so a success means the store answers), or None on failure or in a quiet period."""
-        if time.monotonic() < self._quiet_until:
-            return None
-        try:
-            out = fn(*args)
-        except Exception as exc:  # noqa: BLE001 - the tracking store is best effort during a sweep
-            from mlflow.exceptions import RestException
-
-            what = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
-            if isinstance(exc, RestException):  # the server answered: a refused request, not an outage
-                if not self._rejected:
-                    warn(f"MLflow refused a request ({what}); `orchestrate sync` logs what is missing")
-                    self._rejected = True
-                return None
-            self._quiet_until = time.monotonic() + self.retry_s
-            if not self._down:
-                warn(f"MLflow unavailable ({what}); trials go on, what is missed is logged at the end "
-                     "or by `orchestrate sync`")
-                self._down = True
-            return None
-        if self._down:
-            warn("MLflow reachable again")
-            self._down = False
-        return out
-
-    def _run_id(self, trial):
-        run_id = self.tracker.known_run(trial.trial_id)
-        if run_id is not None:
-            return run_id
-        config = derive_params(trial.config, self.study.derive)
-        return self._safe(self.tracker.child, trial.trial_id, config, trial_tags(config, trial.path))
-
-    def on_trial_start(self, iteration, trials, trial, **info):
-        self._run_id(trial)
-
-    def on_trial_result(self, iteration, trials, trial, result, **info):
-        run_id = self._run_id(trial)
-        if run_id is None:
-            return
-        if result.get("training_iteration") == 1 or result.get("iterations_since_restore") == 1:
-            self._safe(self.tracker.set_tags, run_id, node_tags(result))
-        if not self.tracker.is_logged(run_id, result_step(result)):
-            self._safe(self.tracker.log_result, run_id, result, result_step(result))
-        if result.get("diverged"):
-            self._safe(self.tracker.set_tags, run_id, {"status": "diverged"})
-
-    def on_trial_complete(self, iteration, trials, trial, **info):
-        run_id = self._run_id(trial)
-        if run_id is None:
-            return
-        diverged = bool((trial.last_result or {}).get("diverged"))
-        self._safe(self.tracker.set_tags, run_id, {"status": "diverged" if diverged else "finished"})
-        artifacts = Path(trial.path) / "artifacts"
-        if artifacts.is_dir() and any(artifacts.iterdir()):
-            self._safe(self.tracker.log_artifacts, run_id, artifacts, "artifacts")
-        self._safe(self.tracker.finish, run_id, "FINISHED")
-
-    def on_trial_error(self, iteration, trials, trial, **info):
-        run_id = self._run_id(trial)
-        if run_id is not None:
-            self._safe(self.tracker.set_tags, run_id, {"status": "error"})
-            self._safe(self.tracker.finish, run_id, "FAILED")
-
-
 # ---------------------------------------------------------------- building the Tune run
 
 
@@ -176,8 +97,10 @@ def tune_config(study: Study, max_concurrent: int) -> tune.TuneConfig:
     scheduler = (ASHAScheduler(metric=metric, mode=mode, time_attr="training_iteration",
                                max_t=int(study.base.get("epochs", 100)), grace_period=1)
                  if study.scheduler == "asha" else FIFOScheduler())
+    # reuse_actors: the next trial runs in the finished one's worker (no new process, no
+    # re-import of Ray, torch and the family; trainable.py resets what a trial could leak)
     return tune.TuneConfig(search_alg=search_alg, scheduler=scheduler, num_samples=samples,
-                           max_concurrent_trials=max_concurrent or None)
+                           max_concurrent_trials=max_concurrent or None, reuse_actors=True)
 
 
 def resolve_paths(study: Study, workdir: Path) -> None:
@@ -342,7 +265,12 @@ def run_sweep(study: Study, opts: SweepOptions) -> SweepOutcome:
     errored = sum(1 for r in results if r.error is not None)
     diverged = sum(1 for r in results if (r.metrics or {}).get("diverged"))
     try:
-        sync_sweep(experiment, tracking_uri, workdir)
+        mirror = callbacks[0]
+        if opts.resume or not mirror.complete():  # a resume: trials finished before it were never seen here
+            sync_sweep(experiment, tracking_uri, workdir)
+        else:  # the callback logged every result and ended every run: a sync would re-read all to add nothing
+            finish_parent(tracker, len(results), errored, diverged)
+        log_summary(tracker, study, [(r.config, r.metrics or {}) for r in results])
     except Exception as exc:  # noqa: BLE001 - Tune's results on disk are complete; MLflow can catch up later
         warn(f"MLflow not brought up to date ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); when it is "
              f"reachable run: orchestrate sync {study.family} --sweep {sweep_id} --storage {storage} --tracking-uri {tracking_uri}")

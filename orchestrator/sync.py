@@ -128,6 +128,13 @@ def _sync_trial(tracker: SweepTracker, meta: dict, fs, trial_dir: str, experimen
         tracker.close(run, "FAILED")
 
 
+def finish_parent(tracker: SweepTracker, trials: int, errored: int, diverged: int) -> None:
+    """Count the sweep's trials on its parent run and end it (FAILED if any trial errored)."""
+    parent = tracker.client.get_run(tracker.parent_id)
+    tracker.update_tags(parent, {"trials": trials, "errored": errored, "diverged": diverged})
+    tracker.close(parent, "FINISHED" if errored == 0 else "FAILED")
+
+
 def sync_sweep(experiment: str, tracking_uri: str, workdir: Path | None = None) -> SyncCounts:
     """Log into MLflow whatever of one sweep's on-disk results it lacks; return what was added."""
     fs, path = storage_fs(experiment)
@@ -148,10 +155,7 @@ def sync_sweep(experiment: str, tracking_uri: str, workdir: Path | None = None) 
             trials += 1
             diverged += status == "TERMINATED" and bool(results[-1].get("diverged"))
     if statuses and all(s in ("TERMINATED", "ERROR") for s in statuses.values()):
-        errored = sum(s == "ERROR" for s in statuses.values())
-        parent = tracker.client.get_run(tracker.parent_id)
-        tracker.update_tags(parent, {"trials": len(statuses), "errored": errored, "diverged": diverged})
-        tracker.close(parent, "FINISHED" if errored == 0 else "FAILED")
+        finish_parent(tracker, len(statuses), sum(s == "ERROR" for s in statuses.values()), diverged)
     return SyncCounts(meta["sweep_id"], trials, dict(tracker.stats))
 
 

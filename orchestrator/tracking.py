@@ -8,6 +8,9 @@ not logged twice.
 
 from __future__ import annotations
 
+import getpass
+import hashlib
+import json
 import os
 import socket
 import subprocess
@@ -18,12 +21,17 @@ import urllib.request
 from collections import Counter
 from pathlib import Path
 
-from mlflow.entities import Metric, Param, RunTag
+from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
 from orchestrator.errors import UsageError
 
 PARENT, CHILD = "parent", "trial"
+# MLflow's UI opens an experiment of this kind on its training-runs view, not the GenAI overview
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
+# Config keys that shape a trial's data (present in some families): the dataset input's profile
+DATA_KEYS = ("max_train", "max_test", "noise_rate", "imbalance", "shots", "split", "n_classes",
+             "n_train_sets", "n_val_sets", "n_test_sets", "train_sequences", "val_sequences", "test_sequences")
 MAX_PARAM_LENGTH = 6000
 STEP_MARKER = "epoch"  # logged last in every step: its history says which steps are complete
 # The driver's MLflow client must fail fast when a tracking server goes away: with MLflow's
@@ -73,13 +81,40 @@ def check_tracking_uri(uri: str, timeout: float = 5.0) -> None:
         raise UsageError(f"unsupported MLflow tracking URI {uri!r} (use sqlite:///PATH, a directory, or http(s)://HOST:PORT)")
 
 
-def git_commit(cwd: Path | None = None) -> str:
+def git_commit(cwd: Path | None = None, short: bool = True) -> str:
     try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=cwd or Path(__file__).parent,
-                             capture_output=True, text=True, timeout=5)
+        out = subprocess.run(["git", "rev-parse", *(["--short"] if short else []), "HEAD"],
+                             cwd=cwd or Path(__file__).parent, capture_output=True, text=True, timeout=5)
         return out.stdout.strip() or "unknown"
     except (OSError, subprocess.SubprocessError):
         return "unknown"
+
+
+def source_tags(family: str, study: str | None) -> dict[str, str]:
+    """MLflow's own tags for where a run came from (the UI's Source, Version and User columns)."""
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):  # no passwd entry for this uid (some containers)
+        user = "unknown"
+    command = f"orchestrate sweep {family}" + (f" --study {study}" if study else "")
+    return {"mlflow.source.type": "LOCAL", "mlflow.source.name": command,
+            "mlflow.source.git.commit": git_commit(short=False), "mlflow.user": user}
+
+
+def dataset_input(config: dict) -> DatasetInput:
+    """The trial's data as an MLflow dataset input: named by its spec, profiled by the config
+    keys that shape its splits (subset sizes, label noise, imbalance, ...), digested over both,
+    so runs on the same data share a digest and the UI's Dataset column and filters work."""
+    spec = str(config.get("dataset"))
+    profile = {key: config[key] for key in DATA_KEYS if key in config}
+    if spec.startswith("imagefolder:"):
+        source_type, source = "local", {"uri": spec.split(":", 1)[1]}
+    else:
+        source_type, source = "code", {"tags": {"dataset": spec}}
+    described = json.dumps({"name": spec, "source": source, "profile": profile}, sort_keys=True, default=str)
+    dataset = Dataset(name=spec, digest=hashlib.sha256(described.encode()).hexdigest()[:8], source_type=source_type,
+                      source=json.dumps(source), profile=json.dumps(profile, default=str))
+    return DatasetInput(dataset, tags=[InputTag("mlflow.data.context", "train")])
 
 
 def flatten(config: dict, prefix: str = "") -> dict[str, str]:
@@ -128,7 +163,7 @@ class SweepTracker:
         self.client = MlflowClient(tracking_uri)
         self.tracking_uri = tracking_uri
         self.sweep_id = sweep_id
-        self.tags = {k: str(v) for k, v in tags.items()}
+        self.tags = {**source_tags(experiment, tags.get("study")), **{k: str(v) for k, v in tags.items()}}
         self.stats: Counter = Counter()
         self.experiment_id = self._experiment(experiment, artifact_root)
         self.parent_id = self._find_or_create(PARENT, None, {}, run_name=sweep_id)
@@ -138,9 +173,12 @@ class SweepTracker:
     def _experiment(self, name: str, artifact_root: Path | None) -> str:
         exp = self.client.get_experiment_by_name(name)
         if exp is not None:
+            for key, value in EXPERIMENT_KIND.items():
+                if exp.tags.get(key) != value:  # an experiment made before this tag, or by hand
+                    self.client.set_experiment_tag(exp.experiment_id, key, value)
             return exp.experiment_id
         location = (artifact_root / name).resolve().as_uri() if artifact_root else None
-        return self.client.create_experiment(name, artifact_location=location)
+        return self.client.create_experiment(name, artifact_location=location, tags=EXPERIMENT_KIND)
 
     def find_runs(self, role: str, trial_id: str | None = None) -> list:
         query = f"tags.sweep_id = '{self.sweep_id}' and tags.role = '{role}'"
@@ -175,6 +213,7 @@ class SweepTracker:
                 self.client.update_run(run_id, status="RUNNING")
         else:
             run_id = self._find_or_create(CHILD, trial_id, tags, run_name=trial_id)
+            self.client.log_inputs(run_id, datasets=[dataset_input(config)])
         batch = [Param(k, v) for k, v in params.items()]
         for start in range(0, len(batch), 100):
             self.client.log_batch(run_id, params=batch[start:start + 100])
@@ -189,6 +228,10 @@ class SweepTracker:
     def is_logged(self, run_id: str, step: int) -> bool:
         """Whether ``log_result`` would skip ``step`` (no request to the store)."""
         return step <= self._last_step.get(run_id, 0)
+
+    def mark_logged(self, run_id: str, step: int) -> None:
+        """Record that every step up to ``step`` is in the store (after a batched write)."""
+        self._last_step[run_id] = max(step, self._last_step.get(run_id, 0))
 
     def logged_steps(self, run_id: str) -> set[int]:
         return {m.step for m in self.client.get_metric_history(run_id, STEP_MARKER)}
