@@ -26,18 +26,19 @@ import pandas as pd
 
 from orchestrator.errors import UsageError
 from orchestrator.stats import Paired, fmt, holm, one_sample_test, p_is, paired_test
-from trainables.common.metrics import parse_metric_key
+from trainables.common.metrics import metric_info, parse_metric_key
 
 ALPHA = 0.05
 VALIDATED, INVALIDATED, INCONCLUSIVE = "VALIDATED", "INVALIDATED", "INCONCLUSIVE"
-LOWER_IS_BETTER = {"ece", "nll", "brier", "loss"}
 CLAIM_KEYS = {"claim", "study", "compare", "threshold", "drop", "margin"}
 COMPARE_KEYS = {"metric", "baseline", "better", "where", "baseline_where"}
 
 
 def lower_is_better(key: str) -> bool:
-    """Direction of a metric key: error-like metrics and timings go down, the rest up."""
-    return key.startswith("perf/") or key.rsplit("/", 1)[-1] in LOWER_IS_BETTER
+    """Direction of a metric key from the metric table (timings go down); metrics the table
+    does not know are taken as higher-is-better, as a claim's ``better`` defaults."""
+    info = metric_info(key)
+    return info is not None and info.better == "lower"
 
 
 # ---------------------------------------------------------------- selecting and pairing values
@@ -142,15 +143,45 @@ class Claim:
     margin: float = 0.0
 
 
-def parse_claims(doc: dict, family: str) -> list[Claim]:
-    """The ``claims`` list of a family YAML, checked: one clear error per malformed entry."""
+def parse_claims(doc: dict, family: str, source: str | None = None) -> list[Claim]:
+    """The ``claims`` list of a family YAML, checked: one clear error per malformed entry
+    (``source`` names the YAML in the message; default ``<family>.yaml``)."""
     raw = doc.get("claims") or []
+    source = source or f"{family}.yaml"
     if not isinstance(raw, list):
-        raise UsageError(f"{family}.yaml claims: expected a list")
+        raise UsageError(f"{source}: claims: expected a list")
     studies = set(doc.get("studies") or {})
     known = set(doc.get("defaults") or {})
     default_study = doc.get("default_study") or next(iter(studies), None)
-    return [_parse_one(entry, f"{family}.yaml claims[{i}]", studies, known, default_study) for i, entry in enumerate(raw)]
+    return [_parse_one(entry, f"{source}: claims[{i}]", studies, known, default_study) for i, entry in enumerate(raw)]
+
+
+def validate_claims(doc: dict, family: str, source: str) -> list[Claim]:
+    """:func:`parse_claims`, plus what only the study's YAML entry can tell before a sweep: a
+    ``where`` or ``drop`` on a grid parameter must name values of that grid, and an eval axis
+    in a metric key (``test/m:k:20/acc``) must be one the study evaluates, with that value.
+    Otherwise the claim would select no trial and stay INCONCLUSIVE after the whole sweep."""
+    claims = parse_claims(doc, family, source)
+    for i, claim in enumerate(claims):
+        where = f"{source}: claims[{i}] ({claim.text!r})"
+        spec = (doc.get("studies") or {}).get(claim.study) or {}
+        grid = spec.get("grid") or {}
+        eval_axes = {**(doc.get("eval") or {}), **(spec.get("eval") or {})}
+        for side in (claim.a, claim.b) if claim.b else (claim.a,):
+            for param, value in side.where:
+                if param in grid and not any(same_value(v, value) for v in grid[param]):
+                    raise UsageError(f"{where}: {param}={value!r} is not in study {claim.study!r}'s grid {grid[param]}")
+            parsed = parse_metric_key(side.key)
+            for axis, value in (parsed["axes"] if parsed else {}).items():
+                if axis not in eval_axes or not any(same_value(value, v) for v in eval_axes[axis]):
+                    raise UsageError(f"{where}: {side.key} names eval axis {axis}={value}, but study {claim.study!r} "
+                                     f"evaluates {axis}: {eval_axes.get(axis, 'not an eval axis')}")
+        if claim.drop:
+            values = grid.get(claim.drop["param"])
+            if values is None or not all(any(same_value(v, claim.drop[end]) for v in values) for end in ("from", "to")):
+                raise UsageError(f"{where}: drop needs {claim.drop['param']} swept in study {claim.study!r} with "
+                                 f"{claim.drop['from']!r} and {claim.drop['to']!r} in its grid (grid: {values})")
+    return claims
 
 
 def _parse_one(entry, where: str, studies: set, known: set, default_study) -> Claim:

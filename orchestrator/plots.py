@@ -1,7 +1,7 @@
 """PNG figures for reports (matplotlib, Agg backend: no display needed).
 
 Two shapes cover every study: curves (a metric against a numeric swept value, one line per
-series, a shaded 95% t-interval where n >= 2) and cells (a metric per named cell with error
+series, a shaded 95% t-interval where n >= 2, clipped to the metric's bounds) and cells (a metric per named cell with error
 bars, the reference cell highlighted). Each figure has one panel per metric.
 :func:`study_plots` picks the figures a study's data supports: every numeric swept param, every
 numeric eval axis (studies without swept params), and the cells of A/B studies.
@@ -19,7 +19,9 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402 - the backend must be chosen first
 
-from orchestrator.report_data import ReportConfig, StudyRuns, StudyStats, axis_items, metric_label, typed  # noqa: E402
+from orchestrator.report_config import ReportConfig, metric_label  # noqa: E402
+from orchestrator.report_data import StudyRuns, StudyStats, axis_items, typed  # noqa: E402
+from orchestrator.reliability import Diagram  # noqa: E402
 from orchestrator.report_tables import axis_combos, eval_signatures, find_reference, methods_of, metrics_of  # noqa: E402
 from trainables.common.metrics import metric_key  # noqa: E402
 
@@ -31,7 +33,8 @@ class Series:
     label: str
     x: list = field(default_factory=list)
     mean: list[float] = field(default_factory=list)
-    half: list[float] = field(default_factory=list)  # NaN where n < 2: no band there
+    low: list[float] = field(default_factory=list)  # the 95% interval, clipped to the metric's bounds;
+    high: list[float] = field(default_factory=list)  # the mean itself where n < 2 (no band there)
 
 
 @dataclass
@@ -59,9 +62,7 @@ def curves(path: Path, title: str, xlabel: str, panels: list[Panel], log_x: bool
     for ax, panel in zip(axes, panels):
         for s in panel.series[:MAX_SERIES]:
             line, = ax.plot(s.x, s.mean, marker="o", label=s.label)
-            lo = [m - h if not math.isnan(h) else m for m, h in zip(s.mean, s.half)]
-            hi = [m + h if not math.isnan(h) else m for m, h in zip(s.mean, s.half)]
-            ax.fill_between(s.x, lo, hi, color=line.get_color(), alpha=0.18, linewidth=0)
+            ax.fill_between(s.x, s.low, s.high, color=line.get_color(), alpha=0.18, linewidth=0)
         if log_x:
             ax.set_xscale("log")
         ax.set_xlabel(xlabel)
@@ -82,7 +83,7 @@ def cell_errorbars(path: Path, title: str, labels: list[str], panels: list[Panel
         for j, s in enumerate(panel.series[:MAX_SERIES]):
             offset = (j - (count - 1) / 2) * 0.12
             xs = [positions[c] + offset for c in s.x]
-            err = [0.0 if math.isnan(h) else h for h in s.half]
+            err = [[m - lo for m, lo in zip(s.mean, s.low)], [hi - m for m, hi in zip(s.mean, s.high)]]
             ax.errorbar(xs, s.mean, yerr=err, fmt="o", capsize=3, label=s.label)
         ax.set_xticks(range(len(labels)))
         ax.set_xticklabels(labels, rotation=45, ha="right", fontsize=7)
@@ -103,11 +104,12 @@ def cell_errorbars(path: Path, title: str, labels: list[str], panels: list[Panel
 def _series(stats: StudyStats, cells_keys: list[tuple[tuple, str, object]], label: str) -> Series | None:
     s = Series(label)
     for cell, key, x in cells_keys:
-        mean, half, n = stats.get(cell, key)
-        if n:
+        iv = stats.get(cell, key)
+        if iv.n:
             s.x.append(x)
-            s.mean.append(mean)
-            s.half.append(half)
+            s.mean.append(iv.mean)
+            s.low.append(iv.mean if math.isnan(iv.low) else iv.low)
+            s.high.append(iv.mean if math.isnan(iv.high) else iv.high)
     return s if s.x else None
 
 
@@ -214,3 +216,58 @@ def _ab_plot(family, study, stats, cfg, out, metrics) -> list[tuple[str, Path]]:
     path = out / f"{_safe(family)}-{_safe(study.name)}-cells.png"
     title = f"{family} / {study.name}: cells, mean ± 95% t-interval"
     return [(title, cell_errorbars(path, title, labels, panels, study.label(ref) if ref is not None else None))]
+
+
+# ---------------------------------------------------------------- reliability diagrams
+
+
+def reliability_figure(path: Path, title: str, panels: list[tuple[str, Diagram]]) -> Path:
+    """One panel per diagram: accuracy against confidence per bin (mean over seeds, a 95% band
+    across seeds), the diagonal of perfect calibration, ECE in the legend, and below it the
+    bin counts as a histogram."""
+    fig, axes = plt.subplots(2, len(panels), figsize=(4.2 * len(panels), 4.6), squeeze=False,
+                             gridspec_kw={"height_ratios": [3, 1]}, sharex=True)
+    for (label, d), ax, hist in zip(panels, axes[0], axes[1]):
+        width = 1.0 / d.bins
+        centers = [(b + 0.5) * width for b in range(d.bins)]
+        filled = [b for b in range(d.bins) if d.accuracy[b] is not None]
+        xs = [d.confidence[b] if d.confidence[b] is not None else centers[b] for b in filled]
+        ax.plot([0, 1], [0, 1], linestyle="--", color="grey", linewidth=1, label="perfect calibration")
+        line, = ax.plot(xs, [d.accuracy[b] for b in filled], marker="o",
+                        label=f"{label}: ECE {d.ece.text()}")
+        banded = [b for b in filled if d.accuracy_low[b] is not None]
+        if banded:
+            ax.fill_between([xs[filled.index(b)] for b in banded], [d.accuracy_low[b] for b in banded],
+                            [d.accuracy_high[b] for b in banded], color=line.get_color(), alpha=0.18, linewidth=0)
+        ax.set_xlim(0, 1)
+        ax.set_ylim(0, 1)
+        ax.set_ylabel("accuracy")
+        ax.set_title(f"{label} ({d.runs} seed{'s' if d.runs != 1 else ''})", fontsize=9)
+        ax.legend(fontsize=7, loc="upper left")
+        ax.grid(alpha=0.3)
+        hist.bar(centers, d.count, width=width * 0.9, color=line.get_color(), alpha=0.6)
+        hist.set_xlabel("confidence (15 equal-width bins)" if d.bins == 15 else f"confidence ({d.bins} bins)")
+        hist.set_ylabel("count")
+    fig.suptitle(title, fontsize=10)
+    return _finish(fig, path)
+
+
+def reliability_plots(family: str, study: str, found: list[Diagram], cfg: ReportConfig,
+                      pairs: list[tuple[str, Diagram, Diagram]], out: Path) -> list[tuple[str, Path]]:
+    """``<family>-<study>-reliability-<method>.png`` for each method, and for each eval axis
+    that a method varies, the before/after pair ``...-reliability-<method>-<axis>.png``."""
+    made = []
+    for d in found[:MAX_SERIES]:
+        title = f"{family} / {study}: reliability of {_variant_label(cfg, d)}"
+        path = out / f"{_safe(family)}-{_safe(study)}-reliability-{_safe(d.method)}.png"
+        made.append((title, reliability_figure(path, title, [(_variant_label(cfg, d), d)])))
+    for axis, before, after in pairs[:MAX_SERIES]:
+        title = f"{family} / {study}: reliability of {cfg.label(before.base)}, {axis} {before.axes[axis]} vs {after.axes[axis]}"
+        path = out / f"{_safe(family)}-{_safe(study)}-reliability-{_safe(before.base)}-{_safe(axis)}.png"
+        made.append((title, reliability_figure(path, title, [(_variant_label(cfg, d), d) for d in (before, after)])))
+    return made
+
+
+def _variant_label(cfg: ReportConfig, d: Diagram) -> str:
+    axes = ", ".join(f"{k}={v}" for k, v in d.axes.items())
+    return cfg.label(d.method) if d.method in cfg.labels or not axes else f"{cfg.label(d.base)} ({axes})"

@@ -67,6 +67,14 @@ def write_sweep_report(outcome, study) -> Path | None:
     return path
 
 
+def headline_text(outcome, study) -> str:
+    """What ``report.md`` of this sweep opens with (the headline table and the sentences that
+    read it), as markdown for the console at the end of ``orchestrate sweep``; the same numbers
+    as the report. Empty when MLflow holds no finished trial of the sweep."""
+    report = build_report(outcome.tracking_uri, study.family, sweep_id=outcome.sweep_id)
+    return report.markdown(lead_only=True) if not report.stats.empty else ""
+
+
 # ---------------------------------------------------------------- the `orchestrate report` command
 
 

@@ -2,13 +2,14 @@
 
 The data model of a report: :func:`load_runs` reads one row per (trial run, final metric),
 :func:`select_studies` picks each study's sweep and its finished trials, :class:`StudyStats`
-holds mean ± 95% Student-t half-width with n of every metric key in every cell, and
-:class:`ReportConfig` is the ``report:`` key of the family YAML. Nothing here formats a table.
+holds mean and 95% Student-t interval with n of every metric key in every cell, clipped to
+the metric's bounds (:data:`trainables.common.metrics.METRICS`). Nothing here builds a table.
 """
 
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -16,20 +17,11 @@ import pandas as pd
 from mlflow.tracking import MlflowClient
 
 from orchestrator.claims import same_value
-from orchestrator.errors import UsageError
-from orchestrator.stats import format_interval, t_interval
-from trainables.common.metrics import parse_metric_key
+from orchestrator.stats import decimals, format_interval, t_interval
+from trainables.common.metrics import metric_info, parse_metric_key
 
-METRIC_LABELS = {"acc": "Accuracy", "top5": "Top-5", "ece": "ECE", "nll": "NLL", "brier": "Brier",
-                 "balanced_acc": "Balanced acc", "macro_f1": "Macro-F1", "loss": "Loss"}
-DEFAULT_HEADLINE = ["acc", "ece", "nll"]
-REPORT_KEYS = {"baseline", "headline_study", "headline_metrics", "methods", "labels", "focus", "reference", "drops", "split"}
 RUN_COLUMNS = ["run_id", "sweep_id", "study", "status", "seed", "dataset", "start_time"]
 KEY_COLUMNS = ["key", "split", "method", "axes", "metric", "value"]
-
-
-def metric_label(metric: str) -> str:
-    return METRIC_LABELS.get(metric, metric)
 
 
 # ---------------------------------------------------------------- the tidy frame
@@ -99,69 +91,6 @@ def axis_items(axes: str) -> list[tuple[str, str]]:
     return [tuple(part.split("=", 1)) for part in axes.split(",")] if axes else []
 
 
-# ---------------------------------------------------------------- per-family settings
-
-
-@dataclass
-class ReportConfig:
-    """The ``report:`` key of a family YAML (every field optional)."""
-
-    objective: dict
-    baseline: str | None = None
-    headline_study: str | None = None
-    headline_metrics: list[str] = field(default_factory=lambda: list(DEFAULT_HEADLINE))
-    methods: list[str] = field(default_factory=list)  # method specs ("attn_knn", "attn_knn:tta_views:5"), in order
-    labels: dict[str, str] = field(default_factory=dict)
-    focus: list[str] = field(default_factory=list)  # methods of A/B tables and 2-D grid plots
-    reference: dict[str, dict] = field(default_factory=dict)  # study -> reference cell {param: value}
-    drops: dict[str, str] = field(default_factory=dict)  # study -> param: metric drop from its first value
-    split: str = "test"
-
-    @classmethod
-    def from_doc(cls, doc: dict, family: str) -> "ReportConfig":
-        raw = doc.get("report") or {}
-        where = f"{family}.yaml report"
-        if not isinstance(raw, dict) or set(raw) - REPORT_KEYS:
-            raise UsageError(f"{where}: expected a mapping with keys among {sorted(REPORT_KEYS)}")
-        cfg = cls(objective=dict(doc.get("objective") or {}), headline_study=doc.get("default_study"))
-        for key in ("baseline", "headline_study", "split"):
-            if key in raw:
-                if not isinstance(raw[key], str):
-                    raise UsageError(f"{where}.{key}: expected a string")
-                setattr(cfg, key, raw[key])
-        for key in ("headline_metrics", "methods", "focus"):
-            if key in raw:
-                if not isinstance(raw[key], list) or not all(isinstance(v, str) for v in raw[key]):
-                    raise UsageError(f"{where}.{key}: expected a list of strings")
-                setattr(cfg, key, list(raw[key]))
-        for key in ("labels", "reference", "drops"):
-            if key in raw:
-                if not isinstance(raw[key], dict):
-                    raise UsageError(f"{where}.{key}: expected a mapping")
-                setattr(cfg, key, dict(raw[key]))
-        for study, param in cfg.drops.items():
-            if study not in (doc.get("studies") or {}) or not isinstance(param, str):
-                raise UsageError(f"{where}.drops.{study}: expected a known study mapped to a swept param")
-        for study, cell in cfg.reference.items():
-            if study not in (doc.get("studies") or {}) or not isinstance(cell, dict):
-                raise UsageError(f"{where}.reference.{study}: expected a known study mapped to {{param: value}}")
-        if cfg.headline_study not in (doc.get("studies") or {}):
-            raise UsageError(f"{where}.headline_study: unknown study {cfg.headline_study!r}")
-        return cfg
-
-    def label(self, spec: str) -> str:
-        return self.labels.get(spec, spec)
-
-    @property
-    def objective_method(self) -> str | None:
-        parsed = parse_metric_key(self.objective.get("metric", ""))
-        return parsed["method"] if parsed else None
-
-    @property
-    def focus_methods(self) -> list[str]:
-        return self.focus or ([self.objective_method] if self.objective_method else [])
-
-
 # ---------------------------------------------------------------- a study's trials
 
 
@@ -177,8 +106,21 @@ class StudyRuns:
     ignored: list[str]
     counts: dict[str, int]
     failed: list[str]
-    spec: dict  # the study's YAML entry ({} when the YAML no longer has it)
+    doc: dict  # the family YAML this study's settings come from: as its sweep saved it, else as it is now
+    record: dict | None = None  # the compiled study its sweep saved (orchestrator.study_record), if any
     changed: dict = field(default_factory=dict)  # params every trial shares that differ from the YAML defaults
+
+    @property
+    def spec(self) -> dict:
+        """The study's YAML entry ({} when the YAML no longer has it)."""
+        return (self.doc.get("studies") or {}).get(self.name) or {}
+
+    @property
+    def source(self) -> str:
+        """Where the study's settings come from, for error messages and the report's header."""
+        if self.record:
+            return f"study.json of sweep {self.record['sweep_id']}"
+        return f"{self.doc.get('family', 'the family')}.yaml as it is now"
 
     @property
     def cell_params(self) -> list[str]:
@@ -206,33 +148,46 @@ class StudyRuns:
         return f"{axes} ({derived})" if derived and axes else axes or derived
 
 
-def select_studies(frame: pd.DataFrame, doc: dict, sweep_id: str | None = None) -> list[StudyRuns]:
-    """Split a family's runs by study; keep the chosen sweep (default: the latest sweep with a
-    finished trial) of each; work out which params vary, in YAML order."""
-    specs = doc.get("studies") or {}
-    names = sorted(set(frame["study"]), key=lambda s: (list(specs).index(s) if s in specs else len(specs), s))
-    out = []
-    for name in names:
-        rows = frame[frame["study"] == name]
+def chosen_sweeps(frame: pd.DataFrame, sweep_id: str | None = None) -> dict[str, tuple[list[str], list[str]]]:
+    """study -> (the sweeps it is reported from, the older sweeps left out): ``sweep_id`` when
+    given, else the latest sweep with a finished trial (the latest sweep when none has one)."""
+    out = {}
+    for name, rows in frame.groupby("study", sort=False):
         started = rows.groupby("sweep_id")["start_time"].min().sort_values()
         with_finished = set(rows.loc[rows["status"] == "finished", "sweep_id"])
         candidates = [s for s in started.index if s in with_finished] or list(started.index)
         chosen = [sweep_id] if sweep_id else candidates[-1:]
-        rows = rows[rows["sweep_id"].isin(chosen)]
+        out[name] = (chosen, [s for s in started.index if s not in chosen])
+    return out
+
+
+def select_studies(frame: pd.DataFrame, doc: dict, chosen: dict[str, tuple[list[str], list[str]]],
+                   records: dict[str, dict] | None = None) -> list[StudyRuns]:
+    """Split a family's runs by study, keeping the ``chosen`` sweeps (:func:`chosen_sweeps`) of
+    each; a study whose sweep saved its compiled study (``records``: sweep id -> record) takes
+    its settings from there, the others from ``doc``; work out which params vary, in YAML order."""
+    records = records or {}
+    specs = doc.get("studies") or {}
+    names = sorted(chosen, key=lambda s: (list(specs).index(s) if s in specs else len(specs), s))
+    out = []
+    for name in names:
+        sweeps, ignored = chosen[name]
+        rows = frame[(frame["study"] == name) & frame["sweep_id"].isin(sweeps)]
         per_run = rows.drop_duplicates("run_id")
         counts = per_run["status"].value_counts().to_dict()
         done = rows[rows["status"] == "finished"]
-        spec = specs.get(name) or {}
+        record = next((records[s] for s in sweeps if s in records), None)
+        study = StudyRuns(name, done, [], [], sweeps, ignored, counts, [], record["family_doc"] if record else doc, record)
+        spec = study.spec
         varying = [c[len("param."):] for c in done.columns
                    if c.startswith("param.") and c != "param.seed" and done.drop_duplicates("run_id")[c].nunique() > 1]
         declared = list(spec.get("grid") or {}) + list(spec.get("space") or {})
-        derived = [p for p in varying if p in (spec.get("derive") or {})]
-        axes = [p for p in declared if p in varying] + sorted(p for p in varying if p not in declared and p not in derived)
-        study = StudyRuns(name, done, axes, derived, chosen, [s for s in started.index if s not in chosen],
-                          counts, [], spec)
+        study.derived = [p for p in varying if p in (spec.get("derive") or {})]
+        study.axes = [p for p in declared if p in varying] + sorted(p for p in varying
+                                                                   if p not in declared and p not in study.derived)
         study.failed = [f"{study.label(tuple(r[f'param.{p}'] for p in study.cell_params)) + ' ' if study.cell_params else ''}"
                         f"seed {r['seed']}: {r['status']}" for _, r in per_run[per_run["status"] != "finished"].iterrows()]
-        study.changed = _changed(done, doc.get("defaults") or {}, study.cell_params)
+        study.changed = _changed(done, study.doc.get("defaults") or {}, study.cell_params)
         out.append(study)
     return out
 
@@ -247,42 +202,88 @@ def _changed(done: pd.DataFrame, defaults: dict, cell_params: list[str]) -> dict
         if key in cell_params or column not in runs or runs[column].nunique() != 1:
             continue
         value = runs[column].iloc[0]
+        if value == "":  # the runs never logged this param (a family or test that does not use it)
+            continue
         if not same_value(value, default) and str(value) != str(default):
             out[key] = value
     return out
 
 
+# ---------------------------------------------------------------- statistics per cell
+
+
+@dataclass(frozen=True)
+class Interval:
+    """mean and 95% t-interval [low, high] over n seeds, clipped to the metric's bounds
+    (``clipped`` says it was); low/high are NaN without an interval (n < 2)."""
+
+    mean: float
+    low: float
+    high: float
+    n: int
+    clipped: bool = False
+
+    @classmethod
+    def of(cls, values, key: str) -> "Interval":
+        mean, half, n = t_interval(values)
+        if n < 2 or math.isnan(half):
+            return cls(mean, math.nan, math.nan, n)
+        info = metric_info(key)
+        low, high = mean - half, mean + half
+        lo_bound = info.low if info and info.low is not None else -math.inf
+        hi_bound = info.high if info and info.high is not None else math.inf
+        clipped = low < lo_bound or high > hi_bound
+        return cls(mean, max(low, lo_bound), min(high, hi_bound), n, clipped)
+
+    @property
+    def half(self) -> float:
+        """The half-width before clipping is gone once clipped; the larger side stands for it."""
+        return math.nan if math.isnan(self.low) else max(self.mean - self.low, self.high - self.mean)
+
+    def text(self) -> str:
+        """``0.9153 ± 0.0021 (n=3)``; clipped: ``0.9950 [0.9830, 1.0000] (n=3)``; see :data:`CLIPPED_NOTE`."""
+        if not self.clipped:
+            return format_interval(self.mean, self.half, self.n)
+        d = decimals(self.mean)
+        return f"{self.mean:.{d}f} [{self.low:.{d}f}, {self.high:.{d}f}] (n={self.n})"
+
+
+NO_INTERVAL = Interval(math.nan, math.nan, math.nan, 0)
+CLIPPED_TEXT = re.compile(r"^\S+ \[\S+, \S+\] \(n=\d+\)$")
+CLIPPED_NOTE = ("mean [low, high] (n): the 95% t-interval reached past the metric's bounds (accuracy-like metrics and "
+                "ECE in [0, 1], NLL and timings >= 0) and is clipped to them.")
+
+
 class StudyStats:
-    """mean ± half-width (n) of every metric key in every cell of a study."""
+    """mean ± 95% t-interval (n) of every metric key in every cell of a study."""
 
     def __init__(self, study: StudyRuns):
         self.study = study
         by = [f"param.{p}" for p in study.cell_params] + ["key"]
-        self.table: dict[tuple, tuple[float, float, int]] = {}
+        self.table: dict[tuple, Interval] = {}
         self.sd: dict[tuple, float] = {}
         frame = study.frame[study.frame["key"] != ""]
         for keys, values in frame.groupby(by, sort=False)["value"]:
             keys = keys if isinstance(keys, tuple) else (keys,)
             index = (tuple(keys[:-1]), keys[-1])
             values = values.dropna()
-            self.table[index] = t_interval(values.tolist())
+            self.table[index] = Interval.of(values.tolist(), keys[-1])
             self.sd[index] = float(np.std(values, ddof=1)) if len(values) > 1 else math.nan
 
-    def get(self, cell: tuple, key: str) -> tuple[float, float, int]:
-        return self.table.get((cell, key), (math.nan, math.nan, 0))
+    def get(self, cell: tuple, key: str) -> Interval:
+        return self.table.get((cell, key), NO_INTERVAL)
 
     def text(self, cell: tuple, key: str) -> str:
-        return format_interval(*self.get(cell, key))
+        return self.get(cell, key).text()
 
     def records(self, family: str) -> list[dict]:
         out = []
-        for (cell, key), (mean, half, n) in self.table.items():
+        for (cell, key), iv in self.table.items():
             split, method, axes, metric = split_key(key)
-            has_ci = n >= 2 and not math.isnan(half)
             out.append({"family": family, "study": self.study.name, "sweep": ",".join(self.study.sweeps),
                         "cell": self.study.label(cell), "key": key, "split": split, "method": method, "axes": axes,
-                        "metric": metric, "n": n, "mean": mean, "sd": number_or_none(self.sd[(cell, key)]),
-                        "ci_low": mean - half if has_ci else None, "ci_high": mean + half if has_ci else None})
+                        "metric": metric, "n": iv.n, "mean": iv.mean, "sd": number_or_none(self.sd[(cell, key)]),
+                        "ci_low": number_or_none(iv.low), "ci_high": number_or_none(iv.high), "ci_clipped": iv.clipped})
         return out
 
 

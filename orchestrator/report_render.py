@@ -28,6 +28,7 @@ class Section:
     text: list[str] = field(default_factory=list)
     tables: list[Table] = field(default_factory=list)
     plots: list[tuple[str, Path]] = field(default_factory=list)
+    lead: bool = False  # part of what a report opens with (the headline table and its summary)
 
 
 @dataclass
@@ -37,9 +38,10 @@ class Report:
     stats: pd.DataFrame
     link_base: Path | None = None
 
-    def markdown(self) -> str:
+    def markdown(self, lead_only: bool = False) -> str:
+        """The report in GitHub markdown; ``lead_only``: just what it opens with."""
         out = []
-        for section in self.sections:
+        for section in (s for s in self.sections if s.lead or not lead_only):
             out += ["#" * section.level + " " + section.title, ""]
             for i, line in enumerate(section.text):
                 tight = i and line.startswith("- ") and section.text[i - 1].startswith("- ")

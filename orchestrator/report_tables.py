@@ -3,7 +3,10 @@
 
 Every function takes a study's data (:mod:`orchestrator.report_data`) and returns a
 :class:`~orchestrator.report_render.Table` (or None when the study has nothing for it).
-Comparisons are paired by seed (paired t-test, Wilcoxon signed-rank), Holm-corrected within each table.
+Comparisons are paired by seed (paired t-test, Wilcoxon signed-rank), Holm-corrected within each
+table. A Wilcoxon column appears only where some comparison has enough seeds for it to reach
+p < alpha at all (:func:`wilcoxon_can_decide`): below that it is a column of p >= 0.0625 that
+says nothing, and the report says so once instead.
 """
 
 from __future__ import annotations
@@ -11,13 +14,24 @@ from __future__ import annotations
 import pandas as pd
 
 from orchestrator.claims import ALPHA, Side, cell_sides, lower_is_better, paired_values, rows_of, same_value
-from orchestrator.report_data import (ReportConfig, StudyRuns, StudyStats, axis_items, metric_label, number_or_none,
-                                      order_key)
+from orchestrator.report_config import ReportConfig, metric_label
+from orchestrator.report_data import StudyRuns, StudyStats, axis_items, number_or_none, order_key
 from orchestrator.report_render import Table
 from orchestrator.stats import fmt, format_interval, format_p, holm, p_is, paired_test, t_interval
 from trainables.common.metrics import metric_key
 
 RANKED_TRIALS = 10
+
+
+def wilcoxon_can_decide(n: int, alpha: float = ALPHA) -> bool:
+    """Whether a two-sided exact Wilcoxon signed-rank test over ``n`` non-zero paired
+    differences can reach p < alpha: its smallest p (every difference one sign) is 2 / 2^n,
+    0.25 at n = 3 and 0.0625 at n = 5, so it needs n >= 6 at alpha 0.05."""
+    return n > 0 and 2.0 ** (1 - n) < alpha
+
+
+def _with_wilcoxon(tests: list) -> bool:
+    return any(t is not None and wilcoxon_can_decide(t.n) for t in tests)
 
 
 def methods_of(study: StudyRuns, cfg: ReportConfig, split: str) -> list[str]:
@@ -149,12 +163,15 @@ def baseline_table(study: StudyRuns, cfg: ReportConfig) -> Table | None:
         return None
     tests = [e[3] for e in entries]
     p_t, p_w = _pvals(tests, "p_t"), _pvals(tests, "p_wilcoxon")
+    wilcoxon = _with_wilcoxon(tests)
     rows, records = [], []
     for (cell, spec, metric, t), pt, pw in zip(entries, p_t, p_w):
-        rows.append({**study.cell_dict(cell), "Method": cfg.label(spec), "Metric": metric_label(metric),
-                     "A − B [95% CI]": _diff_text(t), "t-test p (Holm)": _p_pair(t, "p_t", pt),
-                     "Wilcoxon p (Holm)": _p_pair(t, "p_wilcoxon", pw), "d_z": _dz(t),
-                     "P(A>B)": "n/a" if t is None or t.p_a_gt_b is None else f"{t.p_a_gt_b:.2f}",
+        row = {**study.cell_dict(cell), "Method": cfg.label(spec), "Metric": metric_label(metric),
+               "A − B [95% CI]": _diff_text(t), "t-test p (Holm)": _p_pair(t, "p_t", pt)}
+        if wilcoxon:
+            row["Wilcoxon p (Holm)"] = (_p_pair(t, "p_wilcoxon", pw) if t is not None and wilcoxon_can_decide(t.n)
+                                        else "— (too few seeds)")
+        rows.append({**row, "d_z": _dz(t), "P(A>B)": "n/a" if t is None or t.p_a_gt_b is None else f"{t.p_a_gt_b:.2f}",
                      "n": t.n if t else 0})
         records.append({"cell": study.label(cell), "method": spec, "baseline": baseline, "metric": metric,
                         **_test_record(t), "p_t_holm": pt, "p_wilcoxon_holm": pw})
@@ -231,19 +248,24 @@ def ab_table(study: StudyRuns, stats: StudyStats, cfg: ReportConfig) -> Table | 
     others = [c for c in study.cells() if c != ref]
     keys = set(study.frame["key"])
     rows, notes, records = [], [], []
-    for method in [m for m in cfg.focus_methods if any(k.startswith(f"{split}/{m}/") for k in keys)]:
-        results = {m: _against_reference(study, f"{split}/{method}/{m}", ref, others) for m in metrics}
+    methods = [m for m in cfg.focus_methods if any(k.startswith(f"{split}/{m}/") for k in keys)]
+    results = {(method, m): _against_reference(study, f"{split}/{method}/{m}", ref, others)
+               for method in methods for m in metrics}
+    wilcoxon = _with_wilcoxon([t for tests in results.values() for t, _, _ in tests])
+    p_name = "t/W" if wilcoxon else "t"
+    for method in methods:
         row = {"Cell": study.label(ref) + " (reference)", "Method": cfg.label(method)}
         for m in metrics:
             row.update({metric_label(m): stats.text(ref, f"{split}/{method}/{m}"), f"Δ {metric_label(m)}": "—",
-                        f"p {metric_label(m)} t/W (Holm)": "—"})
+                        f"p {metric_label(m)} {p_name} (Holm)": "—"})
         rows.append(row)
         for i, cell in enumerate(others):
             row, verdict = {"Cell": study.label(cell), "Method": cfg.label(method)}, []
             for m in metrics:
-                t, p_t, p_w = results[m][i]
+                t, p_t, p_w = results[method, m][i]
+                p_text = format_p(p_t) + (f" / {format_p(p_w)}" if wilcoxon else "")
                 row.update({metric_label(m): stats.text(cell, f"{split}/{method}/{m}"), f"Δ {metric_label(m)}": _diff_text(t),
-                            f"p {metric_label(m)} t/W (Holm)": f"{format_p(p_t)} / {format_p(p_w)}"})
+                            f"p {metric_label(m)} {p_name} (Holm)": p_text})
                 verdict.append(_verdict(m, t, p_t))
                 records.append({"cell": study.label(cell), "reference": study.label(ref), "method": method, "metric": m,
                                 **_test_record(t), "p_t_holm": p_t, "p_wilcoxon_holm": p_w})
@@ -251,7 +273,7 @@ def ab_table(study: StudyRuns, stats: StudyStats, cfg: ReportConfig) -> Table | 
             notes.append(f"**{study.label(cell)}** vs reference ({cfg.label(method)}): " + "; ".join(verdict))
     if not rows:
         return None
-    notes.append(f"Δ = cell − reference over the same seeds; t = paired t-test, W = Wilcoxon signed-rank; p-values "
+    notes.append(f"Δ = cell − reference over the same seeds; t = paired t-test{', W = Wilcoxon signed-rank' if wilcoxon else ''}; p-values "
                  f"Holm-adjusted over the {len(others)} cells for each method and metric; significant at p < {ALPHA}.")
     return Table(f"A/B: every cell against the reference {study.label(ref)} ({split})", pd.DataFrame(rows), notes, records)
 
@@ -318,9 +340,9 @@ def best_configuration(study_stats: list[StudyStats], cfg: ReportConfig) -> dict
     best = None
     for st in study_stats:
         for cell in st.study.cells():
-            mean, half, n = st.get(cell, objective)
-            if n and (best is None or (mean > best[0] if mode == "max" else mean < best[0])):
-                best = (mean, st, cell)
+            iv = st.get(cell, objective)
+            if iv.n and (best is None or (iv.mean > best[0] if mode == "max" else iv.mean < best[0])):
+                best = (iv.mean, st, cell)
     if best is None:
         return None
     _, st, cell = best
@@ -332,6 +354,6 @@ def best_configuration(study_stats: list[StudyStats], cfg: ReportConfig) -> dict
            f"{objective} ({mode})": st.text(cell, objective)}
     for metric in cfg.headline_metrics:
         key = f"{cfg.split}/{cfg.objective_method}/{metric}"
-        if st.get(cell, key)[2]:
+        if st.get(cell, key).n:
             row[f"{cfg.split} {metric_label(metric)}"] = st.text(cell, key)
     return row

@@ -32,7 +32,8 @@ from ray.tune.search import BasicVariantGenerator
 from orchestrator.cluster import BOOTSTRAP_CONFIG, STORAGE_ENV, check_shared_storage
 from orchestrator.errors import UsageError
 from orchestrator.mlflow_callback import MlflowCallback
-from orchestrator.spaces import Study
+from orchestrator.spaces import Study, load_family_file
+from orchestrator.study_record import STUDY_FILE, log_record, study_record
 from orchestrator.sweep_summary import log_summary
 from orchestrator.sync import finish_parent, storage_fs, storage_location, sync_sweep, write_sweep_meta
 from orchestrator.tracking import (SweepTracker, check_tracking_uri, configure_client, default_artifact_root,
@@ -240,8 +241,13 @@ def run_sweep(study: Study, opts: SweepOptions) -> SweepOutcome:
     tags = {"family": study.family, "study": study.name, "dataset": study.base.get("dataset"), "git_commit": git_commit()}
     tracker = SweepTracker(tracking_uri, study.family, sweep_id, tags,
                            artifact_root=default_artifact_root(tracking_uri, workdir))
+    record = study_record(study, load_family_file(study.family), sweep_id, git_commit(short=False))
     write_sweep_meta(experiment, {"family": study.family, "study": study.name, "sweep_id": sweep_id,
-                                  "tags": tracker.tags, "derive": study.derive})
+                                  "tags": tracker.tags, "derive": study.derive, "record": record})
+    try:
+        log_record(tracking_uri, tracker.parent_id, record)
+    except Exception as exc:  # noqa: BLE001 - the record in orchestrate.json is kept; the report falls back to the YAML
+        warn(f"{STUDY_FILE} not logged to the parent run ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})")
     trainable = tune.with_resources(make_trainable(study.family, study.derive, study.objective["metric"],
                                                    study.entrypoint, study.import_paths),
                                     {"cpu": opts.cpus_per_trial, "gpu": opts.gpus_per_trial})

@@ -86,6 +86,9 @@ def load_family_file(family: str) -> dict:
     if doc.get("family", family) != family:
         raise UsageError(f"{path}: 'family' is {doc['family']!r}, expected {family!r}")
     _refuse_non_finite(doc, path.name)
+    from orchestrator.report_config import check_settings  # claims import pandas: only once a family loads
+
+    check_settings(doc, family, str(path))
     return doc
 
 

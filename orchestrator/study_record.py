@@ -1,0 +1,73 @@
+"""The compiled study a sweep ran, saved with it, so its report reads what ran.
+
+A sweep saves one JSON record (:func:`study_record`) twice: inside ``orchestrate.json`` beside
+Tune's results, and as the artifact ``study.json`` of its MLflow parent run. The record holds
+the compiled study (grid, eval axes, space, derive rules, seeds, objective, the config every
+trial starts from), the family YAML as it was loaded (its ``report:`` and ``claims:`` settings,
+defaults and every study entry), the entry point, the package version and the git commit.
+``orchestrate report`` builds a sweep's tables from its record (:func:`load_records`), so
+editing the YAML later does not change the report of a sweep already run; sweeps from before
+records were saved fall back to the YAML as it is now, and the report says which it used.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from importlib import metadata
+from pathlib import Path
+
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+
+STUDY_FILE = "study.json"
+FORMAT = 1
+
+
+def study_record(study, doc: dict, sweep_id: str, git_commit: str) -> dict:
+    """The record of ``study`` (an :class:`orchestrator.spaces.Study`) compiled from ``doc``."""
+    try:
+        version = metadata.version("sweep-orchestrator")
+    except metadata.PackageNotFoundError:
+        version = "unknown"
+    compiled = {name: getattr(study, name) for name in (
+        "description", "base", "grid", "eval_axes", "space", "search", "samples", "scheduler", "seeds", "derive",
+        "objective")}
+    return {"format": FORMAT, "family": study.family, "study": study.name, "sweep_id": sweep_id,
+            "entrypoint": getattr(study, "entrypoint", "") or doc.get("entrypoint", ""),
+            "package_version": version, "git_commit": git_commit, "compiled": compiled,
+            "family_doc": doc}
+
+
+def log_record(tracking_uri: str, parent_run_id: str, record: dict) -> None:
+    """``study.json`` on the parent run, once: a resumed sweep keeps the record it started with."""
+    client = MlflowClient(tracking_uri)
+    if any(a.path == STUDY_FILE for a in client.list_artifacts(parent_run_id)):
+        return
+    client.log_dict(parent_run_id, json.loads(json.dumps(record, default=str)), STUDY_FILE)
+
+
+def load_records(tracking_uri: str, family: str, sweep_ids) -> dict[str, dict]:
+    """sweep id -> its record, for the sweeps whose parent run holds a ``study.json``."""
+    client = MlflowClient(tracking_uri)
+    exp = client.get_experiment_by_name(family)
+    out: dict[str, dict] = {}
+    if exp is None:
+        return out
+    for sweep_id in sweep_ids:
+        parents = client.search_runs([exp.experiment_id], f"tags.sweep_id = '{sweep_id}' and tags.role = 'parent'",
+                                     max_results=1)
+        if not parents:
+            continue
+        run_id = parents[0].info.run_id
+        if not any(a.path == STUDY_FILE for a in client.list_artifacts(run_id)):
+            continue
+        with tempfile.TemporaryDirectory() as tmp:
+            try:
+                path = client.download_artifacts(run_id, STUDY_FILE, tmp)
+            except (MlflowException, OSError):
+                continue  # an artifact store that went away: the report falls back to the YAML
+            record = json.loads(Path(path).read_text())
+        if record.get("format") == FORMAT:
+            out[sweep_id] = record
+    return out
