@@ -1,22 +1,70 @@
 """The function Tune runs for every trial: a family's plain ``train`` behind Ray's API.
 
-Kept apart from the runner so a trial's worker process imports only Ray Tune, torch and the
-family, not MLflow and the driver's machinery (each trial starts a fresh worker process).
+Kept apart from the runner so a trial's worker process imports only Ray Tune and the family,
+not MLflow, torch (unless the family does) or the driver's machinery.
+
+Tune reuses a worker for the next trial (``reuse_actors``), so each trial starts from the same
+state a fresh process would give it: Python's, numpy's and torch's global generators seeded
+from the trial's seed, and the family's module re-executed (:func:`fresh_train`), so module-level
+state a family keeps (a counter, a list, a cached model) never reaches the next trial. Shared
+helpers such as ``trainables.common`` keep their caches: those are keyed by their inputs.
 """
 
 from __future__ import annotations
 
+import importlib
+import pickle
+import random
+import sys
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import ray
-import torch
 from ray import tune
 
 from orchestrator.registry import resolve_entrypoint
 from orchestrator.spaces import derive_params
 
-CHECKPOINT_FILE = "state.pt"
+CHECKPOINT_FILE = "state.pt"  # torch.save: families that use torch
+PICKLE_FILE = "state.pkl"  # plain pickle: families that never import torch (no 1-2 s import per worker)
+_RUN_HERE: set[str] = set()  # family modules a trial in this worker process has already used
+
+
+def fresh_train(entrypoint: str, import_paths: tuple[str, ...]):
+    """The family's ``train`` as a fresh process would see it: on a reused worker, its module is
+    re-executed first (module-level state reset; its imports stay cached, so this costs little)."""
+    fn = resolve_entrypoint(entrypoint, import_paths)  # the YAML's folder first on sys.path
+    module = sys.modules[fn.__module__]
+    if module.__name__ in _RUN_HERE:
+        fn = getattr(importlib.reload(module), fn.__name__)
+    _RUN_HERE.add(module.__name__)
+    return fn
+
+
+def seed_globals(seed: int) -> None:
+    """Seed the global generators a family might use unseeded, the same way in every trial."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    if "torch" in sys.modules:
+        sys.modules["torch"].manual_seed(seed)
+
+
+def save_state(state: dict, directory: Path) -> None:
+    if "torch" in sys.modules:
+        sys.modules["torch"].save(state, directory / CHECKPOINT_FILE)
+    else:
+        with open(directory / PICKLE_FILE, "wb") as out:
+            pickle.dump(state, out, protocol=pickle.HIGHEST_PROTOCOL)
+
+
+def load_state(directory: Path) -> dict:
+    if (directory / PICKLE_FILE).exists():
+        with open(directory / PICKLE_FILE, "rb") as src:
+            return pickle.load(src)
+    import torch
+
+    return torch.load(directory / CHECKPOINT_FILE, weights_only=False)
 
 
 def make_trainable(family: str, derive: dict, objective: str, entrypoint: str, import_paths: tuple[str, ...]):
@@ -26,13 +74,15 @@ def make_trainable(family: str, derive: dict, objective: str, entrypoint: str, i
     rather than Tune rejecting the result."""
 
     def trainable(config: dict) -> None:
+        train = fresh_train(entrypoint, import_paths)
+        seed_globals(int(config.get("seed", 0)))
         config = derive_params(config, derive)
         config["artifact_dir"] = str(Path.cwd() / "artifacts")  # Tune syncs the trial dir to storage
         restore = None
         checkpoint = tune.get_checkpoint()
         if checkpoint is not None:
             with checkpoint.as_directory() as directory:
-                restore = torch.load(Path(directory) / CHECKPOINT_FILE, weights_only=False)
+                restore = load_state(Path(directory))
 
         node_id = ray.get_runtime_context().get_node_id()
 
@@ -44,10 +94,10 @@ def make_trainable(family: str, derive: dict, objective: str, entrypoint: str, i
                 tune.report(metrics)
                 return
             with tempfile.TemporaryDirectory() as directory:
-                torch.save(checkpoint, Path(directory) / CHECKPOINT_FILE)
+                save_state(checkpoint, Path(directory))
                 tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(directory))
 
-        resolve_entrypoint(entrypoint, import_paths)(config, report, restore)  # the YAML's folder first on sys.path
+        train(config, report, restore)
 
     trainable.__name__ = family
     return trainable
