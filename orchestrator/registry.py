@@ -84,6 +84,7 @@ def sources() -> list[tuple[Path, str]]:
     for folder, origin in found:
         if not folder.is_dir():
             raise UsageError(f"{origin} {folder}: not a folder")
+    found = [(folder.resolve(), origin) for folder, origin in found]
     found += _entry_point_folders()
     found.append((Path(str(resources.files("search_spaces"))), SHIPPED))
     return found
