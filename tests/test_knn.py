@@ -133,3 +133,32 @@ def test_exact_under_bf16_autocast(data, backend):
     assert torch.equal(idx, ref_idx) and torch.equal(sims, ref_sims)
     q16 = torch.from_numpy(queries).bfloat16()
     assert torch.equal(index.search(q16, 7)[1], index.search(q16.float(), 7)[1])
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_ties_come_in_index_order_and_a_smaller_k_is_a_prefix(backend):
+    """Exact ties (duplicate bank vectors) in (similarity desc, index asc) order, also across
+    the k-th place: a search at k is the first k of a search at any larger k."""
+    rng = np.random.default_rng(5)
+    base = unit_vectors(6, 16, 3)
+    bank = base[rng.integers(0, 6, size=300)]  # 300 entries, 6 distinct vectors: ties everywhere
+    queries = unit_vectors(40, 16, 4)
+    index = KnnIndex(16, backend=backend)
+    index.add(bank)
+    wide_sims, wide_idx = index.search(queries, 120)
+    copies = {}
+    for j, v in enumerate(map(tuple, bank)):
+        copies.setdefault(v, []).append(j)
+    for q in range(len(queries)):
+        returned = {}
+        for j in wide_idx[q]:
+            returned.setdefault(tuple(bank[j]), []).append(int(j))
+        for v, members in returned.items():  # each vector's copies: the lowest indices, in order
+            assert members == copies[v][: len(members)]
+    for k in (1, 7, 50, 119):
+        sims, idx = index.search(queries, k)
+        np.testing.assert_array_equal(idx, wide_idx[:, :k])
+        np.testing.assert_array_equal(sims, wide_sims[:, :k])
+    # with exclusion too
+    own = np.arange(len(queries))
+    np.testing.assert_array_equal(index.search(queries, 5, exclude=own)[1], index.search(queries, 60, exclude=own)[1][:, :5])

@@ -174,7 +174,7 @@ def test_every_method_recomputed_independently_on_the_trained_model(recorded):
 def test_uniform_knn_is_uniform_and_attention_at_k1_reads_only_the_neighbours_label(recorded):
     rec, reports = recorded
     memory, model, ds = rec.final
-    probs = attn_knn.predict(model, ds, ds.test.images, memory, [1, 5], [1], config(epochs=2), torch.device("cpu"), False)
+    probs, _ = attn_knn.predict(model, ds, ds.test.images, memory, [1, 5], [1], config(epochs=2), torch.device("cpu"), False)
     uniform = probs["uniform_knn", 5, 1]
     np.testing.assert_allclose(uniform * 5, np.round(uniform * 5), atol=1e-9)  # fractions of 5 votes
     _, z = clean_embeddings(model, ds, ds.test.images)

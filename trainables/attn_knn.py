@@ -37,23 +37,23 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from functools import partial
+import math
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from trainables.common.data import Dataset, augment, load_dataset, with_imbalance, with_label_noise
+from trainables.common.checks import ConfigError, require
+from trainables.common.data import DataError, Dataset, augment, load_dataset, train_class_counts, with_imbalance, with_label_noise
+from trainables.common.encoders import _offline, _weights_missing, imagenet_state_dict, imagenet_weights_path
 from trainables.common.knn import KnnIndex, softmax_vote, uniform_vote
-from trainables.common.metrics import classification_metrics, prefixed
-from trainables.common.training import autocast, is_diverged, minibatches, resolve_device, seed_everything, to_device
+from trainables.common.lifecycle import Trial
+from trainables.common.metrics import classification_metrics, metric_key, prefixed
+from trainables.common.training import autocast, is_diverged, minibatches, resolve_device, to_device
 
 KNN_METHODS = ("uniform_knn", "distance_knn", "attn_knn")
 EVAL_BATCH = 512
-
-
-class MissingWeightsError(RuntimeError):
-    """Pretrained weights were asked for but cannot be loaded (never a silent random init)."""
 
 
 # ---------------------------------------------------------------- model
@@ -75,25 +75,14 @@ def small_cnn(channels: int, image_size: int) -> tuple[nn.Module, int]:
 
 def cifar_resnet(name: str, channels: int, pretrained: str) -> tuple[nn.Module, int]:
     """A torchvision ResNet with a CIFAR stem (3x3 stride-1 conv1, no max-pool) and no fc.
-    ``pretrained="imagenet"`` loads torchvision's ImageNet weights into every layer but the
-    replaced conv1 (and the dropped fc)."""
+    ``pretrained="imagenet"`` loads the project's one ImageNet checkpoint of ``name``
+    (:func:`trainables.common.encoders.imagenet_state_dict`) into every layer but the replaced
+    conv1 (and the dropped fc)."""
     from torchvision import models
 
-    ctor, weights = {"resnet18": (models.resnet18, models.ResNet18_Weights.IMAGENET1K_V1),
-                     "resnet50": (models.resnet50, models.ResNet50_Weights.IMAGENET1K_V2)}[name]
-    net = ctor(weights=None)
+    net = getattr(models, name)(weights=None)
     if pretrained == "imagenet":
-        try:
-            state = weights.get_state_dict(progress=False, check_hash=True)
-        except (OSError, RuntimeError) as exc:  # offline (URLError), truncated or corrupt file
-            target = f"{torch.hub.get_dir()}/checkpoints/{weights.url.rsplit('/', 1)[-1]}"
-            raise MissingWeightsError(
-                f"backbone {name}: ImageNet weights could not be loaded ({exc}). Download {weights.url} "
-                f"on a machine with network access and place it at {target} (or set TORCH_HOME), "
-                "or use pretrained: none") from None
-        net.load_state_dict(state)
-    elif pretrained != "none":
-        raise ValueError(f"pretrained must be imagenet or none, got {pretrained!r}")
+        net.load_state_dict(imagenet_state_dict(name))
     net.conv1 = nn.Conv2d(channels, 64, 3, stride=1, padding=1, bias=False)
     net.maxpool = nn.Identity()
     features = net.fc.in_features
@@ -103,12 +92,8 @@ def cifar_resnet(name: str, channels: int, pretrained: str) -> tuple[nn.Module, 
 
 def build_backbone(name: str, channels: int, image_size: int, pretrained: str) -> tuple[nn.Module, int]:
     if name == "small_cnn":
-        if pretrained != "none":
-            raise MissingWeightsError(f"backbone small_cnn has no pretrained weights (pretrained={pretrained!r}); use pretrained: none")
         return small_cnn(channels, image_size)
-    if name in ("resnet18", "resnet50"):
-        return cifar_resnet(name, channels, pretrained)
-    raise ValueError(f"unknown backbone {name!r}: use small_cnn, resnet18 or resnet50")
+    return cifar_resnet(name, channels, pretrained)
 
 
 class NeighbourAttention(nn.Module):
@@ -126,12 +111,31 @@ class NeighbourAttention(nn.Module):
         attended, _ = self.attention(z.unsqueeze(1), neighbours, self.label_embedding(neighbour_labels), need_weights=False)
         return self.classify(attended.squeeze(1))
 
+    def project(self, bank: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The attention's keys of every bank entry (N, D) and values of every class (C, D):
+        projected once per evaluation, where ``forward`` projects each (query, neighbour) pair."""
+        w_q, w_k, w_v = self.attention.in_proj_weight.chunk(3)
+        b_q, b_k, b_v = self.attention.in_proj_bias.chunk(3)
+        return F.linear(bank, w_k, b_k), F.linear(self.label_embedding.weight, w_v, b_v)
+
+    def attend(self, z: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, neighbours: torch.Tensor,
+               neighbour_labels: torch.Tensor) -> torch.Tensor:
+        """``forward`` on projected keys and values (:meth:`project`): z (B, D), bank indices and
+        labels of the neighbours (B, k) -> logits (B, C). The same function, up to float rounding."""
+        mha, (b, k) = self.attention, neighbours.shape
+        heads, d = mha.num_heads, mha.head_dim
+        w_q, b_q = mha.in_proj_weight.chunk(3)[0], mha.in_proj_bias.chunk(3)[0]
+        q = F.linear(z, w_q, b_q).view(b, heads, 1, d)
+        key = keys[neighbours].view(b, k, heads, d).transpose(1, 2)  # (B, H, k, d)
+        value = values[neighbour_labels].view(b, k, heads, d).transpose(1, 2)
+        weights = ((q @ key.transpose(-1, -2)) / math.sqrt(d)).softmax(-1)  # (B, H, 1, k)
+        attended = (weights @ value).reshape(b, heads * d)
+        return self.classify(mha.out_proj(attended))
+
 
 class AttnKnnNet(nn.Module):
     def __init__(self, cfg: dict, ds: Dataset):
         super().__init__()
-        if cfg["embed_dim"] % cfg["heads"]:
-            raise ValueError(f"embed_dim {cfg['embed_dim']} must be divisible by heads {cfg['heads']}")
         self.backbone, features = build_backbone(cfg["backbone"], ds.channels, ds.image_size, cfg["pretrained"])
         self.cnn_head = nn.Linear(features, ds.num_classes)
         self.projector = nn.Sequential(nn.Linear(features, features), nn.ReLU(inplace=True), nn.Linear(features, cfg["embed_dim"]))
@@ -184,55 +188,67 @@ def refresh_memory(memory: Memory | None, model: AttnKnnNet, ds: Dataset, device
 
 
 @torch.no_grad()
-def attend_all(model: AttnKnnNet, z: torch.Tensor, memory: Memory, neighbours: torch.Tensor) -> torch.Tensor:
-    """attn_knn probabilities of every query, in batches (the gathered neighbours are B x k x D)."""
+def attend_all(model: AttnKnnNet, z: torch.Tensor, memory: Memory, neighbours: torch.Tensor, projected=None) -> torch.Tensor:
+    """attn_knn probabilities of every query, in batches, on the bank's keys and the classes'
+    values projected once (``projected``: :meth:`NeighbourAttention.project` of the bank)."""
     model.eval()
     with autocast(z.device):
-        out = [model.attention(z[s : s + EVAL_BATCH], memory.bank[neighbours[s : s + EVAL_BATCH]],
-                               memory.labels[neighbours[s : s + EVAL_BATCH]]).float().softmax(1)
+        keys, values = projected if projected is not None else model.attention.project(memory.bank)
+        out = [model.attention.attend(z[s : s + EVAL_BATCH], keys, values, neighbours[s : s + EVAL_BATCH],
+                                      memory.labels[neighbours[s : s + EVAL_BATCH]]).float().softmax(1)
                for s in range(0, len(z), EVAL_BATCH)]
     return torch.cat(out)
 
 
-def predict(model, ds, images, memory, ks, views, cfg, device, flip) -> dict[tuple, np.ndarray]:
+def predict(model, ds, images, memory, ks, views, cfg, device, flip) -> tuple[dict[tuple, np.ndarray], torch.Tensor]:
     """Class probabilities averaged over the first n views for every n in ``views``:
-    ``{(method, k, n): probs}`` with k None for cnn. One search at max(ks) serves every k
-    (results are sorted), and one pass per view serves every n."""
+    ``{(method, k, n): probs}`` with k None for cnn, and the clean view's embeddings. One search
+    at max(ks) serves every k (the search's order is canonical, so its first k are what a search
+    at k returns), one pass per view serves every n, and the attention's keys and values are
+    projected once for all of them."""
     view_generator = torch.Generator().manual_seed(cfg["seed"] + 7919)  # the same views for every model
-    sums, out = {}, {}
+    with torch.no_grad(), autocast(device):
+        projected = model.attention.project(memory.bank)
+    sums, out, clean = {}, {}, None
     for v in range(max(views)):
         cnn_probs, z = forward_all(model, ds, images, device, view_generator if v else None, flip)
+        clean = z if v == 0 else clean
         sims, nbr = memory.index.search(z, max(ks))
         per_view = {("cnn", None): cnn_probs}
         for k in ks:
             s, i, y = sims[:, :k], nbr[:, :k], memory.labels[nbr[:, :k]]
             per_view["uniform_knn", k] = uniform_vote(s, y, ds.num_classes)
             per_view["distance_knn", k] = softmax_vote(s, y, ds.num_classes, cfg["temperature"])
-            per_view["attn_knn", k] = attend_all(model, z, memory, i)
+            per_view["attn_knn", k] = attend_all(model, z, memory, i, projected)
         for key, p in per_view.items():
             sums[key] = sums.get(key, 0) + p.double()
         if v + 1 in views:
             out.update({(*key, v + 1): (total / (v + 1)).cpu().numpy() for key, total in sums.items()})
-    return out
+    return out, clean
 
 
-def evaluate(model, ds, split_name, memory, cfg, device, flip, ks=None, views=None) -> dict[str, float]:
+def evaluate(model, ds, split_name, memory, cfg, device, flip, ks=None, views=None):
     """Metrics of every method on one split: plain names (k_eval, 1 view), ``<method>_tta``
-    (k_eval, tta_eval views), and, when ``ks``/``views`` are given, one entry per eval-axis pair."""
+    (k_eval, tta_eval views), and, when ``ks``/``views`` are given, one entry per eval-axis pair.
+    Returns ``(metrics, {method part of the key: probs}, clean-view embeddings)``."""
     split = getattr(ds, split_name)
     all_ks = sorted({cfg["k_eval"], *(ks or [])})
     all_views = sorted({1, cfg["tta_eval"], *views}) if views else [1]
-    metrics = {}
-    for (method, k, n), probs in predict(model, ds, split.images, memory, all_ks, all_views, cfg, device, flip).items():
-        m = classification_metrics(probs, split.labels)
+    probs_by_name, clean = predict(model, ds, split.images, memory, all_ks, all_views, cfg, device, flip)
+    metrics, named = {}, {}
+    for (method, k, n), probs in probs_by_name.items():
+        names = []
         if k in (None, cfg["k_eval"]) and n == 1:
-            metrics.update(prefixed(split_name, method, m))
+            names.append((method, {}))
         if views and k in (None, cfg["k_eval"]) and n == cfg["tta_eval"]:
-            metrics.update(prefixed(split_name, f"{method}_tta", m))
+            names.append((f"{method}_tta", {}))
         if views and n in views and (k is None or k in ks):
-            axes = {"tta_views": n} if k is None else {"k": k, "tta_views": n}
-            metrics.update(prefixed(split_name, method, m, **axes))
-    return metrics
+            names.append((method, {"tta_views": n} if k is None else {"k": k, "tta_views": n}))
+        m = classification_metrics(probs, split.labels) if names else {}
+        for name, axes in names:
+            metrics.update(prefixed(split_name, name, m, **axes))
+            named[metric_key(split_name, name, "", **axes).split("/")[1]] = probs
+    return metrics, named, clean
 
 
 def _synced_ms(device, fn) -> float:
@@ -245,10 +261,10 @@ def _synced_ms(device, fn) -> float:
     return 1000 * (time.perf_counter() - start)
 
 
-def timings(model, ds, memory, cfg, device) -> dict[str, float]:
-    """kNN search ms per test query, and the extra ms per query of the attention head over the
-    distance-weighted vote on the same retrieved neighbours (k = k_eval)."""
-    _, z = forward_all(model, ds, ds.test.images, device)
+def timings(model, ds, memory, z, cfg, device) -> dict[str, float]:
+    """kNN search ms per query of ``z`` (the test split's clean embeddings), and the extra ms per
+    query of the attention head over the distance-weighted vote on the same retrieved
+    neighbours (k = k_eval), the head's once-per-evaluation projection of the bank included."""
     n, k = len(z), cfg["k_eval"]
     search_ms = _synced_ms(device, lambda: memory.index.search(z, k))
     sims, nbr = memory.index.search(z, k)
@@ -304,67 +320,70 @@ def train_epoch(model, optimizer, ds, memory, cfg, device, flip, gen, np_rng) ->
     return {f"train/{name}/loss": total / batches for name, total in totals.items()}
 
 
-def _cpu_copy(obj):
-    """A detached CPU copy of a (nested) state dict, so later steps cannot change a reported checkpoint."""
-    if isinstance(obj, torch.Tensor):
-        return obj.detach().to("cpu", copy=True)
-    if isinstance(obj, dict):
-        return {key: _cpu_copy(value) for key, value in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(_cpu_copy(value) for value in obj)
-    return obj
-
-
 def load_data(cfg: dict) -> Dataset:
     ds = load_dataset(cfg["dataset"], max_train=cfg["max_train"] or None, max_test=cfg["max_test"] or None)
     ds = with_imbalance(ds, cfg["imbalance"], cfg["seed"])
     return with_label_noise(ds, cfg["noise_rate"], cfg["seed"])
 
 
+def _eval_axes(cfg: dict) -> tuple[list[int], list[int]]:
+    axes = cfg.get("eval") or {}
+    return list(axes.get("k", [cfg["k_eval"]])), list(axes.get("tta_views", [1, cfg["tta_eval"]]))
+
+
+def check(config: dict) -> None:
+    """Refuse, before anything starts, every config ``train`` cannot run (cheap: no image decoded)."""
+    require(config["embed_dim"] % config["heads"] == 0,
+            f"embed_dim {config['embed_dim']} must be divisible by heads {config['heads']}")
+    if config["backbone"] == "small_cnn":
+        require(config["pretrained"] == "none",
+                f"backbone small_cnn has no pretrained weights (pretrained {config['pretrained']!r}); use pretrained: none")
+    elif config["pretrained"] == "imagenet" and _offline() and not imagenet_weights_path(config["backbone"]).exists():
+        raise ConfigError(str(_weights_missing(config["backbone"], "ORCHESTRATE_OFFLINE forbids downloads")))
+    try:
+        n_train = int(train_class_counts(config["dataset"], max_train=config["max_train"] or None,
+                                         imbalance=config["imbalance"]).sum())
+    except DataError as exc:
+        raise ConfigError(str(exc)) from None
+    ks, _ = _eval_axes(config)
+    own = 2 if config["mixup_alpha"] > 0 else 1  # training excludes its own image(s) from the neighbours
+    where = f"the {n_train} training images of {config['dataset']} (max_train {config['max_train']}, imbalance {config['imbalance']})"
+    require(max(ks) <= n_train, f"eval k {max(ks)} is more than {where}")
+    require(config["k_eval"] <= n_train, f"k_eval {config['k_eval']} is more than {where}")
+    require(config["k_train"] + own <= n_train,
+            f"k_train {config['k_train']} + {own} own image(s) excluded from the neighbours is more than {where}")
+
+
 def train(config: dict, report, restore: dict | None = None) -> None:
     cfg = dict(config)
-    axes = cfg.get("eval") or {}
-    eval_ks, eval_views = list(axes.get("k", [cfg["k_eval"]])), list(axes.get("tta_views", [1, cfg["tta_eval"]]))
+    check(cfg)
+    trial = Trial(cfg, report, restore)
+    eval_ks, eval_views = _eval_axes(cfg)
     device = resolve_device(cfg.get("device", "auto"))
-    gen = seed_everything(cfg["seed"])
-    np_rng = np.random.default_rng([cfg["seed"], 3])
+    np_rng = trial.numpy_rng(3)
     ds = load_data(cfg)
-    needed = max(*eval_ks, cfg["k_eval"], cfg["k_train"] + 2)  # training excludes up to 2 own images (mixup)
-    if needed > len(ds.train):
-        raise ValueError(f"k up to {needed} needs more than the {len(ds.train)} training images")
     flip = {"auto": ds.name != "digits", "always": True, "never": False}[cfg["hflip"]]  # digits are not mirror-symmetric
-
     model = AttnKnnNet(cfg, ds).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"])
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg["epochs"])
-    start, epoch_ms = 1, []
-    if restore is not None:
-        model.load_state_dict(restore["model"])
-        optimizer.load_state_dict(restore["optimizer"])
-        scheduler.load_state_dict(restore["scheduler"])
-        gen.set_state(restore["torch_rng"])
-        np_rng.bit_generator.state = restore["numpy_rng"]
-        start, epoch_ms = restore["epoch"] + 1, list(restore["epoch_ms"])
-    memory = refresh_memory(None, model, ds, device, use_gpu=device.type == "cuda")
-
-    for epoch in range(start, cfg["epochs"] + 1):
-        began = time.perf_counter()
-        losses = train_epoch(model, optimizer, ds, memory, cfg, device, flip, gen, np_rng)
-        if losses is None:
-            report({"diverged": 1.0, "epoch": epoch})
-            return
-        scheduler.step()
-        memory = refresh_memory(memory, model, ds, device, use_gpu=device.type == "cuda")
-        epoch_ms.append(1000 * (time.perf_counter() - began))
-        metrics = {"epoch": epoch, **losses}
-        if epoch < cfg["epochs"]:
-            metrics.update(evaluate(model, ds, "val", memory, cfg, device, flip))
-        else:  # the last report holds every final metric
-            for split in ("val", "test"):
-                metrics.update(evaluate(model, ds, split, memory, cfg, device, flip, eval_ks, eval_views))
-            metrics.update(timings(model, ds, memory, cfg, device))
-            metrics["perf/epoch_ms"] = float(np.mean(epoch_ms))
-        checkpoint = {"epoch": epoch, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                      "scheduler": scheduler.state_dict(), "torch_rng": gen.get_state(),
-                      "numpy_rng": np_rng.bit_generator.state, "epoch_ms": epoch_ms}
-        report(metrics, checkpoint=_cpu_copy(checkpoint))
+    trial.track(model=model, optimizer=optimizer, scheduler=scheduler)
+    memory = None
+    for epoch in trial.epochs(cfg["epochs"]):
+        if memory is None:  # the bank of the model this run's first epoch starts from (restored on resume)
+            memory = refresh_memory(None, model, ds, device, use_gpu=device.type == "cuda")
+        with trial.timed("epoch"):
+            losses = train_epoch(model, optimizer, ds, memory, cfg, device, flip, trial.generator, np_rng)
+            if losses is None:
+                return trial.diverged(epoch)
+            scheduler.step()
+            memory = refresh_memory(memory, model, ds, device, use_gpu=device.type == "cuda")
+        final = epoch == cfg["epochs"]
+        metrics = {**losses, **evaluate(model, ds, "val", memory, cfg, device, flip, *((eval_ks, eval_views) if final else ()))[0]}
+        if final:  # the last report holds every final metric
+            test_metrics, probs, z = evaluate(model, ds, "test", memory, cfg, device, flip, eval_ks, eval_views)
+            for name, p in probs.items():
+                trial.reliability("test", name, p, ds.test.labels)
+            metrics.update(test_metrics)
+            metrics.update(timings(model, ds, memory, z, cfg, device))
+            metrics["perf/epoch_ms"] = trial.ms("epoch") / cfg["epochs"]
+        trial.report(epoch, metrics, done=final)

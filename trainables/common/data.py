@@ -160,9 +160,41 @@ def _stratified_take(labels: np.ndarray, fraction: float, rng: np.random.Generat
     picked = []
     for c in np.unique(labels):
         idx = np.flatnonzero(labels == c)
-        n = max(1, int(round(fraction * len(idx))))
-        picked.append(rng.choice(idx, size=min(n, len(idx)), replace=False))
+        picked.append(rng.choice(idx, size=_take_count(len(idx), fraction), replace=False))
     return np.sort(np.concatenate(picked))
+
+
+def _take_count(n: int, fraction: float) -> int:
+    """How many of a class's ``n`` images :func:`_stratified_take` keeps."""
+    return min(max(1, int(round(fraction * n))), n)
+
+
+def train_class_counts(spec: str, *, val_fraction: float = 0.1, max_train: int | None = None,
+                       imbalance: float = 1.0, data_root: str | os.PathLike | None = None) -> np.ndarray:
+    """Images per class of the training split that ``load_dataset`` (then ``with_imbalance``)
+    gives, from labels or file names only (no image is decoded): cheap enough for a config check
+    before anything starts. Label noise does not change the counts."""
+    validate_spec(spec, data_root=data_root)
+    counts = _source_train_counts(spec, data_root)
+    counts = counts - np.array([_take_count(n, val_fraction) for n in counts])
+    if max_train is not None and max_train < counts.sum():
+        counts = np.array([_take_count(n, max_train / counts.sum()) for n in counts])
+    return counts if imbalance == 1 else _imbalanced_counts(counts, imbalance)
+
+
+def _source_train_counts(spec: str, data_root) -> np.ndarray:
+    """Images per class of the training data before the val split is carved out of it."""
+    if spec == "digits":
+        return np.bincount(_load_digits()[0].labels)
+    if spec in ("cifar10", "cifar100"):
+        return np.full(10, 5000) if spec == "cifar10" else np.full(100, 500)
+    path = Path(spec.split(":", 1)[1]).expanduser()
+    splits = _layout(_list_image_files(path))
+    classes = sorted({cls for items in splits.values() for cls, _ in items})
+    items = splits.get("train", splits.get("all", []))
+    counts = np.array([sum(cls == c for cls, _ in items) for c in classes])
+    has_test = "test" in splits or (path.is_file() and "train" in path.name and path.with_name(path.name.replace("train", "test")).exists())
+    return counts if has_test else counts - np.array([_take_count(n, 0.2) for n in counts])  # the 80/20 cut
 
 
 def _load_digits():
@@ -362,14 +394,16 @@ def with_imbalance(ds: Dataset, ratio: float, seed: int) -> Dataset:
     if ratio == 1:
         return ds
     rng = np.random.default_rng([seed, 2])
-    counts = np.bincount(ds.train.labels, minlength=ds.num_classes)
-    n_max = counts.max()
-    keep = []
-    for c in range(ds.num_classes):
-        n_c = max(1, int(n_max * ratio ** (-c / (ds.num_classes - 1))))
-        idx = np.flatnonzero(ds.train.labels == c)
-        keep.append(rng.choice(idx, size=min(n_c, len(idx)), replace=False))
+    kept = _imbalanced_counts(np.bincount(ds.train.labels, minlength=ds.num_classes), ratio)
+    keep = [rng.choice(np.flatnonzero(ds.train.labels == c), size=n_c, replace=False) for c, n_c in enumerate(kept)]
     return replace(ds, train=ds.train.subset(np.sort(np.concatenate(keep))), meta={**ds.meta, "imbalance": ratio})
+
+
+def _imbalanced_counts(counts: np.ndarray, ratio: float) -> np.ndarray:
+    """Images per class that :func:`with_imbalance` keeps of ``counts``."""
+    c = np.arange(len(counts))
+    wanted = np.maximum(1, (counts.max() * ratio ** (-c / (len(counts) - 1))).astype(int))
+    return np.minimum(wanted, counts)
 
 
 # ---------------------------------------------------------------- augmentation

@@ -4,9 +4,10 @@ float images (``Dataset.to_float`` output, (N, C, H, W)) into (N, D) features.
 * ``own-cnn``: the offline default. A small CNN trained ONCE on the dataset's own training split
   (clean labels, fixed seed), cached on disk keyed by the training data. It is *not*
   ImageNet-pretrained, and its train-split features come from images it was trained on.
-* ``resnet18`` / ``resnet50``: torchvision ImageNet weights from the torch hub cache
+* ``resnet18`` / ``resnet50``: torchvision ImageNet V1 weights from the torch hub cache
   (``$TORCH_HOME/hub/checkpoints``), downloaded when possible. Missing weights are an error,
-  never a random init.
+  never a random init. :func:`imagenet_state_dict` is the one resolver of these weights for
+  every family (attn_knn's and wm_attention's backbones too).
 * ``clip-vit-b32``: open_clip ViT-B/32 (OpenAI weights) when open_clip is installed and its
   weights are available.
 
@@ -62,7 +63,7 @@ def describe(name: str, dataset: Dataset, *, device: str = "auto", cache_dir=Non
         path = _own_cnn_weights(dataset, device, cache_dir, progress)
         return f"own-cnn:{sha256_file(path)[:16]}", _dataset_transform(dataset, "")
     if name in _TORCHVISION:
-        path = _torchvision_weights(name)
+        path = imagenet_weights_file(name)
         return f"{name}:{sha256_file(path)[:16]}", _dataset_transform(dataset, f"|rgb|resize{_RESNET_SIZE}|imagenet-norm")
     path = _clip_weights()
     return f"{name}:{sha256_file(path)[:16]}", _dataset_transform(dataset, "|rgb|resize224-bicubic|clip-norm")
@@ -78,7 +79,7 @@ def get_encoder(name: str, dataset: Dataset, device: str | torch.device = "auto"
         module = OwnCNN(dataset.channels, dataset.image_size, dataset.num_classes)
         module.load_state_dict(state["state_dict"])
     elif name in _TORCHVISION:
-        module = TorchvisionResNet(name, torch.load(_torchvision_weights(name), map_location="cpu", weights_only=True), dataset)
+        module = TorchvisionResNet(name, imagenet_state_dict(name), dataset)
     else:
         module, encode_text = _build_clip(dataset, device)
     module = module.to(device).eval().requires_grad_(False)
@@ -215,29 +216,68 @@ def _train_own_cnn(dataset: Dataset, device: torch.device, progress: bool) -> di
     return {"state_dict": state_dict, "recipe": dict(r), "epochs": epochs, "val_acc": val_acc}
 
 
-# ---------------------------------------------------------------- torchvision ResNets
+# ---------------------------------------------------------------- torchvision ResNets: the one weights resolver
 
-_TORCHVISION = {"resnet18": "ResNet18_Weights", "resnet50": "ResNet50_Weights"}
+# One ImageNet checkpoint per name, for every family (frozen features, fine-tuned backbones,
+# wm_attention's front end). ResNet-50 uses V1 (76.1 % top-1), not V2 (80.9 %): V2's recipe
+# (label smoothing, mixup, cutmix, long training) buys ImageNet accuracy with penultimate
+# features that transfer worse as fixed features (Kornblith et al., "Do Better ImageNet Models
+# Transfer Better?", 2019), V1 is the checkpoint the prior work compared with means, and the
+# feature cache is keyed on it already.
+IMAGENET_WEIGHTS = {"resnet18": ("ResNet18_Weights", "IMAGENET1K_V1"), "resnet50": ("ResNet50_Weights", "IMAGENET1K_V1")}
+_TORCHVISION = tuple(IMAGENET_WEIGHTS)
 _RESNET_SIZE = 224
 
 
-def _torchvision_weights(name: str) -> Path:
-    """The ImageNet checkpoint of ``name`` in the torch hub cache, downloaded if absent and allowed."""
+def imagenet_weights(name: str):
+    """The torchvision weights enum ``name`` resolves to (``resnet18`` or ``resnet50``)."""
     import torchvision
 
-    url = getattr(torchvision.models, _TORCHVISION[name]).IMAGENET1K_V1.url
-    path = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(url)
+    if name not in IMAGENET_WEIGHTS:
+        raise EncoderUnavailable(f"no ImageNet weights for {name!r}: use one of {', '.join(IMAGENET_WEIGHTS)}")
+    enum, member = IMAGENET_WEIGHTS[name]
+    return getattr(getattr(torchvision.models, enum), member)
+
+
+def imagenet_weights_path(name: str) -> Path:
+    """Where the checkpoint of ``name`` is looked for: the torch hub cache (``$TORCH_HOME``)."""
+    return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(imagenet_weights(name).url)
+
+
+def imagenet_weights_file(name: str) -> Path:
+    """The ImageNet checkpoint of ``name`` on disk, downloaded (hash-checked) when it is absent,
+    unless ``ORCHESTRATE_OFFLINE`` is set. Missing weights are an error naming the encoder, never
+    a random init."""
+    path = imagenet_weights_path(name)
     if path.exists():
         return path
-    how = f"put {path.name} (from {url}) in {path.parent} (set TORCH_HOME to change where it is looked for)"
     if _offline():
-        raise EncoderUnavailable(f"encoder {name}: ImageNet weights not found and ORCHESTRATE_OFFLINE is set; {how}")
+        raise _weights_missing(name, "ORCHESTRATE_OFFLINE forbids downloads")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        torch.hub.download_url_to_file(url, str(path), progress=False)
+        prefix = torch.hub.HASH_REGEX.search(path.name)
+        torch.hub.download_url_to_file(imagenet_weights(name).url, str(path), hash_prefix=prefix and prefix.group(1), progress=False)
     except Exception as exc:  # URLError, HTTPError, OSError, hash mismatch
-        raise EncoderUnavailable(f"encoder {name}: ImageNet weights not found and the download failed ({exc}); {how}") from None
+        raise _weights_missing(name, f"the download failed: {exc}") from None
     return path
+
+
+def imagenet_state_dict(name: str) -> dict:
+    """The ImageNet state dict of ``name`` (see :func:`imagenet_weights_file`); an unreadable
+    (truncated, corrupted) checkpoint is the same error as a missing one."""
+    path = imagenet_weights_file(name)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise _weights_missing(name, f"the file does not load: {exc}") from None
+
+
+def _weights_missing(name: str, why: str) -> EncoderUnavailable:
+    weights, path = imagenet_weights(name), imagenet_weights_path(name)
+    return EncoderUnavailable(
+        f"encoder {name}: ImageNet weights {weights} not usable at {path} ({why}); download {weights.url} on a "
+        f"machine with network access into {path.parent} (TORCH_HOME moves it), or run without them "
+        "(pretrained: none, or encoder own-cnn)")
 
 
 def _unnormalise_rgb(x: torch.Tensor, dataset_mean: torch.Tensor, dataset_std: torch.Tensor) -> torch.Tensor:

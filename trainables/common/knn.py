@@ -23,6 +23,7 @@ import torch
 
 BACKENDS = ("faiss_gpu", "torch_cuda", "faiss_cpu", "torch_cpu")
 _TORCH_QUERY_CHUNK = 4096  # bounds the (queries x bank) similarity block of the torch backends
+_TIE_MARGIN = 8  # neighbours fetched beyond k to see ties across the k-th place (widened when not enough)
 
 
 def _faiss():
@@ -92,8 +93,10 @@ class KnnIndex:
             self._index.add(_as_numpy(x))
 
     def search(self, q: np.ndarray | torch.Tensor, k: int, exclude: np.ndarray | torch.Tensor | None = None):
-        """The ``k`` most similar vectors of each query: ``(sims, idx)``, each ``(nq, k)``, most
-        similar first.
+        """The ``k`` most similar vectors of each query: ``(sims, idx)``, each ``(nq, k)``, in the
+        canonical order: similarity descending, ties by bank index ascending, also across the
+        k-th place. So a search at k returns the first k of a search at any larger k, whatever the
+        backend (FAISS orders exact ties as its heap happens to).
 
         ``exclude`` (``(nq,)`` or ``(nq, m)`` bank indices) drops those entries from each query's
         neighbours, e.g. a training query's own index when retrieving from a memory bank of the
@@ -102,15 +105,31 @@ class KnnIndex:
         extra = 0 if exclude is None else (1 if exclude.ndim == 1 else exclude.shape[1])
         if k + extra > len(self):
             raise ValueError(f"asked for {k} neighbours (+{extra} excluded) from an index of {len(self)}")
-        if self._bank is not None:
-            sims, idx = self._torch_search(torch.as_tensor(q).to(self._bank.device, torch.float32), k + extra)
-        else:
-            sims, idx = (torch.from_numpy(a) for a in self._index.search(_as_numpy(q), k + extra))
+        sims, idx = self._canonical_search(q, k + extra)
         if exclude is not None:
             sims, idx = _drop_excluded(sims, idx, torch.as_tensor(exclude).to(idx.device).view(len(idx), -1), k)
         if isinstance(q, torch.Tensor):
             return sims.to(q.device), idx.to(q.device)
         return sims.cpu().numpy(), idx.cpu().numpy()
+
+    def _canonical_search(self, q, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The top ``k`` in canonical order: search a little wider, widen while some row's tie at
+        the k-th similarity may reach past what was fetched, then sort by (-similarity, index)."""
+        width = min(len(self), k + _TIE_MARGIN)
+        while True:
+            sims, idx = self._raw_search(q, width)
+            if width == len(self) or not bool((sims[:, -1] == sims[:, k - 1]).any()):
+                break  # everything tied with a row's k-th similarity is within the fetched width
+            width = min(len(self), 2 * width)
+        by_index = torch.sort(idx, dim=1, stable=True).indices
+        sims, idx = sims.gather(1, by_index), idx.gather(1, by_index)
+        by_sim = torch.sort(sims, dim=1, descending=True, stable=True).indices[:, :k]
+        return sims.gather(1, by_sim), idx.gather(1, by_sim)
+
+    def _raw_search(self, q, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._bank is not None:
+            return self._torch_search(torch.as_tensor(q).to(self._bank.device, torch.float32), k)
+        return tuple(torch.from_numpy(a) for a in self._index.search(_as_numpy(q), k))
 
     def _torch_search(self, q: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         with torch.autocast(self._bank.device.type, enabled=False):  # exact float32 even inside a caller's bf16 autocast
