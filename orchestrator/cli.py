@@ -46,14 +46,16 @@ def list_cmd() -> None:
     from orchestrator.registry import families
     from orchestrator.spaces import describe_study, load_family_file, load_study
 
+    lines = []  # every family file is read before anything is printed: a broken one is the only line
     for family, file in families().items():
         doc = load_family_file(family)
         origin = "" if file.shipped else f" [{file.path} via {file.origin}]"
-        click.echo(f"{family}: {doc.get('description', '')}{origin}")
+        lines.append(f"{family}: {doc.get('description', '')}{origin}")
         for name in doc["studies"]:
             study = load_study(family, name)
             default = " (default)" if name == doc.get("default_study") else ""
-            click.echo(f"  {name}{default}: {study.description} [{describe_study(study)}; {study.num_trials} trials]")
+            lines.append(f"  {name}{default}: {study.description} [{describe_study(study)}; {study.num_trials} trials]")
+    click.echo("\n".join(lines))
 
 
 @main.command()

@@ -6,6 +6,8 @@ from click.testing import CliRunner
 from mlflow.tracking import MlflowClient
 
 from orchestrator.cli import main
+from orchestrator.registry import families
+from orchestrator.spaces import load_family_file
 from trainables.busy_loop import expected_acc
 from trainables.common.metrics import parse_metric_key
 
@@ -75,7 +77,15 @@ def test_diverged_trial_is_reported_and_the_sweep_goes_on(local_ray, tmp_path):
     assert len(children) == 4 and all(c.data.tags["status"] == "diverged" for c in children)
 
 
-@pytest.mark.parametrize("family", ["attn_knn", "set_anomaly", "clip_fusion", "subtask_meta", "wm_attention"])
+# Every registered model family with a smoke study (busy_loop, the engine's test kernel, has its own tests above).
+MODEL_FAMILIES = [f for f in families() if f != "busy_loop" and "smoke" in load_family_file(f)["studies"]]
+
+
+def test_every_shipped_model_family_has_a_smoke_study():
+    assert len(MODEL_FAMILIES) == len(families()) - 1
+
+
+@pytest.mark.parametrize("family", MODEL_FAMILIES)
 def test_family_smoke_study_runs_through_ray_and_mlflow(local_ray, tmp_path, family):
     client, output = sweep(tmp_path, family, "--study", "smoke")
     parents, children = runs_by_role(client, family)
