@@ -1,0 +1,378 @@
+"""Wiring of wm_attention: each scientific choice between the family's parts, checked through its
+real ``train()`` on tiny runs (digits, a few epochs of a hundred sequences).
+
+Every run is traced: the sequences ``train()`` generates are recorded as it draws them (the real
+generator, called through), and the models are rebuilt from the checkpoints it reports, so the
+tests can recompute what each reported number should be with code of their own: the N-back
+targets, the task-guided attention, the pooled baseline, the early-stopping choice on val, the
+analyses of the best-val model's hidden states, and which identities each split may show.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from scipy.stats import binomtest
+
+from one_thread import one_thread  # noqa: F401
+from trainables import wm_attention as wm
+from trainables.wm_tasks import FEATURES, MATCH, NO_ACTION, NON_MATCH, N_LOCATIONS, N_VIEWS, Task
+
+SPACE = yaml.safe_load((Path(__file__).resolve().parents[1] / "search_spaces" / "wm_attention.yaml").read_text())
+# distinct sizes tell the generated sets apart: train (each epoch), val, test and generalisation
+TINY = dict(train_sequences=128, val_sequences=96, test_sequences=112, decode_max_samples=20, hidden_size=32,
+            cnn_channels=8, attention_hidden=16, device="cpu")
+
+
+def config(**overrides) -> dict:
+    smoke = SPACE["studies"]["smoke"]
+    return {**SPACE["defaults"], **smoke["set"], **TINY, "seed": 0, "eval": {}, **overrides}
+
+
+@dataclass
+class Trace:
+    """One ``train()`` run: its config, reports, checkpoints and the sequences it generated."""
+
+    config: dict
+    reports: list = field(default_factory=list)
+    checkpoints: list = field(default_factory=list)
+    generated: list = field(default_factory=list)  # (n_sequences, tasks, pool, match_prob, Sequences)
+
+    def sets(self, n: int) -> list:
+        return [seqs for size, *_, seqs in self.generated if size == n]
+
+    @property
+    def train(self) -> list:
+        return self.sets(self.config["train_sequences"])
+
+    @property
+    def val(self):
+        (seqs,) = self.sets(self.config["val_sequences"])
+        return seqs
+
+    @property
+    def test(self):
+        return self.sets(self.config["test_sequences"])[0]
+
+    @property
+    def gen(self):
+        later = self.sets(self.config["test_sequences"])[1:]
+        return later[0] if later else None
+
+    @property
+    def final(self) -> dict:
+        return self.reports[-1]
+
+    @property
+    def method(self) -> str:
+        return "attention" if self.config["attention"] else "baseline"
+
+    @property
+    def tasks(self) -> list[Task]:
+        return self.generated[0][1]
+
+
+def trace(**overrides) -> Trace:
+    run = Trace(config(**overrides))
+    real = wm.generate
+
+    def recording(rng, n_sequences, tasks, pool, **kwargs):
+        seqs = real(rng, n_sequences, tasks, pool, **kwargs)
+        run.generated.append((n_sequences, list(tasks), pool, kwargs["match_prob"], seqs))
+        return seqs
+
+    def report(metrics, checkpoint=None):
+        run.reports.append(dict(metrics))
+        run.checkpoints.append(checkpoint)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(wm, "generate", recording)  # records and calls through: the real generator runs
+        wm.train(run.config, report)
+    return run
+
+
+def weights(checkpoint: dict, which: str) -> dict:
+    """``which``: "model" (the weights at that epoch) or "best" (the best-val weights so far)."""
+    return checkpoint["model"] if which == "model" else checkpoint["best_model"]
+
+
+def rebuild(run: Trace, state: dict) -> tuple[wm.WorkingMemoryNet, wm.Stimuli]:
+    """The trial's network with ``state`` loaded (strictly: no missing or unexpected weights)."""
+    cfg = run.config
+    stim = wm.Stimuli(cfg, torch.device("cpu"))
+    frontend = wm.build_frontend(cfg["frontend"], stim.tensor.shape[1], cfg["pretrained"], cfg["cnn_channels"])
+    model = wm.WorkingMemoryNet(frontend, len(run.tasks), attention=bool(cfg["attention"]),
+                                attention_hidden=cfg["attention_hidden"], attention_dropout=cfg["attention_dropout"],
+                                rnn=cfg["rnn"], hidden_size=cfg["hidden_size"], freeze_frontend=bool(cfg["freeze_frontend"]),
+                                input_size=cfg["input_size"])
+    model.load_state_dict(state)
+    return model.eval(), stim
+
+
+def outputs(run: Trace, model, stim, seqs) -> dict:
+    return wm.run_model(model, stim, seqs, len(run.tasks), run.config["batch_size"])
+
+
+def decision_accuracy(out: dict, seqs) -> float:
+    decision = seqs.target != NO_ACTION
+    return float(np.mean(out["probs"].argmax(-1)[decision] == seqs.target[decision]))
+
+
+# ---------------------------------------------------------------- independent reimplementations
+
+
+def expected_targets(seqs, tasks: list[Task], n_identities: int) -> np.ndarray:
+    """N-back by the definition, one step at a time: no_action before step N, then match when
+    the task feature equals the one N steps back (identity: same class and same image)."""
+    out = np.empty(seqs.target.shape, dtype=np.int64)
+    for b in range(len(seqs.task)):
+        task = tasks[seqs.task[b]]
+        for t in range(seqs.target.shape[1]):
+            if t < task.n:
+                out[b, t] = NO_ACTION
+                continue
+            then, now = t - task.n, t
+            if task.feature == "location":
+                same = seqs.location[b, now] == seqs.location[b, then]
+            elif task.feature == "category":
+                same = seqs.category[b, now] == seqs.category[b, then]
+            else:
+                same = (seqs.category[b, now], seqs.identity[b, now]) == (seqs.category[b, then], seqs.identity[b, then])
+            out[b, t] = MATCH if same else NON_MATCH
+    return out
+
+
+def one_hot_tasks(seqs, n_tasks: int) -> torch.Tensor:
+    return torch.eye(n_tasks)[torch.as_tensor(seqs.task)]
+
+
+def front_end_maps(model, stim, seqs) -> torch.Tensor:
+    """(B, T, C, h, w) front-end maps of the stimulus shown at each step."""
+    index = torch.as_tensor(seqs.stimulus_index(stim.n_identities))
+    with torch.no_grad():
+        maps = model.encode(stim.tensor[index.flatten()])
+    return maps.view(*index.shape, *maps.shape[1:])
+
+
+@torch.no_grad()
+def task_guided_attention(model, maps: torch.Tensor, task: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """softmax_p(key(f_p) . query(task) / sqrt(hidden)) and the weighted sum of the features,
+    with the keys materialised (the family never builds them)."""
+    att = model.attention
+    b, t = maps.shape[:2]
+    feats = maps.flatten(3).transpose(2, 3)  # (B, T, P, C)
+    query = att.query(task)[:, None, None, :]  # (B, 1, 1, hidden): one query per sequence
+    scores = (att.key(feats) * query).sum(-1) / math.sqrt(att.query.out_features)
+    w = scores.softmax(-1)
+    return w, (w[..., None] * feats).sum(2)
+
+
+@torch.no_grad()
+def recurrent_logits(model, context: torch.Tensor, task: torch.Tensor) -> torch.Tensor:
+    """RNN over [context, task one-hot] at every step, then the response head."""
+    steps = context.shape[1]
+    hidden, _ = model.rnn(torch.cat([context, task[:, None, :].expand(-1, steps, -1)], -1))
+    return model.head(hidden)
+
+
+def entropy(weights: np.ndarray) -> float:
+    flat = weights.reshape(-1, weights.shape[-1])
+    return float(np.mean(-(flat * np.log(np.clip(flat, 1e-12, None))).sum(1)))
+
+
+# ---------------------------------------------------------------- runs shared by several tests
+
+
+@pytest.fixture(scope="module")
+def stmf():
+    """Attention model, three tasks, one epoch."""
+    return trace(scenario="stmf", epochs=1)
+
+
+@pytest.fixture(scope="module")
+def stopped():
+    """A run whose best val epoch (3) is neither the first nor the last (stopped at 5 of 6), and
+    whose best test epoch (2) is another."""
+    return trace(n_back=1, lr=1e-2, seed=3, epochs=6, min_epochs=1, patience=2)
+
+
+# ---------------------------------------------------------------- the task vector and the attention
+
+
+def test_the_task_vector_reaches_the_attention_and_the_rnn(stmf):
+    model, stim = rebuild(stmf, weights(stmf.checkpoints[-1], "best"))
+    seqs = stmf.test
+    out = outputs(stmf, model, stim, seqs)
+    task = one_hot_tasks(seqs, len(stmf.tasks))
+    expected_w, context = task_guided_attention(model, front_end_maps(model, stim, seqs), task)
+    np.testing.assert_allclose(out["attention"].reshape(expected_w.shape), expected_w.numpy(), atol=1e-5)
+    np.testing.assert_allclose(out["logits"], recurrent_logits(model, context, task).numpy(), atol=1e-4)
+    # the reported statistic is the one of the task-guided weights on the test sequences
+    assert stmf.final["test/attention/attn_entropy"] == pytest.approx(entropy(expected_w.numpy()), abs=1e-5)
+
+
+def test_the_task_changes_the_attention_on_the_same_stimuli(stmf):
+    model, stim = rebuild(stmf, weights(stmf.checkpoints[-1], "best"))
+    seqs = stmf.test
+    per_task = []
+    for k in range(len(stmf.tasks)):
+        seqs_k = seqs.subset(np.arange(len(seqs)))
+        seqs_k.task = np.full_like(seqs.task, k)
+        per_task.append(outputs(stmf, model, stim, seqs_k))
+    for a, b in [(0, 1), (1, 2), (0, 2)]:
+        assert np.abs(per_task[a]["attention"] - per_task[b]["attention"]).max() > 1e-3, (a, b)
+        assert np.abs(per_task[a]["logits"] - per_task[b]["logits"]).max() > 1e-3, (a, b)
+
+
+def test_attention_false_has_no_attention_and_feeds_the_pooled_map_with_the_task():
+    run = trace(attention=False, epochs=1)
+    best = weights(run.checkpoints[-1], "best")
+    assert not any(key.startswith("attention.") for key in best), "the baseline carries attention weights"
+    assert not any("attn_" in key or "/attention/" in key for key in run.final)
+    model, stim = rebuild(run, best)
+    assert model.attention is None
+    seqs = run.test
+    out = outputs(run, model, stim, seqs)
+    assert "attention" not in out
+    pooled = front_end_maps(model, stim, seqs).mean((-2, -1))
+    expected = recurrent_logits(model, pooled, one_hot_tasks(seqs, len(run.tasks)))
+    np.testing.assert_allclose(out["logits"], expected.numpy(), atol=1e-4)
+    assert run.final["test/baseline/acc"] == pytest.approx(decision_accuracy(out, seqs))
+
+
+# ---------------------------------------------------------------- tasks and targets
+
+
+SCENARIO_TASKS = {
+    "stsf": lambda n, f: [(n, f)],
+    "stmf": lambda n, f: [(n, g) for g in FEATURES],
+    "mtmf": lambda n, f: [(m, g) for m in (1, 2, 3) for g in FEATURES],
+}
+
+
+@pytest.mark.parametrize("scenario", ["stsf", "stmf", "mtmf"])
+def test_scenario_tasks_and_nback_targets_of_every_generated_set(scenario):
+    run = trace(scenario=scenario, n_back=2, feature="identity", epochs=1)
+    tasks = run.tasks
+    assert [(t.n, t.feature) for t in tasks] == SCENARIO_TASKS[scenario](2, "identity")
+    assert {tuple(tk) for _, tk, *_ in run.generated} == {tuple(tasks)}  # every set: the same task list
+    sets = [*run.train, run.val, run.test]
+    for seqs in sets:
+        np.testing.assert_array_equal(seqs.target, expected_targets(seqs, tasks, run.config["n_identities"]))
+        index, task, target = wm._batch_tensors(seqs, len(tasks), run.config["n_identities"], "cpu")
+        np.testing.assert_array_equal(target.numpy(), seqs.target)  # what the loss and metrics see
+        np.testing.assert_array_equal(task.numpy(), np.eye(len(tasks))[seqs.task])
+    assert set(np.concatenate([s.task for s in sets])) == set(range(len(tasks)))
+    # the one-hot task vector is as wide as the task list, in the attention and at the RNN's input
+    best = weights(run.checkpoints[-1], "best")
+    assert best["attention.query.weight"].shape[1] == len(tasks)
+    assert best["rnn.weight_ih_l0"].shape[1] == run.config["cnn_channels"] + len(tasks)
+    for t in tasks:
+        assert f"test/attention/acc_{t.name}" in run.final
+
+
+@pytest.mark.parametrize("match_prob", [0.5, 0.25])
+def test_matches_are_drawn_with_match_prob(match_prob):
+    run = trace(match_prob=match_prob, epochs=2, n_back=1)
+    assert {p for *_, p, _ in run.generated} == {match_prob}
+    decisions = np.concatenate([s.target[s.target != NO_ACTION] for s in [*run.train, run.val, run.test]])
+    assert binomtest(int((decisions == MATCH).sum()), len(decisions), match_prob).pvalue > 1e-3
+    assert binomtest(int((decisions == MATCH).sum()), len(decisions), 0.5 if match_prob != 0.5 else 0.25).pvalue < 1e-6
+
+
+# ---------------------------------------------------------------- splits
+
+
+@pytest.mark.parametrize("split", ["novel_identity", "novel_view", "random"])
+def test_held_out_identities_and_views_appear_only_in_the_generalisation_test(split):
+    run = trace(split=split, heldout_identities=2, epochs=1, attention=False)
+    n_id, held = run.config["n_identities"], run.config["heldout_identities"]
+    seen = [*run.train, run.val, run.test]
+    ids = lambda sets: set(np.concatenate([s.identity.ravel() for s in sets]).tolist())  # noqa: E731
+    views = lambda sets: set(np.concatenate([s.view.ravel() for s in sets]).tolist())  # noqa: E731
+    if split == "random":
+        assert run.gen is None and not any("gen_acc" in key for key in run.final)
+        assert ids(seen) == set(range(n_id)) and views(seen) == set(range(N_VIEWS))
+        return
+    if split == "novel_identity":
+        assert ids(seen) == set(range(n_id - held)) and ids([run.gen]) == set(range(n_id - held, n_id))
+    else:
+        assert views(seen) == set(range(N_VIEWS - 1)) and views([run.gen]) == {N_VIEWS - 1}
+    model, stim = rebuild(run, weights(run.checkpoints[-1], "best"))
+    assert run.final["test/baseline/gen_acc"] == pytest.approx(decision_accuracy(outputs(run, model, stim, run.gen), run.gen))
+    assert run.final["test/baseline/acc"] == pytest.approx(decision_accuracy(outputs(run, model, stim, run.test), run.test))
+
+
+# ---------------------------------------------------------------- early stopping and the analysed model
+
+
+def val_rule(val_acc: list[float], patience: int, min_epochs: int, epochs: int) -> tuple[int, int]:
+    """(best epoch, last epoch) of early stopping on val accuracy, by its definition: a strict
+    improvement resets the count of bad epochs; stop after ``patience`` bad ones, not before
+    ``min_epochs``, or at ``epochs``."""
+    best, best_epoch, bad = -1.0, 0, 0
+    for epoch, acc in enumerate(val_acc, start=1):
+        best, best_epoch, bad = (acc, epoch, 0) if acc > best else (best, best_epoch, bad + 1)
+        if (bad >= patience and epoch >= min_epochs) or epoch == epochs:
+            return best_epoch, epoch
+    raise AssertionError("the run ended before its rule says it may")
+
+
+def per_epoch(run: Trace, which: str, seqs) -> list[float]:
+    accs = []
+    for ckpt in run.checkpoints:
+        model, stim = rebuild(run, weights(ckpt, which))
+        accs.append(decision_accuracy(outputs(run, model, stim, seqs), seqs))
+    return accs
+
+
+def best_index(run: Trace) -> int:
+    """The position of the epoch whose weights the final checkpoint keeps as the best."""
+    best = weights(run.checkpoints[-1], "best")
+    same = [i for i, c in enumerate(run.checkpoints) if all(torch.equal(v, weights(c, "model")[k]) for k, v in best.items())]
+    assert same, "the best weights are no epoch's weights"
+    return same[0]
+
+
+def test_early_stopping_selects_on_val_and_the_report_describes_that_model(stopped):
+    cfg = stopped.config
+    val_acc = per_epoch(stopped, "model", stopped.val)
+    for report, acc in zip(stopped.reports[:-1], val_acc):
+        assert report["val/attention/acc"] == pytest.approx(acc)  # val metrics are computed on val
+    best_epoch, last_epoch = val_rule(val_acc, cfg["patience"], cfg["min_epochs"], cfg["epochs"])
+    assert [r["epoch"] for r in stopped.reports] == list(range(1, last_epoch + 1))
+    assert 1 < best_epoch < last_epoch < cfg["epochs"]  # stopped early; best neither first nor last
+    assert best_index(stopped) == best_epoch - 1
+    test_acc = per_epoch(stopped, "model", stopped.test)
+    assert int(np.argmax(test_acc)) != best_epoch - 1  # selecting on test would pick another epoch
+    assert stopped.final["test/attention/acc"] == pytest.approx(test_acc[best_epoch - 1])
+    assert stopped.final["val/attention/acc"] == pytest.approx(val_acc[best_epoch - 1])
+
+
+def test_analyses_read_the_hidden_states_of_the_best_val_model(stopped):
+    def analysis(state: dict) -> dict:
+        model, stim = rebuild(stopped, state)
+        out = outputs(stopped, model, stim, stopped.test)
+        return wm.analyse(model, stim, stopped.test, out, stopped.tasks, stopped.config)[0]
+
+    best_at = best_index(stopped)
+    assert best_at < len(stopped.checkpoints) - 2
+    best = analysis(weights(stopped.checkpoints[best_at], "model"))
+    later = analysis(weights(stopped.checkpoints[-2], "model"))  # a later epoch (the final checkpoint holds the best)
+    assert {"decode_relevant", "swap_disparity", "procrustes_disparity", "attn_entropy", "orthogonality_rnn"} <= set(best)
+    for key, value in best.items():
+        assert stopped.final[f"test/attention/{key}"] == pytest.approx(value, abs=1e-9), key
+    for key in ("swap_disparity", "procrustes_disparity", "attn_entropy"):
+        assert best[key] != pytest.approx(later[key], abs=1e-6), key  # another model would read otherwise
+
+
+def test_the_stimuli_are_the_same_objects_whatever_the_trial_seed():
+    a, b = wm.Stimuli(config(seed=0), torch.device("cpu")), wm.Stimuli(config(seed=5), torch.device("cpu"))
+    np.testing.assert_array_equal(a.canvas, b.canvas)
+    assert len(a.canvas) == a.n_categories * a.n_identities * N_VIEWS * N_LOCATIONS
