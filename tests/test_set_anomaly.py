@@ -11,7 +11,8 @@ from scipy.stats import chisquare
 
 from trainables.common.data import load_dataset
 from trainables.common.metrics import parse_metric_key
-from trainables.set_anomaly import build_sets, effective_classes, farthest_from_mean_scores, make_sets, train
+from trainables.common.checks import ConfigError
+from trainables.set_anomaly import build_sets, check, effective_classes, farthest_from_mean_scores, make_sets, train
 
 SPEC = yaml.safe_load(open("search_spaces/set_anomaly.yaml"))
 
@@ -53,12 +54,10 @@ def test_splits_share_no_image_and_sets_are_fixed_per_seed(digits):
     assert not np.array_equal(sets["test"][0], other["test"][0])
 
 
-def test_n_classes_is_validated_and_capped(digits, capsys):
+def test_n_classes_is_capped(digits, capsys):
     assert effective_classes(digits, 20) == 10
     assert "capped at digits's 10 classes" in capsys.readouterr().err
     assert effective_classes(digits, 4) == 4
-    with pytest.raises(ValueError, match="at least 2"):
-        effective_classes(digits, 1)
 
 
 def test_farthest_from_mean_finds_the_constructed_anomaly():
@@ -118,6 +117,29 @@ def test_nan_loss_is_reported_as_diverged(cache):
     assert reports[-1][0] == {"diverged": 1.0, "epoch": reports[-1][0]["epoch"]}
 
 
-def test_heads_must_divide_the_attention_width(cache):
-    with pytest.raises(ValueError, match="not divisible by heads=3"):
-        _collect(smoke_config(cache, heads=3))
+@pytest.mark.parametrize("overrides,message", [
+    ({"heads": 3}, "the own-cnn feature width 256 (model_dim 0) must be divisible by heads 3"),
+    ({"heads": 3, "encoder": "resnet50"}, "the resnet50 feature width 2048 (model_dim 0) must be divisible by heads 3"),
+    ({"model_dim": 30, "heads": 4}, "model_dim 30 must be divisible by heads 4"),
+    ({"n_classes": 1}, "n_classes 1 must be at least 2"),
+    ({"set_size": 1}, "set_size 1 must be at least 2"),
+])
+def test_check_refuses_what_train_cannot_run(overrides, message):
+    check(smoke_config("unused"))
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        check(smoke_config("unused", **overrides))
+    with pytest.raises(ConfigError):
+        train(smoke_config("unused", **overrides), lambda *a, **k: None)
+
+
+def test_feature_dims_match_the_encoders():
+    """check() reads feature widths from FEATURE_DIMS: they are the widths the encoders give
+    (torchvision's ResNets built without weights; own-cnn on digits)."""
+    import torchvision
+
+    from trainables.common.encoders import OwnCNN
+    from trainables.common.features import FEATURE_DIMS
+
+    assert OwnCNN(1, 8, 10).dim == FEATURE_DIMS["own-cnn"]
+    for name in ("resnet18", "resnet50"):
+        assert getattr(torchvision.models, name)().fc.in_features == FEATURE_DIMS[name]

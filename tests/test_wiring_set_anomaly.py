@@ -6,8 +6,6 @@ the docstrings)."""
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 import numpy as np
 import pytest
 import torch
@@ -16,8 +14,9 @@ from scipy.stats import binomtest, chisquare
 from torch import nn
 
 from trainables import set_anomaly as sa
-from trainables.common.data import Split
 from trainables.common.features import extract_features
+
+from wiring_helpers import assert_same_outside_test, pick, with_mirrored_val
 
 SPEC = yaml.safe_load(open("search_spaces/set_anomaly.yaml"))
 # 400 training images: own-cnn trains in seconds, once per test session (the session cache)
@@ -41,10 +40,6 @@ def run(cfg: dict, restore=None) -> list[tuple[dict, dict]]:
 
 def final(cfg: dict) -> dict:
     return run(cfg)[-1][0]
-
-
-def pick(metrics: dict, prefix: str) -> dict:
-    return {k: v for k, v in metrics.items() if k.startswith(prefix)}
 
 
 def features(cfg: dict):
@@ -193,11 +188,7 @@ def test_test_split_changes_only_test_metrics():
     and info figure of every report must stay the same. Mutations caught: standardising with
     test statistics, selecting on test, test sets drawn into training."""
     a, b = run(config(epochs=3, max_test=200)), run(config(epochs=3, max_test=300))
-    assert [m["epoch"] for m, _ in a] == [m["epoch"] for m, _ in b]
-    for (ma, _), (mb, _) in zip(a, b):
-        keep = [k for k in ma if not k.startswith(("test/", "perf/"))]
-        assert {k: ma[k] for k in keep} == {k: mb[k] for k in keep}
-    assert pick(a[-1][0], "test/") != pick(b[-1][0], "test/")
+    assert_same_outside_test(a, b)
 
 
 def test_val_split_is_used_for_selection_and_reporting_only(monkeypatch):
@@ -209,8 +200,7 @@ def test_val_split_is_used_for_selection_and_reporting_only(monkeypatch):
     load = sa.load_data
 
     def mirrored_val(c):
-        ds = load(c)
-        return replace(ds, val=Split(np.ascontiguousarray(ds.val.images[:, :, ::-1]), ds.val.labels))
+        return with_mirrored_val(load(c))
 
     monkeypatch.setattr(sa, "load_data", mirrored_val)
     other = run(cfg)

@@ -21,9 +21,7 @@ from the shared read-only memmap (no per-trial copy of the features).
 
 from __future__ import annotations
 
-import io
 import sys
-import time
 from contextlib import contextmanager
 
 import numpy as np
@@ -31,10 +29,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from trainables.common.checks import require
 from trainables.common.data import Dataset, load_dataset
-from trainables.common.features import extract_features
+from trainables.common.features import FEATURE_DIMS, extract_features
+from trainables.common.lifecycle import Trial, cpu_copy
 from trainables.common.metrics import accuracy, metric_key, prefixed, top_k_accuracy
-from trainables.common.training import EarlyStopping, is_diverged, minibatches, resolve_device, seed_everything
+from trainables.common.training import EarlyStopping, is_diverged, minibatches, resolve_device
 
 SPLITS = ("train", "val", "test")
 NETS = ("attention", "flat_mlp")
@@ -45,8 +45,6 @@ NETS = ("attention", "flat_mlp")
 
 def effective_classes(dataset: Dataset, n_classes: int) -> int:
     """``n_classes`` capped at the dataset's class count (with a note on stderr when capped)."""
-    if n_classes < 2:
-        raise ValueError(f"n_classes must be at least 2, got {n_classes}")
     if n_classes > dataset.num_classes:
         print(f"set_anomaly: n_classes {n_classes} capped at {dataset.name}'s {dataset.num_classes} classes", file=sys.stderr)
     return min(n_classes, dataset.num_classes)
@@ -56,8 +54,6 @@ def make_sets(labels: np.ndarray, n_classes: int, n_sets: int, set_size: int, rn
     """``n_sets`` sets over images with ``labels < n_classes``: (indices (n_sets, set_size) into
     ``labels``, anomaly position (n_sets,)). Class A and B != A are uniform; the ``set_size - 1``
     A images are distinct when class A has that many, else drawn with replacement."""
-    if set_size < 2:
-        raise ValueError(f"set_size must be at least 2, got {set_size}")
     pools = [np.flatnonzero(labels == c) for c in range(n_classes)]
     if any(len(p) == 0 for p in pools):
         raise ValueError(f"every one of the first {n_classes} classes needs images in each split")
@@ -105,8 +101,6 @@ class SetAttention(nn.Module):
     def __init__(self, feature_dim: int, cfg: dict):
         super().__init__()
         dim = cfg["model_dim"] or feature_dim
-        if dim % cfg["heads"]:
-            raise ValueError(f"attention width {dim} is not divisible by heads={cfg['heads']} (set model_dim)")
         self.proj = nn.Linear(feature_dim, dim) if cfg["model_dim"] else nn.Identity()
         self.blocks = nn.Sequential(*(AttentionBlock(dim, cfg["heads"], cfg["dropout"]) for _ in range(cfg["layers"])))
         self.score = nn.Sequential(nn.Linear(dim, cfg["mlp_hidden"]), nn.ReLU(), nn.Dropout(cfg["dropout"]), nn.Linear(cfg["mlp_hidden"], 1))
@@ -232,67 +226,66 @@ def train_epoch(models, optimizers, active, data: SetFeatures, batch_size: int, 
     return out
 
 
-def _snapshot(state):
-    """A CPU copy of (nested) torch-saveable state that later training steps cannot change."""
-    buffer = io.BytesIO()
-    torch.save(state, buffer)
-    buffer.seek(0)
-    return torch.load(buffer, map_location="cpu", weights_only=True)
+def train_statistics(train_features: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-feature mean and std (floored at 1e-6) of the train split: the nets' standardisation."""
+    x = np.asarray(train_features)
+    mean, std = x.mean(0, dtype=np.float64), x.std(0, dtype=np.float64)
+    return torch.from_numpy(mean.astype(np.float32)), torch.from_numpy(std.astype(np.float32)).clamp_min(1e-6)
+
+
+INVALID_CONFIGS = [{"heads": 3}, {"model_dim": 30, "heads": 4}, {"n_classes": 1}, {"set_size": 1}]
+
+
+def check(config: dict) -> None:
+    """Refuse, before anything starts, every config ``train`` cannot run (no data loaded)."""
+    require(config["n_classes"] >= 2, f"n_classes {config['n_classes']} must be at least 2 (one class for the set, another for the anomaly)")
+    require(config["set_size"] >= 2, f"set_size {config['set_size']} must be at least 2")
+    width, where = config["model_dim"], f"model_dim {config['model_dim']}"
+    if not width:
+        width, where = FEATURE_DIMS[config["encoder"]], f"the {config['encoder']} feature width {FEATURE_DIMS[config['encoder']]} (model_dim 0)"
+    require(width % config["heads"] == 0, f"{where} must be divisible by heads {config['heads']}")
 
 
 def train(config: dict, report, restore: dict | None = None) -> None:
     cfg = dict(config)
+    check(cfg)
+    trial = Trial(cfg, report, restore)
     device = resolve_device(cfg.get("device", "auto"))
-    gen = seed_everything(cfg["seed"])
     ds = load_data(cfg)
     n_classes = effective_classes(ds, cfg["n_classes"])
-    began = time.perf_counter()
-    fs = extract_features(ds, cfg["encoder"], device=str(device), cache_dir=cfg.get("cache_dir") or None, progress=False)
-    features_ms = 1000 * (time.perf_counter() - began)
-    mean = torch.from_numpy(np.asarray(fs.train).mean(0, dtype=np.float64).astype(np.float32))
-    std = torch.from_numpy(np.asarray(fs.train).std(0, dtype=np.float64).astype(np.float32)).clamp_min(1e-6)
+    with trial.timed("features"):
+        fs = extract_features(ds, cfg["encoder"], device=str(device), cache_dir=cfg.get("cache_dir") or None, progress=False)
+    mean, std = train_statistics(fs.train)
     data = {split: SetFeatures(fs.split(split), *sets, mean, std, device) for split, sets in build_sets(ds, cfg, n_classes).items()}
 
     models = build_models(fs.dim, cfg, device)
     optimizers = {name: torch.optim.AdamW(m.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"]) for name, m in models.items()}
     stoppers = {name: EarlyStopping(cfg["patience"]) for name in NETS}
-    best = {name: _snapshot(m.state_dict()) for name, m in models.items()}
-    active, start, epoch_ms = list(NETS), 1, []
-    if restore is not None:
-        for name in NETS:
-            models[name].load_state_dict(restore["models"][name])
-            optimizers[name].load_state_dict(restore["optimizers"][name])
-            stoppers[name].load_state_dict(restore["stoppers"][name])
-        best, active = restore["best"], list(restore["active"])
-        gen.set_state(restore["torch_rng"])
-        torch.set_rng_state(restore["global_rng"])  # dropout draws from the global generator
-        start, epoch_ms = restore["epoch"] + 1, list(restore["epoch_ms"])
+    for name in NETS:
+        trial.track(**{f"model:{name}": models[name], f"optimizer:{name}": optimizers[name], f"stopper:{name}": stoppers[name]})
+    best = trial.value("best", {name: cpu_copy(m.state_dict()) for name, m in models.items()})  # per net: weights of its best val epoch
+    active = trial.value("active", list(NETS))  # the nets early stopping has not stopped yet
 
-    for epoch in range(start, cfg["epochs"] + 1):
-        began = time.perf_counter()
-        losses = train_epoch(models, optimizers, active, data["train"], cfg["batch_size"], gen, cfg["seed"], epoch)
+    for epoch in trial.epochs(cfg["epochs"]):
+        with trial.timed("epoch"):
+            losses = train_epoch(models, optimizers, active, data["train"], cfg["batch_size"], trial.generator, cfg["seed"], epoch)
         if losses is None:
-            report({"diverged": 1.0, "epoch": epoch})
-            return
-        metrics = {"epoch": epoch, **losses, **evaluate_nets({n: models[n] for n in active}, data["val"], "val")}
+            return trial.diverged(epoch)
+        metrics = {**losses, **evaluate_nets({n: models[n] for n in active}, data["val"], "val")}
         for name in list(active):
             acc = metrics[metric_key("val", name, "acc")]
             if stoppers[name].improved(acc):
-                best[name] = _snapshot(models[name].state_dict())
+                best[name] = cpu_copy(models[name].state_dict())
             if stoppers[name].step(acc):
                 active.remove(name)
-        epoch_ms.append(1000 * (time.perf_counter() - began))
-        if not active or epoch == cfg["epochs"]:  # the last report holds every final metric
+        final = not active or epoch == cfg["epochs"]
+        if final:  # the last report holds every final metric, of each net's best val epoch
             for name in NETS:
                 models[name].load_state_dict(best[name])
             for split in ("val", "test"):
                 metrics.update(evaluate_nets(models, data[split], split))
                 metrics.update(evaluate_baselines(data[split], split, cfg["seed"]))
-            metrics.update({"perf/features_ms": features_ms, "perf/epoch_ms": float(np.mean(epoch_ms))})
-        checkpoint = {"epoch": epoch, "models": {n: m.state_dict() for n, m in models.items()},
-                      "optimizers": {n: o.state_dict() for n, o in optimizers.items()},
-                      "stoppers": {n: s.state_dict() for n, s in stoppers.items()}, "best": best, "active": list(active),
-                      "torch_rng": gen.get_state(), "global_rng": torch.get_rng_state(), "epoch_ms": list(epoch_ms)}
-        report(metrics, checkpoint=_snapshot(checkpoint))
-        if not active:
+            metrics.update({"perf/features_ms": trial.ms("features"), "perf/epoch_ms": trial.ms("epoch") / epoch})
+        trial.report(epoch, metrics, done=final)
+        if final:
             return

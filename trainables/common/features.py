@@ -27,11 +27,14 @@ import torch
 from trainables.common.cache import atomic_write, default_cache_dir
 from trainables.common.data import Dataset, load_dataset
 from trainables.common.cache import build_lock
-from trainables.common.encoders import Encoder, check_name, describe, get_encoder, sha256_file
+from trainables.common.encoders import Encoder, OwnCNN, check_name, describe, get_encoder, sha256_file
 from trainables.common.training import resolve_device
 
 CODE_VERSION = 1  # bump when the extraction code changes what it writes
 SPLITS = ("train", "val", "test")
+# Feature width per encoder, known without building one (for config checks before anything
+# starts): own-cnn's last conv width, the ResNets' pooled widths, CLIP ViT-B/32's embedding.
+FEATURE_DIMS = {"own-cnn": OwnCNN.WIDTHS[-1], "resnet18": 512, "resnet50": 2048, "clip-vit-b32": 512}
 
 
 @dataclass
