@@ -8,6 +8,7 @@ import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -22,14 +23,17 @@ def machine_line() -> str:
 
 def write_spaces(work: Path, family: str, studies: dict, drop_eval: bool = False) -> Path:
     """A spaces directory (for ``ORCHESTRATE_SPACES_DIR``) holding the shipped ``family.yaml``
-    with its studies replaced by ``studies``; ``drop_eval`` also removes the file-wide eval axes,
-    so a study without ``eval`` gives its trials none (the family's own defaults apply)."""
+    with its studies replaced by ``studies`` (its claims and report settings, which name the
+    shipped studies, dropped); ``drop_eval`` also removes the file-wide eval axes, so a study
+    without ``eval`` gives its trials none (the family's own defaults apply)."""
     import yaml  # not at the top: gpu_check.py imports this module where PyYAML may be missing
 
     doc = yaml.safe_load((ROOT / "search_spaces" / f"{family}.yaml").read_text())
     if drop_eval:
         doc.pop("eval", None)
     doc["studies"] = studies
+    for key in ("claims", "report"):  # they name the shipped studies; bench sweeps write no report
+        doc.pop(key, None)
     doc["default_study"] = next(iter(studies))
     spaces = work / "spaces"
     spaces.mkdir(parents=True, exist_ok=True)
@@ -37,35 +41,74 @@ def write_spaces(work: Path, family: str, studies: dict, drop_eval: bool = False
     return spaces
 
 
-def sweep(family: str, study: str, spaces: Path, work: Path, cpus_per_trial: float, extra: tuple[str, ...] = ()) -> tuple[float, str]:
+def run_measured(cmd: list[str], cwd: Path, env: dict | None = None) -> tuple[float, float, str, int]:
+    """Run ``cmd``; returns (wall seconds, the process's own peak RSS in MiB, its output, exit
+    code). The peak is the kernel's high-water mark of that one process (``VmHWM``), read until
+    it exits, so Ray's and the workers' memory do not count."""
+    began = time.perf_counter()
+    with tempfile.TemporaryFile("w+") as out:
+        proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT, text=True)
+        peak = 0.0
+        while proc.poll() is None:
+            peak = max(peak, _high_water_mib(proc.pid))
+            time.sleep(0.2)
+        wall = time.perf_counter() - began
+        out.seek(0)
+        return wall, peak, out.read(), proc.returncode
+
+
+def _high_water_mib(pid: int) -> float:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:  # exited between poll and read
+        pass
+    return 0.0
+
+
+def sweep_measured(family: str, study: str, spaces: Path, work: Path, cpus_per_trial: float,
+                   extra: tuple[str, ...] = ()) -> tuple[float, str, float]:
     """Run ``orchestrate sweep`` in a fresh process (``--address local``: a Ray of its own, started
     and stopped inside it, never another session's cluster; MLflow in a SQLite store under
-    ``work``); returns (wall seconds, tracking URI). A failed sweep raises with the end of its
-    output. ``cpus_per_trial`` sets how many trials run at once (as many as fit in the CPUs): Ray
-    2.60's Tune ignores ``--max-concurrent`` for grid studies (see bench/README.md)."""
+    ``work``); returns (wall seconds, tracking URI, the driver's peak RSS in MiB). A failed sweep
+    raises with the end of its output. ``cpus_per_trial`` sets how many trials run at once (as
+    many as fit in the CPUs)."""
     work.mkdir(parents=True, exist_ok=True)
     uri = f"sqlite:///{work / 'mlflow.db'}"
     cmd = [sys.executable, "-m", "orchestrator.cli", "sweep", family, "--study", study, "--storage", str(work / "runs"),
            "--tracking-uri", uri, "--cpus-per-trial", str(cpus_per_trial), "--no-report", "--address", "local", *extra]
     env = {**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}, "ORCHESTRATE_SPACES_DIR": str(spaces)}
-    began = time.perf_counter()
-    done = subprocess.run(cmd, cwd=work, env=env, capture_output=True, text=True)
-    wall = time.perf_counter() - began
-    (work / "sweep.log").write_text(done.stdout + done.stderr)
-    if done.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd)} failed (exit {done.returncode}):\n{(done.stdout + done.stderr)[-3000:]}")
+    wall, peak, output, code = run_measured(cmd, work, env)
+    (work / "sweep.log").write_text(output)
+    if code != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed (exit {code}):\n{output[-3000:]}")
+    return wall, uri, peak
+
+
+def sweep(family: str, study: str, spaces: Path, work: Path, cpus_per_trial: float, extra: tuple[str, ...] = ()) -> tuple[float, str]:
+    """:func:`sweep_measured` without the memory figure: (wall seconds, tracking URI)."""
+    wall, uri, _ = sweep_measured(family, study, spaces, work, cpus_per_trial, extra)
     return wall, uri
 
 
+def store_mib(work: Path) -> float:
+    """Size of the MLflow store a bench sweep left under ``work`` (database and artifacts)."""
+    paths = [work / "mlflow.db", *(work / "mlartifacts").rglob("*")]
+    return sum(p.stat().st_size for p in paths if p.is_file()) / 2**20
+
+
 def trial_runs(uri: str, family: str) -> list[dict]:
-    """Every trial run in the store: ``{"params", "metrics" (final values), "seconds" (run start to end)}``."""
+    """Every trial run in the store: ``{"params", "metrics" (final values), "seconds" (run start to
+    end), "start", "end" (epoch seconds)}``."""
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(uri)
     experiment = client.get_experiment_by_name(family)
     runs = client.search_runs([experiment.experiment_id], filter_string="tags.role = 'trial'", max_results=10_000)
     return [{"params": run.data.params, "metrics": run.data.metrics,
-             "seconds": (run.info.end_time - run.info.start_time) / 1000} for run in runs]
+             "seconds": (run.info.end_time - run.info.start_time) / 1000,
+             "start": run.info.start_time / 1000, "end": run.info.end_time / 1000} for run in runs]
 
 
 def min_median(values: list[float]) -> str:

@@ -1,20 +1,30 @@
 """Orchestration overhead: N trials of a fixed CPU kernel (the ``busy_loop`` family: each epoch
 burns a set number of wall-clock seconds in matrix products) through ``orchestrate sweep``
-(Ray Tune + MLflow, per-epoch reports and checkpoints, a fresh process) against the same N
-kernels, same configs, in a plain ``concurrent.futures`` process pool with the same parallelism.
+(Ray Tune + MLflow, per-epoch reports and checkpoints) against two baselines in the same run,
+with the same configs and parallelism: plain Ray Tune (bench/plain_tune.py: a function
+trainable, per-epoch ``tune.report`` with a checkpoint, ``reuse_actors`` off and on, the faster
+counted) and a ``concurrent.futures`` process pool (the kernels alone).
 
-The kernels take the same time either way, so the difference in wall time is what the
-orchestrator costs: Ray start-up, one worker process per trial, reports, checkpoints, MLflow
-logging and the final sync. Prints it per trial and as a fraction of the sweep's wall time,
-for short trials and for 30-s trials (min / median over ``--repeats``).
+Both Tune runs are fresh processes timed from start to exit (imports, ``ray.init``, shutdown),
+so project / plain Tune is what the project adds on top of Tune. Cases:
 
-    python bench/overhead.py --quick     # 4 trials: 0.5-s and 5-s kernels (~2 min)
-    python bench/overhead.py             # 8 trials: 1-s and 30-s kernels, 2 repeats (~12 min)
+- default: 1-s and 30-s trials (10 epochs x 3 s), 8 trials each, 2 repeats, min / median;
+- ``--many``: 200 trials of 0.2 s, sweep vs plain Tune: trials/s, the driver's peak RSS, the
+  MLflow store's size;
+- ``--trivial N``: N trials of nothing (0-s epochs) through the sweep, with the time of each
+  block of 100 (from the trials' MLflow end times) and the driver's peak RSS: flat blocks
+  mean the per-trial cost does not grow with the sweep.
+
+    python bench/overhead.py --quick     # 4 trials: 0.5-s and 5-s kernels, once (~3 min)
+    python bench/overhead.py             # the 1-s and 30-s cases (~20 min)
+    python bench/overhead.py --many      # 200 x 0.2-s trials (~10 min)
+    python bench/overhead.py --trivial 1000
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
 import sys
@@ -27,11 +37,12 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench._common import ROOT, machine_line, min_median, sweep, table, trial_runs, verdict, write_spaces  # noqa: E402
+from bench._common import (ROOT, machine_line, min_median, run_measured, store_mib, sweep_measured,  # noqa: E402
+                           table, trial_runs, verdict, write_spaces)
 from trainables import busy_loop  # noqa: E402
 
 FAMILY = "busy_loop"
-TARGET = 0.15
+TARGETS = {"1-s": 1.3, "30-s": 1.05, "many": 1.5}  # project / plain Tune (issue 13)
 
 
 def trial_configs(trials: int, epochs: int, seconds_per_epoch: float) -> list[dict]:
@@ -60,58 +71,131 @@ def pool_wall(configs: list[dict], workers: int) -> float:
     return wall
 
 
-def sweep_wall(work: Path, trials: int, epochs: int, seconds_per_epoch: float, workers: int) -> tuple[float, float]:
-    """(wall seconds, seconds inside trials) of the same trials through ``orchestrate sweep``."""
+def tune_wall(work: Path, trials: int, epochs: int, seconds: float, workers: int, reuse: bool) -> tuple[float, float]:
+    """(wall seconds, driver peak RSS MiB) of plain Ray Tune running the same trials."""
+    work.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, str(ROOT / "bench" / "plain_tune.py"), "--trials", str(trials), "--epochs", str(epochs),
+           "--seconds", str(seconds), "--cpus-per-trial", str(os.cpu_count() / workers), "--storage", str(work / "runs"),
+           *(["--reuse"] if reuse else [])]
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    wall, peak, output, code = run_measured(cmd, work, env)
+    lines = [line for line in output.splitlines() if line.startswith("{")]
+    if code != 0 or not lines or json.loads(lines[-1])["trials"] != trials:
+        raise RuntimeError(f"plain Tune run failed (exit {code}):\n{output[-3000:]}")
+    return wall, peak
+
+
+def sweep_run(work: Path, trials: int, epochs: int, seconds_per_epoch: float, workers: int) -> dict:
+    """The same trials through ``orchestrate sweep``: wall, seconds inside trials, driver peak
+    RSS, store size, and the trials' MLflow end times (seconds from the first start)."""
     studies = {"bench": {"description": "fixed kernels for the overhead benchmark", "seeds": trials,
                          "set": {"epochs": epochs, "seconds_per_epoch": seconds_per_epoch}}}
     spaces = write_spaces(work, FAMILY, studies, drop_eval=True)
-    wall, uri = sweep(FAMILY, "bench", spaces, work, os.cpu_count() / workers)
+    wall, uri, peak = sweep_measured(FAMILY, "bench", spaces, work, os.cpu_count() / workers)
     runs = trial_runs(uri, FAMILY)
     if len(runs) != trials:
         raise RuntimeError(f"sweep logged {len(runs)} trial runs, expected {trials}")
-    return wall, sum(run["seconds"] for run in runs)
+    first = min(run["start"] for run in runs)
+    return {"wall": wall, "inside": sum(run["seconds"] for run in runs), "peak_mib": peak, "store_mib": store_mib(work),
+            "ends": sorted(run["end"] - first for run in runs)}
+
+
+def ratio_line(name: str, ratio: float) -> str:
+    target = TARGETS.get(name)
+    met = f" (target <= {target}: {verdict(ratio <= target)})" if target else " (quick mode: no target)"
+    return f"ratio project / plain Tune, {name} trials: {ratio:.2f}{met}"
+
+
+def compare(args, tmp: Path) -> None:
+    """The 1-s and 30-s cases (quick: 0.5-s and 5-s): pool, plain Tune (reuse off / on), sweep."""
+    trials = args.trials or (4 if args.quick else 8)
+    repeats = args.repeats or (1 if args.quick else 2)
+    cases = [("0.5-s", 1, 0.5), ("5-s", 5, 1.0)] if args.quick else [("1-s", 1, 1.0), ("30-s", 10, 3.0)]
+    print(f"{FAMILY}: {trials} trials per case, {args.workers} at once, {repeats} repeat(s)")
+    print(machine_line())
+    rows, ratios = [], {}
+    for name, epochs, seconds in cases:
+        configs = trial_configs(trials, epochs, seconds)
+        pools, tunes, tunes_off, tunes_on, sweeps, inside = [], [], [], [], [], []
+        for rep in range(repeats):
+            pools.append(pool_wall(configs, args.workers))
+            tunes_off.append(tune_wall(tmp / f"{name}-{rep}-tune-off", trials, epochs, seconds, args.workers, False)[0])
+            tunes_on.append(tune_wall(tmp / f"{name}-{rep}-tune-on", trials, epochs, seconds, args.workers, True)[0])
+            tunes.append(min(tunes_off[-1], tunes_on[-1]))
+            run = sweep_run(tmp / f"{name}-{rep}", trials, epochs, seconds, args.workers)
+            sweeps.append(run["wall"])
+            inside.append(run["inside"])
+            print(f"  {name} trials, repeat {rep + 1}: pool {pools[-1]:.1f} s, plain Tune {tunes_off[-1]:.1f} s "
+                  f"(reuse off) / {tunes_on[-1]:.1f} s (on), sweep {sweeps[-1]:.1f} s", flush=True)
+        ratios[name] = statistics.median(s / t for s, t in zip(sweeps, tunes))
+        rows.append([name, min_median(pools), min_median(tunes_off), min_median(tunes_on), min_median(sweeps),
+                     min_median([(s - t) / trials for s, t in zip(sweeps, tunes)]),
+                     min_median([100 * (s - p) / s for s, p in zip(sweeps, pools)]),
+                     min_median([s / t for s, t in zip(sweeps, tunes)]),
+                     min_median([(i - trials * epochs * seconds) / trials for i in inside])])
+    print()
+    print("figures: min / median over repeats")
+    print(table(["trial", "pool s", "Tune s (reuse off)", "Tune s (reuse on)", "sweep s", "over Tune s / trial",
+                 "over pool % of sweep", "sweep / Tune", "in-trial extra s / trial"], rows))
+    print("  Tune = plain Ray Tune, the faster of reuse_actors off and on; over pool = sweep wall - pool wall;"
+          " in-trial extra = a trial's MLflow run time beyond its kernel")
+    for name, _, _ in cases:
+        print(ratio_line(name if not args.quick else f"{name} (quick)", ratios[name]))
+
+
+def many(args, tmp: Path) -> None:
+    """200 short trials (``--trials``) through the sweep and plain Tune (reuse on: its faster mode)."""
+    trials, seconds = args.trials or 200, 0.2
+    print(f"{FAMILY} many: {trials} trials of {seconds} s, {args.workers} at once")
+    print(machine_line())
+    tune_s, tune_peak = tune_wall(tmp / "many-tune", trials, 1, seconds, args.workers, True)
+    run = sweep_run(tmp / "many", trials, 1, seconds, args.workers)
+    rows = [["plain Tune", tune_s, trials / tune_s, tune_peak, "—"],
+            ["orchestrate sweep", run["wall"], trials / run["wall"], run["peak_mib"], run["store_mib"]]]
+    print(table(["run", "wall s", "trials / s", "driver peak RSS MiB", "MLflow store MiB"], rows))
+    print(ratio_line("many" if trials == 200 else f"many ({trials})", run["wall"] / tune_s))
+
+
+def block_times(ends: list[float], block: int) -> list[float]:
+    """Seconds each full block of ``block`` trials took, from sorted trial end times (seconds
+    from the first trial's start): block i runs from the (i*block)-th end to the ((i+1)*block)-th."""
+    edges = [0.0] + [ends[i - 1] for i in range(block, len(ends) + 1, block)]
+    return [b - a for a, b in zip(edges, edges[1:])]
+
+
+def trivial(args, tmp: Path) -> None:
+    """N trials that do nothing, through the sweep; the time of each block of ``--block`` trials."""
+    trials, block = args.trivial, args.block
+    print(f"{FAMILY} trivial: {trials} trials of 0 s, {args.workers} at once, blocks of {block}")
+    print(machine_line())
+    run = sweep_run(tmp / "trivial", trials, 1, 0.0, args.workers)
+    blocks = block_times(run["ends"], block)
+    rows = [[f"{i * block + 1}-{(i + 1) * block}", s, block / s] for i, s in enumerate(blocks)]
+    print(table(["trials", "block s", "trials / s"], rows))
+    print(f"sweep wall {run['wall']:.1f} s, driver peak RSS {run['peak_mib']:.0f} MiB, MLflow store {run['store_mib']:.1f} MiB")
+    if len(blocks) > 2:
+        later, first = statistics.median(blocks[1:]), blocks[0]
+        print(f"later blocks / first block (median): {later / first:.2f}; last / first: {blocks[-1] / first:.2f} "
+              "(flat: about 1)")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="4 trials of 0.5-s and 5-s kernels, once")
-    parser.add_argument("--trials", type=int, help="trials per case (default 8; quick 4)")
-    parser.add_argument("--workers", type=int, default=os.cpu_count(), help="trials at once, both ways (default: CPUs)")
+    parser.add_argument("--many", action="store_true", help="200 trials of 0.2 s: sweep vs plain Tune")
+    parser.add_argument("--trivial", type=int, metavar="N", help="N trials of nothing through the sweep")
+    parser.add_argument("--block", type=int, default=100, help="trials per timed block of --trivial (default 100)")
+    parser.add_argument("--trials", type=int, help="trials per case (default 8; quick 4; many 200)")
+    parser.add_argument("--workers", type=int, default=os.cpu_count(), help="trials at once, every way (default: CPUs)")
     parser.add_argument("--repeats", type=int, help="runs of each case (default 2; quick 1)")
     args = parser.parse_args()
-    trials = args.trials or (4 if args.quick else 8)
-    repeats = args.repeats or (1 if args.quick else 2)
-    # (name, epochs, seconds per epoch): a short trial, and a long one with a report and checkpoint every epoch
-    cases = [("0.5-s", 1, 0.5), ("5-s", 5, 1.0)] if args.quick else [("1-s", 1, 1.0), ("30-s", 10, 3.0)]
-
-    print(f"{FAMILY}: {trials} trials per case, {args.workers} at once, {repeats} repeat(s)")
-    print(machine_line())
-    rows, fractions = [], {}
     with tempfile.TemporaryDirectory(prefix="bench_overhead_") as tmp:
-        for name, epochs, seconds in cases:
-            configs = trial_configs(trials, epochs, seconds)
-            pools, sweeps, inside = [], [], []
-            for rep in range(repeats):
-                pools.append(pool_wall(configs, args.workers))
-                wall, in_trials = sweep_wall(Path(tmp) / f"{name}-{rep}", trials, epochs, seconds, args.workers)
-                sweeps.append(wall)
-                inside.append(in_trials)
-                print(f"  {name} trials, repeat {rep + 1}: pool {pools[-1]:.1f} s, sweep {wall:.1f} s", flush=True)
-            overhead = [s - p for s, p in zip(sweeps, pools)]
-            fraction = [o / s for o, s in zip(overhead, sweeps)]
-            fractions[name] = statistics.median(fraction)
-            rows.append([name, min_median(pools), min_median(sweeps), min_median([o / trials for o in overhead]),
-                         min_median([100 * f for f in fraction]), min_median([s / p for s, p in zip(sweeps, pools)]),
-                         min_median([(i - trials * epochs * seconds) / trials for i in inside])])
-    print()
-    print("figures: min / median over repeats")
-    print(table(["trial", "pool wall s", "sweep wall s", "overhead s / trial", "overhead % of sweep wall",
-                 "sweep / pool", "in-trial extra s / trial"], rows))
-    print("  overhead = sweep wall - pool wall; in-trial extra = a trial's MLflow run time beyond its kernel")
-    long_name = cases[-1][0]
-    print(f"overhead fraction of wall time for {long_name} trials: {100 * fractions[long_name]:.1f}% "
-          f"(target <= {100 * TARGET:.0f}% for 30-s trials: {verdict(fractions[long_name] <= TARGET)}"
-          f"{'' if long_name == '30-s' else '; quick mode does not test it'})")
+        if args.trivial:
+            trivial(args, Path(tmp))
+        elif args.many:
+            many(args, Path(tmp))
+        else:
+            compare(args, Path(tmp))
 
 
 if __name__ == "__main__":

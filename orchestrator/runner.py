@@ -26,6 +26,7 @@ import ray
 import torch
 import yaml
 from ray import tune
+from ray.tune.logger import JsonLoggerCallback
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ray.tune.search import BasicVariantGenerator
 
@@ -251,7 +252,11 @@ def run_sweep(study: Study, opts: SweepOptions) -> SweepOutcome:
     trainable = tune.with_resources(make_trainable(study.family, study.derive, study.objective["metric"],
                                                    study.entrypoint, study.import_paths),
                                     {"cpu": opts.cpus_per_trial, "gpu": opts.gpus_per_trial})
-    callbacks = [MlflowCallback(tracker, study, retry_s=float(os.environ.get(MLFLOW_RETRY_ENV, "30")))]
+    # Tune's result.json and params.json (what sync reads) only: its automatic CSV and
+    # TensorBoard loggers would write every metric of every report again on the driver's loop
+    os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = "1"
+    callbacks = [MlflowCallback(tracker, study, retry_s=float(os.environ.get(MLFLOW_RETRY_ENV, "30"))),
+                 JsonLoggerCallback()]
     # num_to_keep=1 makes Tune snapshot the experiment after every trial checkpoint (the
     # snapshot a resumed sweep starts from); it would warn about each one as "excessive".
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")

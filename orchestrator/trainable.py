@@ -90,7 +90,11 @@ def make_trainable(family: str, derive: dict, objective: str, entrypoint: str, i
             if metrics.get("diverged"):
                 metrics = {objective: float("nan"), **metrics}
             metrics = {**metrics, "node_id": node_id}  # hostname and IP do not tell nodes of one machine apart
-            if checkpoint is None:
+            # The last epoch's checkpoint is never a resume point (a trial stopped after its last
+            # report re-runs that one epoch from the one before), and each checkpoint costs a
+            # copy to storage plus a forced snapshot of the whole experiment (CheckpointConfig
+            # num_to_keep=1), which grows with the sweep: one-epoch trials then save none.
+            if checkpoint is None or metrics.get("epoch") == config.get("epochs"):
                 tune.report(metrics)
                 return
             with tempfile.TemporaryDirectory() as directory:

@@ -12,7 +12,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # bench/ is scripts, not an installed package
 
 from bench import eval_axes, gpu_check, overhead  # noqa: E402
-from bench._common import sweep, trial_runs, write_spaces  # noqa: E402
+from bench._common import store_mib, sweep_measured, trial_runs, write_spaces  # noqa: E402
 from orchestrator.spaces import load_study  # noqa: E402
 from trainables.common.metrics import metric_key  # noqa: E402
 
@@ -62,6 +62,19 @@ def test_pool_baseline_runs_the_sweeps_configs(tmp_path, monkeypatch):
     assert 0.2 <= wall < 30
 
 
+def test_trivial_blocks_are_the_gaps_between_every_hundredth_end():
+    ends = [0.5, 1.0, 1.5, 2.0, 4.0, 6.0, 6.5]  # sorted trial ends; the 7th trial fills no block of 2
+    assert overhead.block_times(ends, 2) == [1.0, 1.0, 4.0]
+    assert overhead.block_times(ends[:1], 2) == []
+
+
+@pytest.mark.slow
+def test_plain_tune_baseline_runs_every_trial(tmp_path):
+    """The baseline a Tune user would write: checks itself that each trial reported every epoch."""
+    wall, peak = overhead.tune_wall(tmp_path, trials=2, epochs=2, seconds=0.05, workers=2, reuse=True)
+    assert 0.1 < wall < 300 and peak > 50
+
+
 def test_knn_bench_quick_agrees_and_prints_the_ratio():
     lines = run_script("bench/knn.py", "--quick", "--n", "3000", "--queries", "300", "--repeats", "1", "--threads", "1")
     assert any("same neighbours as FAISS: True; queries with FAISS's class probabilities: project 100.00%" in line for line in lines)
@@ -84,9 +97,11 @@ def test_gpu_check_cpu_dry_run():
 def test_sweep_helper_times_a_real_sweep(tmp_path):
     studies = {"bench": {"description": "d", "seeds": 1, "set": {"epochs": 1, "seconds_per_epoch": 0.1}}}
     spaces = write_spaces(tmp_path, "busy_loop", studies, drop_eval=True)
-    wall, uri = sweep("busy_loop", "bench", spaces, tmp_path / "work", 1)
+    wall, uri, peak = sweep_measured("busy_loop", "bench", spaces, tmp_path / "work", 1)
     runs = trial_runs(uri, "busy_loop")
     assert len(runs) == 1 and runs[0]["metrics"]["test/busy/acc"] > 0 and 0.1 < runs[0]["seconds"] < wall
+    assert runs[0]["start"] < runs[0]["end"] and peak > 50  # MiB: a Python process with Ray and MLflow loaded
+    assert 0 < store_mib(tmp_path / "work") < 50
 
 
 @pytest.mark.slow

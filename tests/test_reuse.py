@@ -4,6 +4,7 @@ Plain Ray Tune drives the project's trainable wrapper and callback, one worker f
 
 import random
 import textwrap
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,7 +15,7 @@ from ray import tune
 from orchestrator.mlflow_callback import MlflowCallback
 from orchestrator.spaces import load_study
 from orchestrator.tracking import SweepTracker
-from orchestrator.trainable import make_trainable
+from orchestrator.trainable import load_state, make_trainable
 
 pytestmark = pytest.mark.slow
 
@@ -89,6 +90,9 @@ def test_mirror_logs_every_report_once_and_knows_it_is_complete(one_cpu_ray, tmp
     client = MlflowClient(uri)
     runs = client.search_runs([tracker.experiment_id], "tags.role = 'trial'")
     assert len(runs) == 3 and {r.data.tags["trial_id"] for r in runs} == {r.metrics["trial_id"] for r in results}
+    for result in results:  # every epoch checkpoints but the last, which no resume needs
+        with result.checkpoint.as_directory() as directory:
+            assert load_state(Path(directory)) == {"epoch": 2}
     for run_ in runs:
         assert run_.info.status == "FINISHED" and run_.data.tags["status"] == "finished" and run_.data.tags["node_id"]
         for key in ("val/leak/seed", "epoch"):
