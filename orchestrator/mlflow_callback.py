@@ -74,7 +74,8 @@ class MlflowCallback(tune.Callback):
 
     def complete(self) -> bool:
         """Whether MLflow holds everything Tune has: every trial's run ended with each of its
-        results, and nothing dropped (a final sync would add nothing)."""
+        results, and nothing dropped (a final sync would add nothing). Waits for the writer."""
+        self.flush()
         return self.missed == 0 and self.trial_ids <= self.closed
 
     def flush(self) -> None:
