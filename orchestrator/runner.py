@@ -160,26 +160,29 @@ def start_ray(address: str | None) -> bool:
     return True
 
 
-def node_shapes() -> list[dict] | None:
-    """The CPU/GPU of every node the cluster has or may add (``ray up`` node types), or None
-    when a node type leaves its resources to be detected at launch (nothing to compare with)."""
-    shapes = [node["Resources"] for node in ray.nodes() if node.get("Alive")]
-    path = BOOTSTRAP_CONFIG.expanduser()
-    if path.is_file():
-        try:
-            types = (yaml.safe_load(path.read_text()) or {}).get("available_node_types") or {}
-        except yaml.YAMLError:
-            return None
-        if not types or any("CPU" not in (spec.get("resources") or {}) for spec in types.values()):
-            return None
-        shapes += [spec["resources"] for spec in types.values()]
-    return shapes
+def node_type_shapes(config_path: Path = BOOTSTRAP_CONFIG) -> list[dict] | None:
+    """The resources of every node type a ``ray up`` head may launch ([] where there is no such
+    config), or None when a type leaves them to be detected at launch (nothing to compare with)."""
+    path = config_path.expanduser()
+    if not path.is_file():
+        return []
+    try:
+        config = yaml.safe_load(path.read_text())
+    except yaml.YAMLError:
+        return None
+    types = (config.get("available_node_types") if isinstance(config, dict) else None) or {}
+    shapes = [(spec or {}).get("resources") or {} for spec in types.values()]
+    return shapes if shapes and all("CPU" in s for s in shapes) else None
 
 
-def check_trial_resources(cpus: float, gpus: float) -> None:
-    """Refuse (exit 2) a per-trial request that no node can give: Tune would wait for it forever."""
-    shapes = node_shapes()
-    if shapes is None or any(s.get("CPU", 0) >= cpus and s.get("GPU", 0) >= gpus for s in shapes):
+def check_trial_resources(cpus: float, gpus: float, config_path: Path = BOOTSTRAP_CONFIG) -> None:
+    """Refuse (exit 2) a per-trial request that no node, live or launchable, can give: Tune would
+    wait for it forever."""
+    types = node_type_shapes(config_path)
+    if types is None:
+        return
+    shapes = [node["Resources"] for node in ray.nodes() if node.get("Alive")] + types
+    if any(s.get("CPU", 0) >= cpus and s.get("GPU", 0) >= gpus for s in shapes):
         return
     have = sorted({f"{s.get('CPU', 0):g} CPU + {s.get('GPU', 0):g} GPU" for s in shapes})
     raise UsageError(f"--cpus-per-trial {cpus:g} --gpus-per-trial {gpus:g}: no node of the cluster has that much "

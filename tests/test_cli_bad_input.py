@@ -118,3 +118,18 @@ def test_list_names_every_family_and_study():
     result = CliRunner().invoke(main, ["list"])
     assert result.exit_code == 0, result.output
     assert "busy_loop:" in result.output and "scaling:" in result.output
+
+
+def test_launchable_node_types_count_as_nodes(tmp_path):
+    """On a ``ray up`` head, a request fits when some node type the autoscaler may launch has it;
+    a type whose resources Ray detects at launch leaves nothing to compare with (no refusal)."""
+    from orchestrator.runner import node_type_shapes
+
+    config = tmp_path / "ray_bootstrap_config.yaml"
+    assert node_type_shapes(config) == []  # not a `ray up` head: the live nodes decide
+    config.write_text("available_node_types:\n  head: {resources: {CPU: 4}}\n  gpu: {resources: {CPU: 8, GPU: 1}}\n")
+    assert node_type_shapes(config) == [{"CPU": 4}, {"CPU": 8, "GPU": 1}]
+    config.write_text("available_node_types:\n  head: {resources: {CPU: 4}}\n  auto: {node_config: {}}\n")
+    assert node_type_shapes(config) is None
+    config.write_text("available_node_types: [\n")
+    assert node_type_shapes(config) is None
