@@ -1,41 +1,25 @@
-"""The attn_knn family without Ray: the report contract, eval axes, resume, divergence, backbones."""
+"""The attn_knn family without Ray: the report contract, eval axes, resume, divergence, check,
+reliability bins, backbones and their weights."""
 
+import json
 import urllib.request
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
-
-import json
-
-import numpy as np
 
 from trainables.attn_knn import NeighbourAttention, build_backbone, check, train
 from trainables.common.checks import ConfigError
 from trainables.common.encoders import EncoderUnavailable
 from trainables.common.metrics import ece_from_bins, parse_metric_key
 
+from one_thread import one_thread  # noqa: F401  (one torch and one BLAS/OpenMP thread: tiny models)
+
 SPACE = yaml.safe_load((Path(__file__).parents[1] / "search_spaces" / "attn_knn.yaml").read_text())
 METHODS = ("uniform_knn", "distance_knn", "attn_knn", "cnn")
 METRICS = ("acc", "top5", "ece", "nll", "brier", "balanced_acc", "macro_f1")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models: extra threads only fight over the shared cores (10x slower under load)."""
-    try:
-        import faiss
-    except ImportError:  # GPU nodes may have torch only
-        faiss = None
-    before = torch.get_num_threads(), faiss and faiss.omp_get_max_threads()
-    torch.set_num_threads(1)
-    if faiss:
-        faiss.omp_set_num_threads(1)
-    yield
-    torch.set_num_threads(before[0])
-    if faiss:
-        faiss.omp_set_num_threads(before[1])
 
 
 def config(**overrides):

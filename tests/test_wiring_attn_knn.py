@@ -21,7 +21,8 @@ from trainables.common.data import augment, load_dataset
 from trainables.common.knn import KnnIndex
 from trainables.common.metrics import classification_metrics
 
-from test_attn_knn import SPACE, one_thread  # noqa: F401  (one torch / FAISS thread for this module too)
+from one_thread import one_thread  # noqa: F401  (one torch and one BLAS/OpenMP thread: tiny models)
+from test_attn_knn import SPACE
 
 KS, VIEWS = [1, 5], [1, 2]
 

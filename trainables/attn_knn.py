@@ -46,7 +46,7 @@ from torch import nn
 
 from trainables.common.checks import ConfigError, require
 from trainables.common.data import DataError, Dataset, augment, load_dataset, train_class_counts, with_imbalance, with_label_noise
-from trainables.common.encoders import _offline, _weights_missing, imagenet_state_dict, imagenet_weights_path
+from trainables.common.encoders import imagenet_state_dict, imagenet_weights_problem
 from trainables.common.knn import KnnIndex, softmax_vote, uniform_vote
 from trainables.common.lifecycle import Trial
 from trainables.common.metrics import classification_metrics, metric_key, prefixed
@@ -338,8 +338,8 @@ def check(config: dict) -> None:
     if config["backbone"] == "small_cnn":
         require(config["pretrained"] == "none",
                 f"backbone small_cnn has no pretrained weights (pretrained {config['pretrained']!r}); use pretrained: none")
-    elif config["pretrained"] == "imagenet" and _offline() and not imagenet_weights_path(config["backbone"]).exists():
-        raise ConfigError(str(_weights_missing(config["backbone"], "ORCHESTRATE_OFFLINE forbids downloads")))
+    elif config["pretrained"] == "imagenet" and (problem := imagenet_weights_problem(config["backbone"])):
+        raise ConfigError(str(problem))
     try:
         n_train = int(train_class_counts(config["dataset"], max_train=config["max_train"] or None,
                                          imbalance=config["imbalance"]).sum())

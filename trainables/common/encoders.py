@@ -251,8 +251,9 @@ def imagenet_weights_file(name: str) -> Path:
     path = imagenet_weights_path(name)
     if path.exists():
         return path
-    if _offline():
-        raise _weights_missing(name, "ORCHESTRATE_OFFLINE forbids downloads")
+    problem = imagenet_weights_problem(name)
+    if problem is not None:
+        raise problem
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         prefix = torch.hub.HASH_REGEX.search(path.name)
@@ -260,6 +261,15 @@ def imagenet_weights_file(name: str) -> Path:
     except Exception as exc:  # URLError, HTTPError, OSError, hash mismatch
         raise _weights_missing(name, f"the download failed: {exc}") from None
     return path
+
+
+def imagenet_weights_problem(name: str) -> EncoderUnavailable | None:
+    """The error loading ``name``'s weights is sure to raise, without downloading or loading
+    anything (for config checks before anything starts): the file is absent and downloads are
+    forbidden. None when the file is there or a download may still fetch it."""
+    if imagenet_weights_path(name).exists() or not _offline():
+        return None
+    return _weights_missing(name, "ORCHESTRATE_OFFLINE forbids downloads")
 
 
 def imagenet_state_dict(name: str) -> dict:
