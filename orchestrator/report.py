@@ -104,17 +104,28 @@ def choose_families(names: list[str], every: bool, tracking_uri: str) -> list[st
 
 
 def write_report(tracking_uri: str, names: list[str], every: bool, study: str | None, sweep_id: str | None,
-                 out: str | None, fmt_name: str, plots_dir: str | None) -> tuple[str | None, list[str]]:
+                 out: str | None, fmt_name: str, plots_dir: str | None,
+                 across: str | None = None) -> tuple[str | None, list[str]]:
     """Build the report; returns (text for stdout or None, status lines). With ``--out FILE.md``
     the plots default to ``FILE_plots/`` beside it; with ``--sweep`` and ``--out`` the report
-    and its plots are also logged to that sweep's parent run."""
+    and its plots are also logged to that sweep's parent run. ``across``: rank the methods
+    across the values of that param (orchestrator/rankings.py), sections after the summary."""
     require_store(tracking_uri)
     families = choose_families(names, every, tracking_uri)
     out_path = Path(out) if out else None
     if plots_dir is None and out_path is not None and fmt_name == "markdown":
         plots_dir = str(out_path.parent / f"{out_path.stem}_plots")
+    rankings = None
+    if across:
+        from orchestrator.rankings import across_scores_checked
+
+        rankings = across_scores_checked(tracking_uri, families, study, across)  # bad --across: before any write
     report = build_report(tracking_uri, families, study, sweep_id, Path(plots_dir) if plots_dir else None,
                           link_base=out_path.parent if out_path else Path.cwd(), summary=every or len(families) > 1)
+    if rankings:
+        from orchestrator.rankings import across_sections
+
+        report.sections[1:1] = across_sections(rankings, across, Path(plots_dir) if plots_dir else None)
     if report.stats.empty:
         scope = "".join(f", {k} {v}" for k, v in (("study", study), ("sweep", sweep_id)) if v)
         raise UsageError(f"no finished trial runs of {', '.join(families) or 'any family'}{scope} in {tracking_uri}")
