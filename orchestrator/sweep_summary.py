@@ -26,6 +26,7 @@ from mlflow.entities import Metric, RunTag
 
 from orchestrator.spaces import Study, describe_study
 from orchestrator.stats import format_interval, t_interval
+from orchestrator.tracking import CHILD
 from trainables.common.metrics import parse_metric_key
 
 CELL, BEST = "cell", "best"
@@ -130,9 +131,19 @@ def headline_metrics(family: str) -> list[str]:
     return ReportConfig.from_doc(doc, family).headline_metrics
 
 
-def log_summary(tracker, study: Study, trials: list[tuple[dict, dict]]) -> int:
-    """Log the summary and description on the sweep's parent run; only values that differ from
-    what the run holds are written (a resumed sweep adds no duplicate points). Returns how many."""
+def stored_trials(tracker) -> list[tuple[dict, dict]]:
+    """(params, final metrics) of the sweep's finished trial runs in MLflow: for a sweep whose
+    trials the driver does not hold all of (``--until-decided`` rounds share one parent run).
+    Params are strings, as cell names print values anyway."""
+    runs = tracker.find_runs(CHILD)
+    return [(run.data.params, run.data.metrics) for run in runs if run.info.status == "FINISHED"]
+
+
+def log_summary(tracker, study: Study, trials: list[tuple[dict, dict]] | None = None) -> int:
+    """Log the summary and description on the sweep's parent run, from ``trials`` or (None) the
+    store; only values that differ from what the run holds are written (a resumed sweep adds no
+    duplicate points). Returns how many."""
+    trials = stored_trials(tracker) if trials is None else trials
     cells = summarize(study, trials, headline_metrics(study.family))
     run = tracker.client.get_run(tracker.parent_id)
     now = int(time.time() * 1000)

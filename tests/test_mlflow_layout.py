@@ -104,3 +104,22 @@ def test_one_seed_logs_no_interval(uri):
     assert metrics["cell:lr:0.1/val/busy/acc/mean"] == 0.8 and metrics["cell:lr:0.1/val/busy/acc/n"] == 1
     assert not [k for k in metrics if k.endswith("/ci95") or math.isnan(metrics[k])]
     assert "(n=1, no interval)" in t.client.get_run(t.parent_id).data.tags[NOTE_TAG]
+
+
+def test_summary_from_the_store_matches_the_drivers(uri):
+    """--until-decided rounds share one parent: the summary then reads every finished trial run."""
+    study = load_study("busy_loop", "smoke")
+    t = tracker(uri, "rounds")
+    trials = [({"lr": lr, "seed": s, "dataset": "digits"}, {"val/busy/acc": 0.8 + lr + 0.01 * s, "test/busy/acc": 0.7 + s / 100})
+              for lr in (0.1, 0.2) for s in range(3)]
+    for i, (config, metrics) in enumerate(trials):
+        run_id = t.child(f"trial_{i}", config, {"seed": config["seed"]})
+        t.log_result(run_id, {**metrics, "epoch": 1}, 1)
+        t.finish(run_id, "FINISHED" if i else "FAILED")  # a failed trial does not count
+    from_store = tracker(uri, "rounds")
+    log_summary(from_store, study)
+    stored = from_store.client.get_run(from_store.parent_id).data.metrics
+    check = tracker(uri, "rounds-check")
+    log_summary(check, study, trials[1:])
+    expected = check.client.get_run(check.parent_id).data.metrics
+    assert stored.keys() == expected.keys() and all(stored[k] == pytest.approx(expected[k]) for k in expected)
