@@ -5,6 +5,7 @@ series, a shaded 95% t-interval where n >= 2, clipped to the metric's bounds) an
 bars, the reference cell highlighted). Each figure has one panel per metric.
 :func:`study_plots` picks the figures a study's data supports: every numeric swept param, every
 numeric eval axis (studies without swept params), and the cells of A/B studies.
+:func:`reliability_plots` draws the reliability diagrams of :mod:`orchestrator.reliability`.
 """
 
 from __future__ import annotations
@@ -243,7 +244,7 @@ def reliability_figure(path: Path, title: str, panels: list[tuple[str, Diagram]]
         ax.set_ylim(0, 1)
         ax.set_ylabel("accuracy")
         ax.set_title(f"{label} ({d.runs} seed{'s' if d.runs != 1 else ''})", fontsize=9)
-        ax.legend(fontsize=7, loc="upper left")
+        ax.legend(fontsize=7, loc="best")
         ax.grid(alpha=0.3)
         hist.bar(centers, d.count, width=width * 0.9, color=line.get_color(), alpha=0.6)
         hist.set_xlabel("confidence (15 equal-width bins)" if d.bins == 15 else f"confidence ({d.bins} bins)")

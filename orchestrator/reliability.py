@@ -17,16 +17,13 @@ temperature, MC samples: any method logged with axis variants).
 
 from __future__ import annotations
 
-import json
 import math
-import tempfile
 from dataclasses import dataclass, field
-from pathlib import Path
 
-from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from orchestrator.report_data import Interval, order_key
+from orchestrator.study_record import read_json_artifact
 from trainables.common.metrics import ece_from_bins, parse_metric_key
 
 ARTIFACT = "artifacts/reliability.json"
@@ -61,19 +58,8 @@ class Diagram:
 def read_artifacts(tracking_uri: str, run_ids: list[str]) -> dict[str, dict]:
     """run id -> its reliability.json, for the runs that logged one."""
     client = MlflowClient(tracking_uri)
-    out = {}
-    with tempfile.TemporaryDirectory() as tmp:
-        for run_id in run_ids:
-            try:
-                if not any(a.path == ARTIFACT for a in client.list_artifacts(run_id, "artifacts")):
-                    continue
-                target = Path(tmp) / run_id
-                target.mkdir()
-                path = client.download_artifacts(run_id, ARTIFACT, str(target))
-            except (MlflowException, OSError):
-                continue  # an unreachable artifact store: no diagram, said in the report
-            out[run_id] = json.loads(Path(path).read_text())
-    return out
+    found = {run_id: read_json_artifact(client, run_id, ARTIFACT) for run_id in run_ids}
+    return {run_id: doc for run_id, doc in found.items() if doc is not None}
 
 
 def diagrams(artifacts: dict[str, dict], logged_ece: dict[tuple[str, str], float], seeds: dict[str, str],

@@ -32,12 +32,16 @@ STATISTICS = ("Statistics: mean ± 95% Student-t interval over seeds with n; n =
 
 def claims_section(claims: list[Claim], studies: list[StudyRuns]) -> tuple[Section, list[ClaimResult]]:
     results = check_claims(claims, {s.name: (s.frame, s.cell_params) for s in studies})
-    table = pd.DataFrame([{"Claim": r.claim.text, "Study": r.claim.study, "Status": r.status, "Evidence": r.evidence}
-                          for r in results])
+    table = pd.DataFrame([{"Claim": r.claim.text, "Study": r.claim.study, "Status": r.status, "Evidence": r.evidence,
+                           "Seeds needed": r.seeds.text() if r.seeds else "—"} for r in results])
     note = (f"Status from a paired t-test over seeds, Holm-adjusted across the claims of this report ({len(claims)}) "
             f"(alpha {ALPHA}); VALIDATED: significant in the claimed direction; INVALIDATED: significant against it, "
             "or the 95% CI of the difference inside the claim's margin; INCONCLUSIVE: otherwise (or n < 2).")
-    return Section("Claims", 2, tables=[Table("", table, [note], [r.record() for r in results])]), results
+    seeds = ("Seeds needed (INCONCLUSIVE claims): paired seeds for 80% power to detect the claim's margin, or "
+             "without one the difference seen, at the level Holm requires in the claim's place (alpha / (m − rank)), "
+             "from the sd of the paired differences so far (noncentral t; docs/statistics.md). A planning figure: "
+             "adding seeds and re-testing at the fixed level raises the false-positive rate; `orchestrate sweep --until-decided` keeps it at alpha.")
+    return Section("Claims", 2, tables=[Table("", table, [note, seeds], [r.record() for r in results])]), results
 
 
 def fill_study_section(sec: Section, family: str, study: StudyRuns, stats: StudyStats, cfg: ReportConfig,
@@ -116,7 +120,7 @@ def family_sections(tracking_uri: str, family: str, doc: dict, study: str | None
     """The markdown sections of one family, its per-cell statistics, and its best configuration."""
     frame = load_runs(tracking_uri, family, study, sweep_id)
     scope = ", ".join(x for x in (study and f"study {study}", sweep_id and f"sweep {sweep_id}") if x)
-    head = Section(f"{family}{f' ({scope})' if scope else ''}", 1, [doc.get("description", "")])
+    head = Section(f"{family}{f' ({scope})' if scope else ''}", 1, [doc.get("description", "")], lead=True)
     if frame.empty:
         head.text += [f"No trial runs of {family}{f' ({scope})' if scope else ''} in {tracking_uri}."]
         return [head], [], None

@@ -13,6 +13,8 @@ records were saved fall back to the YAML as it is now, and the report says which
 from __future__ import annotations
 
 import json
+import os
+import posixpath
 import tempfile
 from importlib import metadata
 from pathlib import Path
@@ -59,15 +61,21 @@ def load_records(tracking_uri: str, family: str, sweep_ids) -> dict[str, dict]:
                                      max_results=1)
         if not parents:
             continue
-        run_id = parents[0].info.run_id
-        if not any(a.path == STUDY_FILE for a in client.list_artifacts(run_id)):
-            continue
-        with tempfile.TemporaryDirectory() as tmp:
-            try:
-                path = client.download_artifacts(run_id, STUDY_FILE, tmp)
-            except (MlflowException, OSError):
-                continue  # an artifact store that went away: the report falls back to the YAML
-            record = json.loads(Path(path).read_text())
-        if record.get("format") == FORMAT:
+        record = read_json_artifact(client, parents[0].info.run_id, STUDY_FILE)
+        if record is not None and record.get("format") == FORMAT:
             out[sweep_id] = record
     return out
+
+
+def read_json_artifact(client: MlflowClient, run_id: str, path: str) -> dict | None:
+    """A run's JSON artifact, or None when the run has none (or its artifact store is
+    unreachable: a report then says what it lacks rather than failing)."""
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # no progress bar per artifact read
+    folder = posixpath.dirname(path) or None
+    try:
+        if not any(a.path == path for a in client.list_artifacts(run_id, folder)):
+            return None
+        with tempfile.TemporaryDirectory() as tmp:
+            return json.loads(Path(client.download_artifacts(run_id, path, tmp)).read_text())
+    except (MlflowException, OSError):
+        return None

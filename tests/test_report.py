@@ -456,3 +456,42 @@ def test_malformed_claims_are_one_clear_error(entry, message):
 
     with pytest.raises(UsageError, match=re.escape(message)):
         parse_claims({**DOC, "claims": [entry]}, "fam")
+
+
+def test_report_opens_with_the_headline_table_and_sentences_read_from_the_tables(report):
+    _, md, _ = report
+    sections = re.findall(r"^## (.+)$", md, flags=re.M)
+    assert sections[:3] == ["Headline: study `headline`", "Summary", "Claims"]
+    summary = md[md.index("## Summary"):md.index("## Claims")]
+    good = np.add(BASE_ACC, GOOD_GAIN)
+    assert "the best method is **Good method**, " + f"{good.mean():.4f} ± " in summary
+    raw = [stats.ttest_rel(good, BASE_ACC).pvalue, stats.ttest_rel(np.subtract(BASE_ECE, GOOD_ECE_CUT), BASE_ECE).pvalue]
+    adj = holm(np.array(raw))
+    assert (f"Significant against the baseline base (paired t-test over seeds, Holm over the table's tests): "
+            f"Good method Accuracy higher (better, Δ = +0.0500, p = {adj[0]:.4f}); "
+            f"Good method ECE lower (better, Δ = -0.0250, p = {adj[1]:.4f})") in summary
+    assert "No test possible: same Accuracy (identical in every seed)" in summary
+    assert "Claims: 2 INCONCLUSIVE, 3 INVALIDATED, 3 VALIDATED." in summary
+    assert "“good beats base with two seeds” (not significant after Holm (alpha 0.05), n=2)" in summary
+    assert md.count("No Wilcoxon signed-rank p-values") == 1 and "`headline` (n ≤ 3)" in summary
+    assert "Wilcoxon p (Holm)" not in md  # no study here has 6 seeds
+
+
+@pytest.mark.parametrize("n", range(1, 9))
+def test_wilcoxon_can_decide_exactly_when_its_smallest_p_is_below_alpha(n):
+    from orchestrator.report_tables import wilcoxon_can_decide
+
+    smallest = stats.wilcoxon(np.arange(1.0, n + 1)).pvalue  # every difference positive: the smallest exact p
+    assert wilcoxon_can_decide(n) == (smallest < 0.05)
+
+
+def test_headline_text_is_what_the_report_opens_with(store):
+    from types import SimpleNamespace
+
+    from orchestrator.report import headline_text
+
+    outcome = SimpleNamespace(tracking_uri=store["uri"], sweep_id="busy_loop-smoke-1")
+    text = headline_text(outcome, SimpleNamespace(family="busy_loop"))
+    assert text.startswith("# busy_loop (sweep busy_loop-smoke-1)") and "## Summary" in text
+    assert "| 0.2 | busy |" in text and "## Claims" not in text
+    assert headline_text(SimpleNamespace(tracking_uri=store["uri"], sweep_id="nope"), SimpleNamespace(family="busy_loop")) == ""
