@@ -25,7 +25,8 @@ import numpy as np
 import pandas as pd
 
 from orchestrator.errors import UsageError
-from orchestrator.stats import Paired, fmt, holm, one_sample_test, p_is, paired_test
+from orchestrator.power import SeedsNeeded, for_test
+from orchestrator.stats import Paired, fmt, holm, holm_levels, one_sample_test, p_is, paired_test
 from trainables.common.metrics import metric_info, parse_metric_key
 
 ALPHA = 0.05
@@ -269,6 +270,7 @@ class ClaimResult:
     p_holm: float | None = None
     reason: str = ""
     extra: dict = field(default_factory=dict)
+    seeds: SeedsNeeded | None = None  # INCONCLUSIVE only: paired seeds for 80% power at its Holm level
 
     def record(self) -> dict:
         t = self.test
@@ -280,6 +282,7 @@ class ClaimResult:
             "diff": _num(t.diff) if t else None, "diff_ci": list(t.diff_ci) if t and t.diff_ci else None,
             "p_t": t.p_t if t else None, "p_holm": self.p_holm, "p_wilcoxon": t.p_wilcoxon if t else None,
             "d_z": t.d_z if t else None, "p_a_gt_b": t.p_a_gt_b if t else None,
+            **(self.seeds.record() if self.seeds else {"seeds_needed": None}),
         }
 
 
@@ -291,8 +294,14 @@ def check_claims(claims: list[Claim], studies: dict, alpha: float = ALPHA) -> li
     """``studies`` maps a study name to ``(frame, cell_params)`` of its finished trials. The
     t-test p-values of every claim tested here form one Holm family."""
     tests = [_test(c, studies.get(c.study)) for c in claims]
-    adjusted = holm([t.p_t if isinstance(t, Paired) else None for t in tests])
-    return [_judge(c, t, p, alpha) for c, t, p in zip(claims, tests, adjusted)]
+    raw = [t.p_t if isinstance(t, Paired) else None for t in tests]
+    results = [_judge(c, t, p, alpha) for c, t, p in zip(claims, tests, holm(raw))]
+    # the level each claim must reach in its place of Holm's order; untested claims plan for the strictest
+    levels = [level if level is not None else alpha / max(len(claims), 1) for level in holm_levels(raw, alpha)]
+    for result, level in zip(results, levels):
+        if result.status == INCONCLUSIVE:
+            result.seeds = for_test(result.test, level, result.claim.margin)
+    return results
 
 
 def _test(claim: Claim, study) -> Paired | str:

@@ -79,6 +79,13 @@ def n_for_power(effect_size: float, alpha: float, target: float = POWER) -> int 
     return high if high <= MAX_SEEDS else None
 
 
+def for_test(test, level: float, margin: float = 0.0) -> SeedsNeeded:
+    """:func:`seeds_needed` from a :class:`orchestrator.stats.Paired` (None: no paired seeds)."""
+    if test is None:
+        return seeds_needed(None, None, 0, level, margin)
+    return seeds_needed(test.diff, test.sd, test.n, level, margin)
+
+
 def seeds_needed(diff: float | None, sd: float | None, n_now: int, alpha: float, margin: float = 0.0,
                  target: float = POWER) -> SeedsNeeded:
     """Paired seeds for ``target`` power to detect ``margin`` (when > 0) or else the observed

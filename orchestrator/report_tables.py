@@ -17,7 +17,8 @@ from orchestrator.claims import ALPHA, Side, cell_sides, lower_is_better, paired
 from orchestrator.report_config import ReportConfig, metric_label
 from orchestrator.report_data import StudyRuns, StudyStats, axis_items, number_or_none, order_key
 from orchestrator.report_render import Table
-from orchestrator.stats import fmt, format_interval, format_p, holm, p_is, paired_test, t_interval
+from orchestrator.power import for_test
+from orchestrator.stats import fmt, format_interval, format_p, holm, holm_levels, p_is, paired_test, t_interval
 from trainables.common.metrics import metric_key
 
 RANKED_TRIALS = 10
@@ -251,6 +252,7 @@ def ab_table(study: StudyRuns, stats: StudyStats, cfg: ReportConfig) -> Table | 
     methods = [m for m in cfg.focus_methods if any(k.startswith(f"{split}/{m}/") for k in keys)]
     results = {(method, m): _against_reference(study, f"{split}/{method}/{m}", ref, others)
                for method in methods for m in metrics}
+    levels = {key: holm_levels([t.p_t if t else None for t, _, _ in tests], ALPHA) for key, tests in results.items()}
     wilcoxon = _with_wilcoxon([t for tests in results.values() for t, _, _ in tests])
     p_name = "t/W" if wilcoxon else "t"
     for method in methods:
@@ -266,7 +268,7 @@ def ab_table(study: StudyRuns, stats: StudyStats, cfg: ReportConfig) -> Table | 
                 p_text = format_p(p_t) + (f" / {format_p(p_w)}" if wilcoxon else "")
                 row.update({metric_label(m): stats.text(cell, f"{split}/{method}/{m}"), f"Δ {metric_label(m)}": _diff_text(t),
                             f"p {metric_label(m)} {p_name} (Holm)": p_text})
-                verdict.append(_verdict(m, t, p_t))
+                verdict.append(_verdict(m, t, p_t, levels[method, m][i] or ALPHA / max(len(others), 1)))
                 records.append({"cell": study.label(cell), "reference": study.label(ref), "method": method, "metric": m,
                                 **_test_record(t), "p_t_holm": p_t, "p_wilcoxon_holm": p_w})
             rows.append(row)
@@ -300,14 +302,17 @@ def drop_table(study: StudyRuns, cfg: ReportConfig) -> Table | None:
                                       "per seed (same seed in both cells); positive = the metric fell."])
 
 
-def _verdict(metric: str, t, p_adj: float | None) -> str:
+def _verdict(metric: str, t, p_adj: float | None, level: float) -> str:
+    """One cell's verdict; without one, the paired seeds that would give 80% power at ``level``
+    (the raw-p threshold of the cell's place in Holm's order)."""
     name = metric_label(metric)
+    seeds = f"; seeds for 80% power: {for_test(t, level).text()}"
     if t is None or t.n < 2:
-        return f"{name}: n/a ({'no paired seeds' if t is None or t.n == 0 else t.note})"
+        return f"{name}: n/a ({'no paired seeds' if t is None or t.n == 0 else t.note}){seeds}"
     if p_adj is None:
         return f"{name}: no difference ({t.note})"
     if p_adj >= ALPHA:
-        return f"{name}: no significant difference (Δ = {fmt(t.diff, signed=True)}, {p_is(p_adj)} after Holm)"
+        return f"{name}: no significant difference (Δ = {fmt(t.diff, signed=True)}, {p_is(p_adj)} after Holm){seeds}"
     better = (t.diff < 0) == lower_is_better(metric)
     word = ("higher" if t.diff > 0 else "lower") + (" (better)" if better else " (worse)")
     return f"{name} {word}, Δ = {fmt(t.diff, signed=True)}, {p_is(p_adj)} after Holm"

@@ -88,7 +88,7 @@ class Paired:
     ``p_t``: paired t-test; ``p_wilcoxon``: Wilcoxon signed-rank (exact for small n); both
     two-sided and uncorrected (see :func:`holm`). ``d_z``: Cohen's d of the differences
     (mean / sd). ``p_a_gt_b``: fraction of seeds with A > B, ties counting one half.
-    ``note`` says why a quantity is n/a."""
+    ``note`` says why a quantity is n/a; ``sd`` is the sd of the differences (n >= 2)."""
 
     n: int
     mean_a: float
@@ -100,6 +100,7 @@ class Paired:
     d_z: float | None
     p_a_gt_b: float | None
     note: str = ""
+    sd: float | None = None
 
     @property
     def diff_ci(self) -> tuple[float, float] | None:
@@ -126,15 +127,15 @@ def paired_test(a, b, confidence: float = CONFIDENCE) -> Paired:
     _, half, _ = t_interval(d, confidence)
     if _constant(d):
         if diff == 0:
-            return Paired(n, mean_a, mean_b, 0.0, 0.0, None, None, None, p_gt, "identical in every seed")
+            return Paired(n, mean_a, mean_b, 0.0, 0.0, None, None, None, p_gt, "identical in every seed", 0.0)
         # every seed shows the same non-zero difference: scipy's t is infinite, its p-value 0
         p_w = _wilcoxon(d)
-        return Paired(n, mean_a, mean_b, diff, 0.0, 0.0, p_w, None, p_gt, "same difference in every seed (sd = 0)")
+        return Paired(n, mean_a, mean_b, diff, 0.0, 0.0, p_w, None, p_gt, "same difference in every seed (sd = 0)", 0.0)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
         p_t = float(stats.ttest_rel(a, b).pvalue)
-    d_z = diff / float(np.std(d, ddof=1))
-    return Paired(n, mean_a, mean_b, diff, half, p_t, _wilcoxon(d), d_z, p_gt)
+    sd = float(np.std(d, ddof=1))
+    return Paired(n, mean_a, mean_b, diff, half, p_t, _wilcoxon(d), diff / sd, p_gt, sd=sd)
 
 
 def _wilcoxon(d: np.ndarray) -> float | None:

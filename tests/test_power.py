@@ -2,6 +2,7 @@
 
 import math
 
+import numpy as np
 import pytest
 from statsmodels.stats.power import TTestPower
 
@@ -41,3 +42,27 @@ def test_holm_levels_are_the_step_down_thresholds():
     # sorted 0.01, 0.02, 0.04 -> alpha/3, alpha/2, alpha/1
     assert holm_levels([0.04, 0.01, None, 0.02], 0.05) == pytest.approx([0.05, 0.05 / 3, None, 0.025])
     assert holm_levels([], 0.05) == []
+
+
+def test_inconclusive_claims_carry_seeds_needed_at_their_holm_level():
+    import pandas as pd
+
+    from orchestrator.claims import Claim, Side, check_claims
+
+    rng = np.random.default_rng(0)
+    rows = []
+    for seed in range(3):
+        for lr, shift in (("0.1", 0.0), ("0.2", 0.002), ("0.3", 0.05)):
+            rows.append({"run_id": f"{lr}-{seed}", "seed": str(seed), "param.lr": lr, "key": "test/m/acc",
+                         "value": 0.8 + shift + rng.normal(0, 0.004)})
+    frame = pd.DataFrame(rows)
+    weak = Claim("lr 0.2 beats 0.1", "s", Side.of("test/m/acc", {"lr": 0.2}), Side.of("test/m/acc", {"lr": 0.1}))
+    strong = Claim("lr 0.3 beats 0.1", "s", Side.of("test/m/acc", {"lr": 0.3}), Side.of("test/m/acc", {"lr": 0.1}))
+    weak_result, strong_result = check_claims([weak, strong], {"s": (frame, ["lr"])})
+    assert strong_result.status == "VALIDATED" and strong_result.seeds is None
+    assert weak_result.status == "INCONCLUSIVE"
+    t = weak_result.test
+    level = 0.05  # the weak claim's p is the larger of two: Holm asks alpha / 1 of it
+    assert weak_result.seeds.alpha == level and weak_result.seeds.sd == pytest.approx(t.diff / t.d_z)
+    expected = math.ceil(TTestPower().solve_power(effect_size=abs(t.d_z), alpha=level, power=0.8))
+    assert weak_result.seeds.n == expected and weak_result.record()["seeds_needed"] == expected
