@@ -166,7 +166,10 @@ class SweepTracker:
         self.tags = {**source_tags(experiment, tags.get("study")), **{k: str(v) for k, v in tags.items()}}
         self.stats: Counter = Counter()
         self.experiment_id = self._experiment(experiment, artifact_root)
-        self.parent_id = self._find_or_create(PARENT, None, {}, run_name=sweep_id)
+        found = self.find_runs(PARENT)
+        # a parent made here means a new sweep: none of its trials can have a run to look for
+        self._new_sweep = not found
+        self.parent_id = found[0].info.run_id if found else self._create(PARENT, None, {}, run_name=sweep_id)
         self._children: dict[str, str] = {}
         self._last_step: dict[str, int] = {}
 
@@ -186,10 +189,7 @@ class SweepTracker:
             query += f" and tags.trial_id = '{trial_id}'"
         return self.client.search_runs([self.experiment_id], filter_string=query, max_results=1000)
 
-    def _find_or_create(self, role: str, trial_id: str | None, extra_tags: dict, run_name: str) -> str:
-        found = self.find_runs(role, trial_id)
-        if found:
-            return found[0].info.run_id
+    def _create(self, role: str, trial_id: str | None, extra_tags: dict, run_name: str) -> str:
         tags = {**self.tags, **{k: str(v) for k, v in extra_tags.items()}, "role": role, "sweep_id": self.sweep_id}
         if trial_id is not None:
             tags.update({"trial_id": trial_id, "mlflow.parentRunId": self.parent_id})
@@ -202,7 +202,7 @@ class SweepTracker:
         params added; ``reopen`` marks it RUNNING again, for a trial that resumes)."""
         if trial_id in self._children:
             return self._children[trial_id]
-        existing = self.find_runs(CHILD, trial_id)
+        existing = [] if self._new_sweep else self.find_runs(CHILD, trial_id)
         params = flatten(config)
         if existing:
             run = existing[0]
@@ -212,7 +212,7 @@ class SweepTracker:
             if reopen and run.info.status != "RUNNING":
                 self.client.update_run(run_id, status="RUNNING")
         else:
-            run_id = self._find_or_create(CHILD, trial_id, tags, run_name=trial_id)
+            run_id = self._create(CHILD, trial_id, tags, run_name=trial_id)
             self.client.log_inputs(run_id, datasets=[dataset_input(config)])
         batch = [Param(k, v) for k, v in params.items()]
         for start in range(0, len(batch), 100):
