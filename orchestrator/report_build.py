@@ -150,6 +150,9 @@ def family_sections(tracking_uri: str, family: str, doc: dict, study: str | None
     sections.append(Section("Summary", 2, summary_lines(headline, headline_stats, headline_cfg, baseline, results,
                                                         few_seeds), lead=True))
     sections += [claims_sec] if claims_sec else []
+    from orchestrator.until_decided import until_decided_sections
+
+    sections += until_decided_sections(tracking_uri, family, studies)
 
     where = Section("Sweeps and settings", 2, [f"Source: MLflow `{tracking_uri}`, experiment `{family}`; "
                                                f"generated {now_text()}.", STATISTICS])

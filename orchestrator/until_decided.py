@@ -329,3 +329,51 @@ def sweep_until_decided(study, opts, max_seeds: int | None, batch: int | None, n
     if report_path:
         echo(f"report:  {report_path}")
     return 0
+
+
+# ---------------------------------------------------------------- the report's section
+
+
+def until_decided_sections(tracking_uri: str, family: str, studies: list) -> list:
+    """For each study of a report whose sweep ran ``--until-decided`` (its parent run carries
+    the TAG): the rounds replayed from the runs and every claim's sequential verdict. These,
+    not the fixed-n claims table, are the valid verdicts after seeds were added on the way."""
+    from mlflow.tracking import MlflowClient
+
+    from orchestrator.report_data import load_runs
+    from orchestrator.report_render import Section, Table
+    from orchestrator.spaces import load_family_file, load_study
+
+    client = MlflowClient(tracking_uri)
+    exp = client.get_experiment_by_name(family)
+    out = []
+    for runs in studies:
+        if exp is None or len(runs.sweeps) != 1:
+            continue
+        parents = client.search_runs([exp.experiment_id], f"tags.sweep_id = '{runs.sweeps[0]}' and tags.role = 'parent'",
+                                     max_results=1)
+        plan = json.loads(parents[0].data.tags[TAG]) if parents and TAG in parents[0].data.tags else None
+        if plan is None:
+            continue
+        study = dataclasses.replace(load_study(family, runs.name), seeds=plan["seeds"])
+        claims = study_claims(study, load_family_file(family))
+        frame = load_runs(tracking_uri, family, runs.name, runs.sweeps[0])
+        rounds = replay(study, claims, frame, plan["batch"], plan["max_seeds"])
+        if not rounds:
+            continue
+        sec = Section(f"Seeds until decided: study `{runs.name}`", 2, [
+            f"Sweep {runs.sweeps[0]} ran with --until-decided (--batch {plan['batch']}, --max-seeds {plan['max_seeds']}): "
+            "after each round every claim of the study was decided by a group-sequential rule (Lan-DeMets "
+            "O'Brien-Fleming alpha spending on the paired t statistic, repeated confidence intervals, sequential Holm "
+            f"over the study's {len(claims)} claims; docs/statistics.md), and the cells of the open claims got new "
+            "seeds. These are the verdicts to quote: the claims table above re-tests all seeds at a fixed level, "
+            "which is not valid after seeds were added on the way."])
+        verdicts = pd.DataFrame([{"Claim": c.text, "Status": d.status,
+                                  "Seeds used": rounds[d.look - 1].seeds_so_far if d.look else rounds[-1].seeds_so_far,
+                                  "Decided at round": d.look or "—", "Why": decision_text(c, d)}
+                                 for c, d in zip(claims, rounds[-1].decisions)])
+        sec.tables += [Table("sequential verdicts", verdicts),
+                       Table("rounds (claim columns: status after the round's look)", rounds_table(study, claims, rounds)),
+                       Table("seeds per cell", seeds_per_cell(study, frame))]
+        out.append(sec)
+    return out

@@ -97,3 +97,15 @@ def test_the_plan_of_rounds():
     assert [round_seeds([0, 1], 2, 7, r) for r in (1, 2, 3, 4, 5)] == [[0, 1], [2, 3], [4, 5], [6], []]
     assert compared_cells(study, lr_claim) == [{"lr": 0.1, "batch_size": 128}, {"lr": 0.2, "batch_size": 128}]
     assert sub_grid(study, compared_cells(study, batch_claim)) == {"lr": [0.1], "batch_size": [128, 256]}
+
+
+def test_the_report_shows_the_sequential_verdicts_not_only_the_fixed_n_claims(decided):
+    tmp, uri, _ = decided
+    out = tmp / "report.md"
+    result = CliRunner().invoke(main, ["report", "busy_loop", "--study", "decide", "--tracking-uri", uri, "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    text = out.read_text()
+    section = text.split("## Seeds until decided: study `decide`")[1]
+    assert "--batch 2, --max-seeds 6" in section
+    assert "| VALIDATED | 4 | 2 |" in section and "| INCONCLUSIVE | 6 | — |" in section
+    assert "| 3 | seeds 4-5 | 2 cells (lr=[0.1], batch_size=[128, 256]) | 6 | VALIDATED | INCONCLUSIVE |" in section
