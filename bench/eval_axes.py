@@ -9,7 +9,9 @@ naive trial reports exactly its own cell under the same metric name. The eval-ax
 before and after the naive one (the machine's load drifts; the ratio uses their mean). Prints
 the wall time of each, the ratio, and the largest difference between the two ways' metrics for
 the same cell and seed (val and test, every method and metric, read back from MLflow), next to
-the difference between the two eval-axes runs (what nondeterminism alone gives).
+the difference between the two eval-axes runs (what nondeterminism alone gives). The target is
+identical metrics: ``KnnIndex.search`` answers in a canonical (similarity, index) order, so the
+eval-axes trial's one search at the largest k, sliced, is exactly each naive trial's own search.
 
 Trials run one at a time by default, each with every CPU (``--cpus-per-trial`` = the CPU
 count): wall time is then the compute each way needs. With two slots, the three eval-axes
@@ -122,6 +124,7 @@ def main() -> None:
     for name, d in (("naive vs eval axes", diff), ("eval axes vs eval axes again", repeat)):
         where = "" if d["where"] is None else f" at seed/split/method/k/views/metric {d['where']}"
         print(f"{name}: {d['compared']} metric values compared, {d['nonzero']} differ; largest |difference| {d['max']:.3g}{where}")
+    print(f"identical metrics, naive vs eval axes (target): {verdict(diff['nonzero'] == 0)}")
     axes_wall, axes_in = (walls["axes"] + walls["axes again"]) / 2, (in_trials["axes"] + in_trials["axes again"]) / 2
     print(f"ratio of time in trials (start-up excluded): {in_trials['naive'] / axes_in:.1f}x; at most "
           f"{len(runs['naive']) / len(runs['axes']):.0f}x (trainings per eval-axes training) but for load drift between runs")

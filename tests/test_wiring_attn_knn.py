@@ -30,7 +30,7 @@ KS, VIEWS = [1, 5], [1, 2]
 def config(**overrides):
     smoke = SPACE["studies"]["smoke"]
     cfg = {**SPACE["defaults"], **smoke["set"], "seed": 0, "device": "cpu", "max_train": 200, "max_test": 150,
-           "k_eval": 5, "eval": {"k": KS, "tta_views": VIEWS}}
+           "k_eval": 5, "temperature": 0.1, "eval": {"k": KS, "tta_views": VIEWS}}  # not the default 0.07
     return {**cfg, **overrides}
 
 

@@ -29,7 +29,18 @@ Evaluation: view 0 is the clean image, views 1.. are random translations (+ flip
 ``tta_views`` = n the class probabilities of the first n views are averaged. ``k`` and
 ``tta_views`` are eval axes (``test/attn_knn:k:16:tta_views:5/acc``; ``cnn`` has only
 ``tta_views``); plain names (``test/attn_knn/acc``) are k = ``k_eval`` without TTA, and
-``<method>_tta`` names are k = ``k_eval`` with ``tta_eval`` views.
+``<method>_tta`` names are k = ``k_eval`` with ``tta_eval`` views. One search at the largest k
+serves every k (the index's order is canonical, so a sliced search is the search at that k),
+and the attention's keys (of the whole bank) and values (of each class) are projected once per
+evaluation rather than once per (query, neighbour) pair. The test split's reliability bins of
+every reported ECE go to the trial's ``reliability.json``.
+
+``check`` refuses what ``train`` cannot run before anything starts (heads not dividing
+embed_dim, k / k_eval / k_train + excluded own images beyond the training set's size, read
+from labels only; ImageNet weights for small_cnn, or missing while ORCHESTRATE_OFFLINE is set).
+The trial's seeding, checkpoint, resume and divergence report are
+:class:`~trainables.common.lifecycle.Trial`'s; ImageNet weights come from
+:func:`~trainables.common.encoders.imagenet_state_dict`, the one resolver every family uses.
 """
 
 from __future__ import annotations
