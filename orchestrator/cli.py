@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import subprocess
 import sys
@@ -26,6 +27,13 @@ def _use_spaces(ctx, param, folders) -> None:
     from orchestrator.registry import set_spaces_dirs
 
     set_spaces_dirs(folders)
+
+
+def _finite(ctx, param, value):
+    """click's FloatRange lets nan and inf through (every comparison with nan is false)."""
+    if value is not None and not math.isfinite(value):
+        raise UsageError(f"--{param.name.replace('_', '-')} {value}: not a finite number")
+    return value
 
 
 spaces_option = click.option(
@@ -68,8 +76,9 @@ def list_cmd() -> None:
 @click.option("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else ./mlflow.db).")
 @click.option("--storage", help="Where Tune keeps results and checkpoints "
               "(default: $ORCHESTRATE_STORAGE, else ./runs; shared storage on a cluster).")
-@click.option("--cpus-per-trial", type=click.FloatRange(min=0, min_open=True), default=1.0, show_default=True)
-@click.option("--gpus-per-trial", type=click.FloatRange(min=0), default=0.0, show_default=True,
+@click.option("--cpus-per-trial", type=click.FloatRange(min=0, min_open=True), default=1.0, show_default=True,
+              callback=_finite)
+@click.option("--gpus-per-trial", type=click.FloatRange(min=0), default=0.0, show_default=True, callback=_finite,
               help="Fractions pack several trials on one GPU, e.g. 0.25.")
 @click.option("--max-concurrent", type=click.IntRange(min=0), default=0, help="Cap on trials running at once (0: no cap).")
 @click.option("--resume", "resume", is_flag=False, flag_value="latest", default=None, metavar="[SWEEP_ID]",

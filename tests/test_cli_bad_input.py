@@ -83,6 +83,7 @@ def inputs(tmp_path_factory):
     (["sweep", "attn_knn", "--set", "heads=3"], "embed_dim 128 must be divisible by heads 3"),
     (["sweep", "attn_knn", "--set", "max_train=5", "--set", "k_train=16"], "training images of digits (max_train 5"),
     (["sweep", "busy_loop", "--set", "lr=nan"], "--set lr=nan: not a finite number"),
+    (["sweep", "busy_loop", "--cpus-per-trial", "nan"], "--cpus-per-trial nan: not a finite number"),
     (["sweep", "busy_loop", "--dataset", "imagefolder:{root}/one_class"], "at least 2 class folders, found ['cat']"),
     (["sweep", "busy_loop", "--dataset", "imagefolder:{root}/flat"], "no images in ImageFolder layout"),
     (["sweep", "busy_loop", "--dataset", "imagefolder:{root}/notazip.zip"], "neither a directory nor a zip file"),
