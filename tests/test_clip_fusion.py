@@ -12,6 +12,8 @@ import yaml
 from scipy.special import softmax
 
 from trainables import clip_fusion as cf
+from trainables.common.data import load_dataset
+from trainables.common.calibration import fit_temperature, temperature_nll
 from trainables.common.metrics import metric_key, negative_log_likelihood
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -64,30 +66,30 @@ def _temperature_cases():
 
 @pytest.mark.parametrize("case,logits,labels", list(_temperature_cases()))
 def test_temperature_scaling_never_raises_val_nll(case, logits, labels):
-    t = cf.fit_temperature(logits, labels)
+    t = fit_temperature(logits, labels)
     nll_t = negative_log_likelihood(softmax(logits / t, axis=1), labels)
     assert nll_t <= negative_log_likelihood(softmax(logits, axis=1), labels)
     # an independent optimiser: a dense grid of T in the same bounds
     grid = np.exp(np.linspace(np.log(1e-2), np.log(1e2), 4001))
-    assert nll_t <= min(cf.temperature_nll(logits, labels, g) for g in grid) + 1e-6
+    assert nll_t <= min(temperature_nll(logits, labels, g) for g in grid) + 1e-6
 
 
 def test_temperature_is_one_when_val_is_perfectly_classified():
     logits = np.random.default_rng(6).normal(size=(50, 4))
-    assert cf.fit_temperature(logits, logits.argmax(1)) == 1.0
+    assert fit_temperature(logits, logits.argmax(1)) == 1.0
     labels = logits.argmax(1)
     labels[0] = (labels[0] + 1) % 4  # one mistake: a finite optimum below 1 exists again
-    assert cf.fit_temperature(logits, labels) < 1.0
+    assert fit_temperature(logits, labels) < 1.0
 
 
 def test_temperature_recovers_known_overconfidence():
     rng = np.random.default_rng(2)
     logits = rng.normal(size=(4000, 10)) * 2
     labels = np.array([rng.choice(10, p=p) for p in softmax(logits, axis=1)])
-    assert cf.fit_temperature(logits * 3, labels) == pytest.approx(3.0, rel=0.1)
-    assert cf.fit_temperature(logits, labels) == pytest.approx(1.0, rel=0.1)
+    assert fit_temperature(logits * 3, labels) == pytest.approx(3.0, rel=0.1)
+    assert fit_temperature(logits, labels) == pytest.approx(1.0, rel=0.1)
     # the search range misses the optimum (T ~ 3): its best point loses to T = 1, which is kept
-    assert cf.fit_temperature(logits * 3, labels, bounds=(50.0, 100.0)) == 1.0
+    assert fit_temperature(logits * 3, labels, bounds=(50.0, 100.0)) == 1.0
 
 
 # ---------------------------------------------------------------- prototypes
@@ -197,7 +199,7 @@ def test_family_end_to_end_on_digits(digits_run):
     assert [m["epoch"] for m, _ in digits_run] == [1, 2, 3, 4]
     for metrics, checkpoint in digits_run:
         assert np.isfinite(metrics["train/supervised/loss"]) and 0 <= metrics["val/supervised/acc"] <= 1
-        assert checkpoint["epoch"] == metrics["epoch"] and set(checkpoint["heads"]) == {"supervised", "stacker_supervised"}
+        assert checkpoint["epoch"] == metrics["epoch"] and set(cf.checkpoint_heads(checkpoint)) == {"supervised", "stacker_supervised"}
     last = digits_run[-1][0]
     for split in ("val", "test"):
         for method in METHODS:
@@ -264,3 +266,47 @@ def test_shots_change_only_the_prototypes():
     full = _run(_config(shots=0, epochs=1, stacker=False))[-1][0]
     assert few[0]["test/supervised/nll"] == full["test/supervised/nll"]
     assert few[0]["test/prototype/acc"] < full["test/prototype/acc"]
+
+
+# ---------------------------------------------------------------- check and reliability
+
+
+@pytest.mark.parametrize("overrides,message", [
+    ({"fusion_a": "prototype", "fusion_b": "prototype"}, "fusion_a 'prototype' and fusion_b 'prototype' are both the prototype source"),
+    ({"fusion_a": "auto", "fusion_b": "prototype"}, "fusion_a 'auto' and fusion_b 'prototype' are both the prototype source"),
+    ({"fusion_b": "zeroshot"}, "fusion_b zeroshot needs encoder clip-vit-b32"),
+    ({"supervised_checkpoint": "/nonexistent/head.pt"}, "supervised_checkpoint '/nonexistent/head.pt' cannot be read"),
+    ({"stacker_holdout": 0.001}, "stacker_holdout 0.001 of the 399 training images of digits"),
+    ({"max_train": 15}, "needs 2 training images per class"),
+])
+def test_check_refuses_what_train_cannot_run(overrides, message):
+    from trainables.common.checks import ConfigError
+
+    cf.check(_config())
+    with pytest.raises(ConfigError, match=message):
+        cf.check(_config(**overrides))
+
+
+def test_check_reads_a_head_checkpoint_of_the_wrong_shape(tmp_path):
+    from trainables.common.checks import ConfigError
+
+    path = tmp_path / "head.pt"
+    torch.save({"linear.weight": torch.zeros(3, 5)}, path)
+    with pytest.raises(ConfigError, match=r"expected a linear head for 10 classes x 256 features, found a head of shape \(3, 5\)"):
+        cf.check(_config(supervised_checkpoint=str(path)))
+
+
+@pytest.mark.slow
+def test_reliability_bins_reproduce_every_logged_test_ece(tmp_path):
+    import json
+
+    from trainables.common.lifecycle import RELIABILITY_FILE
+    from trainables.common.metrics import ece_from_bins
+
+    last = _run(_config(epochs=1, artifact_dir=str(tmp_path)))[-1][0]
+    bins = json.loads((tmp_path / RELIABILITY_FILE).read_text())["splits"]["test"]
+    logged = {k.split("/")[1] for k in last if k.startswith("test/") and k.endswith("/ece")}
+    assert set(bins) == logged and {"prototype", "supervised", "fusion", "stacker", "fusion:alpha:0.5"} <= logged
+    for method, entry in bins.items():
+        assert ece_from_bins(entry) == pytest.approx(last[f"test/{method}/ece"], abs=1e-12), method
+        assert sum(entry["count"]) == len(load_dataset("digits").test)

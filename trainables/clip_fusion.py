@@ -26,9 +26,9 @@ Combinations:
 
 from __future__ import annotations
 
-import copy
 import json
-import time
+import math
+import pickle
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,18 +36,20 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from scipy.optimize import minimize_scalar
 from scipy.special import softmax
 from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import train_test_split
 
 from trainables.common import training
-from trainables.common.data import load_dataset
-from trainables.common.metrics import classification_metrics, metric_key, negative_log_likelihood, prefixed
+from trainables.common.calibration import fit_temperature
+from trainables.common.checks import ConfigError, require
+from trainables.common.data import DataError, load_dataset, train_class_counts
+from trainables.common.features import FEATURE_DIMS, extract_features
+from trainables.common.lifecycle import Trial
+from trainables.common.metrics import classification_metrics, metric_key, prefixed
 
 DEFAULT_ALPHAS = [round(0.05 * i, 2) for i in range(21)]
 PROMPTS_PATH = Path(__file__).parent / "prompts" / "clip_prompts.json"
-TEMPERATURE_BOUNDS = (1e-2, 1e2)
 LOWER_IS_BETTER = ("nll", "ece", "brier")
 STACKER_SEED_OFFSET = 7919  # the stacker's own head: a different stream from the main head's
 CLIP_LOGIT_SCALE = 100.0  # CLIP's learned logit scale saturates at 100
@@ -86,25 +88,6 @@ def prototype_logits(features: np.ndarray, prototypes: np.ndarray, temperature: 
 
 
 # ---------------------------------------------------------------- calibration and fusion
-
-
-def temperature_nll(logits: np.ndarray, labels: np.ndarray, temperature: float) -> float:
-    return negative_log_likelihood(softmax(np.asarray(logits, np.float64) / temperature, axis=1), labels)
-
-
-def fit_temperature(logits: np.ndarray, labels: np.ndarray, bounds: tuple[float, float] = TEMPERATURE_BOUNDS) -> float:
-    """The scalar T minimising the NLL of softmax(logits / T) on (val) labels: a bounded Brent
-    search over log T (the NLL is unimodal in it), kept only when it beats T = 1, so scaling
-    never raises the NLL it was fit on. When every label is already the argmax the NLL falls
-    without limit as T -> 0: nothing identifies a temperature, and T = 1 is kept (a T at the
-    search bound would make every later mistake cost ~log 1e12)."""
-    logits = np.asarray(logits, np.float64)
-    if np.all(logits.argmax(1) == labels):
-        return 1.0
-    res = minimize_scalar(lambda log_t: temperature_nll(logits, labels, np.exp(log_t)),
-                          bounds=tuple(np.log(bounds)), method="bounded", options={"xatol": 1e-5})
-    t = float(np.exp(res.x))
-    return t if temperature_nll(logits, labels, t) < temperature_nll(logits, labels, 1.0) else 1.0
 
 
 def fuse(p_a: np.ndarray, p_b: np.ndarray, alpha: float) -> np.ndarray:
@@ -218,15 +201,25 @@ def head_logits(head: LinearHead, x: np.ndarray) -> np.ndarray:
     return head(torch.as_tensor(x, device=device)).double().cpu().numpy()
 
 
+def checkpoint_heads(checkpoint: dict) -> dict[str, dict]:
+    """Head name -> state dict of the linear heads in one of this family's checkpoints (the
+    Trial's tracked ``head:<name>`` entries; checkpoints written before it keep them in ``heads``)."""
+    if "heads" in checkpoint:
+        return checkpoint["heads"]
+    return {name.split(":", 1)[1]: state for name, state in checkpoint["tracked"].items() if name.startswith("head:")}
+
+
 def load_supervised_head(path: str, dim: int, num_classes: int, device: torch.device) -> LinearHead:
-    """A head from ``path``: this family's checkpoint dict (its ``heads.supervised``) or a bare
+    """A head from ``path``: one of this family's checkpoints (its supervised head) or a bare
     :class:`LinearHead` state dict, saved with ``torch.save``."""
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except (OSError, RuntimeError) as exc:
+        # a family checkpoint also holds the numpy RNG state: allow exactly the numpy types it needs
+        with torch.serialization.safe_globals([np._core.multiarray._reconstruct, np.ndarray, np.dtype, np.dtypes.UInt32DType]):
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except (OSError, RuntimeError, pickle.UnpicklingError) as exc:
         raise ValueError(f"supervised_checkpoint {path!r} cannot be read: {exc}") from None
-    if "heads" in state:
-        state = state["heads"].get("supervised", {})
+    if "heads" in state or "tracked" in state:
+        state = checkpoint_heads(state).get("supervised", {})
     weight = state.get("linear.weight")
     if weight is None or tuple(weight.shape) != (num_classes, dim):
         found = "no linear head" if weight is None else f"a head of shape {tuple(weight.shape)}"
@@ -294,61 +287,55 @@ def calibrated(logits: dict[str, dict[str, np.ndarray]], val_labels: np.ndarray,
     return probs, temps
 
 
-def fusion_pair(config: dict, zeroshot_available: bool) -> tuple[str, str]:
+def fusion_pair(config: dict) -> tuple[str, str]:
+    """The two fused sources; ``auto`` is zeroshot with the CLIP encoder (the only one with a text
+    tower: its features need open_clip and the weights, which the zeroshot source needs too)."""
     a = config["fusion_a"]
     if a == "auto":
-        a = "zeroshot" if zeroshot_available else "prototype"
-    b = config["fusion_b"]
-    for name in (a, b):
-        if name == "zeroshot" and not zeroshot_available:
-            raise ValueError("the zeroshot source needs encoder clip-vit-b32 with open_clip and its weights cached")
-    if a == b:
-        raise ValueError(f"fusion_a and fusion_b must differ, both are {a!r}")
-    return a, b
-
-
-def evaluate(config: dict, x: dict, y: dict, num_classes: int, heads: dict[str, LinearHead],
-             text: np.ndarray | None, alphas: list[float]) -> dict[str, float]:
-    """Every final metric: the sources, fusion per alpha and at the val-chosen alpha, the stacker."""
-    out: dict[str, float] = {"info/zeroshot_available": float(text is not None)}
-    start = time.perf_counter()
-    out.update(source_and_fusion_metrics(config, x, y, num_classes, heads["supervised"], text, alphas))
-    out["perf/eval_ms"] = 1000 * (time.perf_counter() - start)
-    if "stacker_supervised" in heads:
-        start = time.perf_counter()
-        out.update(stacker_metrics(config, x, y, num_classes, heads["stacker_supervised"], text))
-        out["perf/stacker_ms"] = 1000 * (time.perf_counter() - start)
-    return out
+        a = "zeroshot" if config["encoder"] == "clip-vit-b32" else "prototype"
+    return a, config["fusion_b"]
 
 
 def source_and_fusion_metrics(config: dict, x: dict, y: dict, num_classes: int, head: LinearHead,
-                              text: np.ndarray | None, alphas: list[float]) -> dict[str, float]:
+                              text: np.ndarray | None, alphas: list[float]) -> tuple[dict[str, float], dict[str, np.ndarray]]:
+    """(metrics, method -> test probabilities) of the sources, fusion per alpha and at the
+    val-chosen alpha."""
     shot_idx = sample_shots(y["train"], config["shots"], np.random.default_rng([config["seed"], 0]))
     evals = {"val": x["val"], "test": x["test"]}
     probs, temps = calibrated(source_logits(x["train"], y["train"], shot_idx, head, evals, config, num_classes, text),
                               y["val"], config["calibrate"])
-    out = {}
+    out, test_probs = {}, {src: p["test"] for src, p in probs.items()}
     for src in probs:
         out[f"info/{src}_temperature"] = temps[src]
         for split in evals:
             out.update(prefixed(split, src, classification_metrics(probs[src][split], y[split])))
 
-    a, b = fusion_pair(config, text is not None)
-    per_alpha = {alpha: {split: classification_metrics(fuse(probs[a][split], probs[b][split], alpha), y[split]) for split in evals}
-                 for alpha in alphas}
+    a, b = fusion_pair(config)
+    fused = {alpha: {split: fuse(probs[a][split], probs[b][split], alpha) for split in evals} for alpha in alphas}
+    per_alpha = {alpha: {split: classification_metrics(p[split], y[split]) for split in evals} for alpha, p in fused.items()}
     best = select_alpha({alpha: m["val"] for alpha, m in per_alpha.items()}, config["alpha_metric"])
     out["info/fusion_alpha"] = best
     for split in evals:
         for alpha, m in per_alpha.items():
             out.update(prefixed(split, "fusion", m[split], alpha=alpha))
         out.update(prefixed(split, "fusion", per_alpha[best][split]))
-    return out
+    for alpha, p in fused.items():
+        test_probs[_method("fusion", alpha=alpha)] = p["test"]
+    test_probs["fusion"] = fused[best]["test"]
+    return out, test_probs
 
 
-def stacker_metrics(config: dict, x: dict, y: dict, num_classes: int, head: LinearHead, text: np.ndarray | None) -> dict[str, float]:
-    """The stacker learns on a stratified holdout of train from sources fit on the rest of it
-    (``head`` was trained on that rest). With own-cnn the encoder itself saw the holdout images:
-    its train-split features are fitted features whichever part of train they come from."""
+def _method(name: str, **axes) -> str:
+    """The method part of a metric key, axes included (``fusion:alpha:0.35``)."""
+    return metric_key("test", name, "_", **axes).split("/")[1]
+
+
+def stacker_metrics(config: dict, x: dict, y: dict, num_classes: int, head: LinearHead,
+                    text: np.ndarray | None) -> tuple[dict[str, float], np.ndarray]:
+    """(metrics, test probabilities) of the stacker. It learns on a stratified holdout of train
+    from sources fit on the rest of it (``head`` was trained on that rest). With own-cnn the
+    encoder itself saw the holdout images: its train-split features are fitted features
+    whichever part of train they come from."""
     seed = int(config["seed"])
     fit_idx, hold_idx = stratified_holdout(y["train"], config["stacker_holdout"], seed)
     fit_x, fit_y = x["train"][fit_idx], y["train"][fit_idx]
@@ -357,78 +344,109 @@ def stacker_metrics(config: dict, x: dict, y: dict, num_classes: int, head: Line
     probs, _ = calibrated(source_logits(fit_x, fit_y, shot_idx, head, evals, config, num_classes, text), y["val"], config["calibrate"])
     inputs = {split: [probs[src][split] for src in sorted(probs)] for split in evals}
     model = fit_stacker(inputs["holdout"], y["train"][hold_idx], config["stacker_C"], seed)
-    out = {}
+    out, stacked = {}, {}
     for split in ("val", "test"):
-        out.update(prefixed(split, "stacker", classification_metrics(stacker_probs(model, inputs[split], num_classes), y[split])))
-    return out
+        stacked[split] = stacker_probs(model, inputs[split], num_classes)
+        out.update(prefixed(split, "stacker", classification_metrics(stacked[split], y[split])))
+    return out, stacked["test"]
 
 
 # ---------------------------------------------------------------- the family
 
 
-def make_checkpoint(epoch: int, train_ms: float, fits: dict[str, HeadFit]) -> dict:
-    """Copies (not live references) of everything a resumed trial needs."""
-    return {
-        "epoch": epoch,
-        "train_ms": train_ms,
-        "heads": {name: {k: v.detach().cpu().clone() for k, v in fit.head.state_dict().items()} for name, fit in fits.items()},
-        "optimizers": {name: copy.deepcopy(fit.optimizer.state_dict()) for name, fit in fits.items()},
-        "generators": {name: fit.generator.get_state() for name, fit in fits.items()},
-    }
+INVALID_CONFIGS = [{"fusion_a": "prototype", "fusion_b": "prototype"}, {"fusion_a": "auto", "fusion_b": "prototype"},
+                   {"fusion_b": "zeroshot"}, {"supervised_checkpoint": "/nonexistent/head.pt"}, {"stacker_holdout": 0.001}]
+
+
+def check(config: dict) -> None:
+    """Refuse, before anything starts, every config ``train`` cannot run (no image decoded, no
+    encoder built)."""
+    a, b = fusion_pair(config)
+    for field, name in (("fusion_a", a), ("fusion_b", b)):
+        require(name != "zeroshot" or config["encoder"] == "clip-vit-b32",
+                f"{field} zeroshot needs encoder clip-vit-b32 (its text tower), not {config['encoder']}")
+    require(a != b, f"fusion_a {config['fusion_a']!r} and fusion_b {config['fusion_b']!r} are both the {a} source")
+    if config["encoder"] == "clip-vit-b32":
+        try:
+            load_prompts(config.get("prompts", ""))
+        except (OSError, ValueError, KeyError) as exc:
+            raise ConfigError(f"prompts {config.get('prompts', '')!r}: {exc}") from None
+    try:
+        counts = train_class_counts(config["dataset"], max_train=config["max_train"] or None)
+    except DataError as exc:
+        raise ConfigError(str(exc)) from None
+    if config.get("supervised_checkpoint"):
+        try:
+            load_supervised_head(config["supervised_checkpoint"], FEATURE_DIMS[config["encoder"]], len(counts), torch.device("cpu"))
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+    if config["stacker"]:
+        n, classes, frac = int(counts.sum()), len(counts), config["stacker_holdout"]
+        where = f"stacker_holdout {frac} of the {n} training images of {config['dataset']} (max_train {config['max_train']})"
+        require(counts.min() >= 2, f"the stacker's stratified holdout needs 2 training images per class; "
+                                   f"{config['dataset']} (max_train {config['max_train']}) has a class with {counts.min()}")
+        held = math.ceil(frac * n)  # how scikit-learn's train_test_split sizes a float test_size
+        require(held >= classes and n - held >= classes,
+                f"{where}: the holdout and the rest must each hold one image of each of the {classes} classes")
 
 
 def train(config: dict, report, restore: dict | None = None) -> None:
-    from trainables.common.features import extract_features
-
-    seed = int(config["seed"])
-    training.seed_everything(seed)
+    check(config)
+    trial = Trial(config, report, restore)
     device = training.resolve_device(config.get("device", "auto"))
     alphas = [float(a) for a in (config.get("eval") or {}).get("alpha", DEFAULT_ALPHAS)]
     ds = load_dataset(config["dataset"], max_train=config["max_train"] or None, max_test=config["max_test"] or None)
-    start = time.perf_counter()
-    fs = extract_features(ds, config["encoder"], device=str(device), cache_dir=config.get("cache_dir") or None, progress=False)
-    features_ms = 1000 * (time.perf_counter() - start)
-    x = {s: np.array(getattr(fs, s), dtype=np.float32) for s in ("train", "val", "test")}
+    with trial.timed("features"):
+        fs = extract_features(ds, config["encoder"], device=str(device), cache_dir=config.get("cache_dir") or None, progress=False)
+    x = {s: np.array(fs.split(s), dtype=np.float32) for s in ("train", "val", "test")}
     y = {s: getattr(ds, s).labels for s in ("train", "val", "test")}
     text = zeroshot_classifier(ds, config, device)
-    fusion_pair(config, text is not None)  # a bad pair fails before any training
 
-    heads: dict[str, LinearHead] = {}
-    fits: dict[str, HeadFit] = {}
+    heads, fits = {}, {}
     if config.get("supervised_checkpoint"):
         heads["supervised"] = load_supervised_head(config["supervised_checkpoint"], fs.dim, ds.num_classes, device)
     else:
-        fits["supervised"] = HeadFit.create(x["train"], y["train"], ds.num_classes, config, device, seed)
+        fits["supervised"] = HeadFit.create(x["train"], y["train"], ds.num_classes, config, device, trial.seed)
     if config["stacker"]:
-        fit_idx, _ = stratified_holdout(y["train"], config["stacker_holdout"], seed)
+        fit_idx, _ = stratified_holdout(y["train"], config["stacker_holdout"], trial.seed)
         fits["stacker_supervised"] = HeadFit.create(x["train"][fit_idx], y["train"][fit_idx], ds.num_classes, config, device,
-                                                    seed + STACKER_SEED_OFFSET)
-    heads.update({name: fit.head for name, fit in fits.items()})
+                                                    trial.seed + STACKER_SEED_OFFSET)
+    for name, fit in fits.items():
+        heads[name] = fit.head
+        trial.track(**{f"head:{name}": fit.head, f"optimizer:{name}": fit.optimizer, f"generator:{name}": fit.generator})
 
-    first_epoch, train_ms = 1, 0.0
-    if restore is not None:
-        for name, fit in fits.items():
-            fit.head.load_state_dict(restore["heads"][name])
-            fit.optimizer.load_state_dict(restore["optimizers"][name])
-            fit.generator.set_state(restore["generators"][name])
-        first_epoch, train_ms = restore["epoch"] + 1, restore["train_ms"]
     last_epoch = config["epochs"] if fits else 1  # nothing to train: one report with the results
-
     with single_thread_on_cpu(device):
-        for epoch in range(first_epoch, last_epoch + 1):
-            metrics: dict[str, float] = {"epoch": epoch}
-            start = time.perf_counter()
+        for epoch in trial.epochs(last_epoch):
+            metrics: dict[str, float] = {}
             for name, fit in fits.items():
-                loss = fit.epoch(config["batch_size"])
+                with trial.timed("supervised_train"):
+                    metrics[metric_key("train", name, "loss")] = loss = fit.epoch(config["batch_size"])
                 if training.is_diverged(loss):
-                    report({"diverged": 1.0, "epoch": epoch})
-                    return
-                metrics[metric_key("train", name, "loss")] = loss
-            train_ms += 1000 * (time.perf_counter() - start)
+                    return trial.diverged(epoch)
             if "supervised" in fits:
                 val_pred = head_logits(fits["supervised"].head, x["val"]).argmax(1)
                 metrics[metric_key("val", "supervised", "acc")] = float(np.mean(val_pred == y["val"]))
             if epoch == last_epoch:
-                metrics.update(evaluate(config, x, y, ds.num_classes, heads, text, alphas))
-                metrics.update({"perf/features_ms": features_ms, "perf/supervised_train_ms": train_ms})
-            report(metrics, checkpoint=make_checkpoint(epoch, train_ms, fits))
+                metrics.update(final_metrics(trial, config, x, y, ds.num_classes, heads, text, alphas))
+            trial.report(epoch, metrics, done=epoch == last_epoch)
+
+
+def final_metrics(trial: Trial, config: dict, x: dict, y: dict, num_classes: int, heads: dict[str, LinearHead],
+                  text: np.ndarray | None, alphas: list[float]) -> dict[str, float]:
+    """Every final metric (sources, fusion per alpha and at the val-chosen alpha, the stacker),
+    and the reliability bins of every test probability matrix behind an ECE."""
+    out: dict[str, float] = {"info/zeroshot_available": float(text is not None)}
+    with trial.timed("eval"):
+        metrics, test_probs = source_and_fusion_metrics(config, x, y, num_classes, heads["supervised"], text, alphas)
+    out.update(metrics)
+    if "stacker_supervised" in heads:
+        with trial.timed("stacker"):
+            metrics, test_probs["stacker"] = stacker_metrics(config, x, y, num_classes, heads["stacker_supervised"], text)
+        out.update(metrics)
+        out["perf/stacker_ms"] = trial.ms("stacker")
+    for method, probs in test_probs.items():
+        trial.reliability("test", method, probs, y["test"])
+    out.update({"perf/eval_ms": trial.ms("eval"), "perf/features_ms": trial.ms("features"),
+                "perf/supervised_train_ms": trial.ms("supervised_train")})
+    return out
