@@ -87,12 +87,16 @@ def inputs(tmp_path_factory):
     (["sweep", "busy_loop", "--dataset", "imagefolder:{root}/one_class"], "at least 2 class folders, found ['cat']"),
     (["sweep", "busy_loop", "--dataset", "imagefolder:{root}/flat"], "no images in ImageFolder layout"),
     (["sweep", "busy_loop", "--dataset", "imagefolder:{root}/notazip.zip"], "neither a directory nor a zip file"),
+    # conftest points the cache (where torchvision datasets are read from) at an empty folder
+    (["sweep", "busy_loop", "--dataset", "cifar10"], "cifar10 is not on disk under {cache}/torchvision: download it "
+                                                     "once (needs network) with: python -c \"from torchvision.datasets "
+                                                     "import CIFAR10 as D; [D('{cache}/torchvision', train=t, download=True)"),
 ])
 def test_bad_family_config_or_data_exits_2_before_anything_starts(tmp_path, monkeypatch, inputs, args, message):
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    fill = {"spaces": str(inputs / "spaces"), "root": str(inputs)}
+    fill = {"spaces": str(inputs / "spaces"), "root": str(inputs), "cache": os.environ["ORCHESTRATE_CACHE_DIR"]}
     assert_refused(tmp_path, [a.format(**fill) for a in args], message.format(**fill))
 
 
