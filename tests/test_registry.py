@@ -170,3 +170,11 @@ def test_unknown_family_names_the_known_ones():
 
 def test_resolve_entrypoint_without_a_family_file():
     assert resolve_entrypoint("trainables.busy_loop:train", ()) is sys.modules["trainables.busy_loop"].train
+
+
+def test_the_readme_table_lists_exactly_the_shipped_families():
+    """The README's table is prose about the registry; this keeps the two from drifting apart."""
+    import re
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    assert sorted(re.findall(r"^\| `(\w+)` \|", readme, re.M)) == SHIPPED
