@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import math
 import os
+import re
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -83,40 +85,133 @@ def list_cmd() -> None:
 @click.option("--max-concurrent", type=click.IntRange(min=0), default=0, help="Cap on trials running at once (0: no cap).")
 @click.option("--resume", "resume", is_flag=False, flag_value="latest", default=None, metavar="[SWEEP_ID]",
               help="Finish an interrupted sweep (the latest of this family/study, or the one named).")
-@click.option("--dry-run", is_flag=True, help="Print the trials that would run and exit.")
+@click.option("--seeds", "seeds_text", metavar="N|S1,S2,...",
+              help="Seeds in place of the study's: a count (5: seeds 0..4) or a list (3,7,11).")
+@click.option("--dry-run", is_flag=True, help="Print the trials that would run (and a time estimate) and exit.")
 @click.option("--no-report", is_flag=True, help="Skip writing the report after the sweep.")
+@click.option("--verbose", "-v", count=True, help="Also Tune's own tables and per-trial boxes, Ray's and MLflow's "
+              "info logs (-vv: and every result of every trial).")
 def sweep(family, study, dataset, sets, address, tracking_uri, storage, cpus_per_trial, gpus_per_trial,
-          max_concurrent, resume, dry_run, no_report) -> None:
-    """Run every trial of a FAMILY's study through Ray Tune and log it to MLflow."""
+          max_concurrent, resume, seeds_text, dry_run, no_report, verbose) -> None:
+    """Run every trial of a FAMILY's study through Ray Tune and log it to MLflow. Ctrl-C (or
+    SIGTERM) stops it, keeps what finished and prints the command that resumes it."""
     from orchestrator.spaces import load_study
 
     overrides = _parse_sets(sets)
     if dataset:
         overrides["dataset"] = dataset
-    spec = load_study(family, study, overrides)
+    seeds = _parse_seeds(seeds_text)
+    spec = load_study(family, study, overrides, seeds=seeds)
     if dry_run:
-        _print_plan(spec)
+        _print_plan(spec, storage)
         return
+    from orchestrator.progress import console, interruptions
     from orchestrator.runner import SweepOptions, run_sweep
 
-    outcome = run_sweep(spec, SweepOptions(
-        address=address, tracking_uri=tracking_uri, storage=storage, cpus_per_trial=cpus_per_trial,
-        gpus_per_trial=gpus_per_trial, max_concurrent=max_concurrent, resume=resume))
-    report_path = None
-    if not no_report:
-        from orchestrator.report import write_sweep_report
+    opts = SweepOptions(address=address, tracking_uri=tracking_uri, storage=storage, cpus_per_trial=cpus_per_trial,
+                        gpus_per_trial=gpus_per_trial, max_concurrent=max_concurrent, resume=resume,
+                        verbose=verbose, seeds=seeds)
+    with console(verbose), interruptions() as signals:
+        try:
+            outcome = run_sweep(spec, opts)
+            report_path = None
+            if outcome.complete and not no_report:
+                from orchestrator.report import write_sweep_report
 
-        report_path = write_sweep_report(outcome, spec)
+                report_path = write_sweep_report(outcome, spec)
+        except KeyboardInterrupt:  # outside Tune's graceful stop: starting up, a second Ctrl-C, the report
+            click.echo(f"interrupted by {signals.name}; resume with: {_resume_command(family, spec.name, None)}")
+            sys.exit(signals.exit_code)
+    if not outcome.complete:
+        _print_interrupted(outcome, spec, signals.name)
+        sys.exit(signals.exit_code)
+    _print_headline(outcome, spec)
     click.echo(f"{outcome.trials} trials ({outcome.errored} errored, {outcome.diverged} diverged) in sweep {outcome.sweep_id}")
-    click.echo(f"results: {outcome.experiment_path}  mlflow: {outcome.tracking_uri} (parent run {outcome.parent_run_id})"
-               + (f"  report: {report_path}" if report_path else ""))
+    click.echo(f"results: {outcome.experiment_path}")
+    click.echo(f"mlflow:  {outcome.tracking_uri} (parent run {outcome.parent_run_id})")
+    if report_path:
+        click.echo(f"report:  {report_path}")
     if outcome.errored:
         sys.exit(1)
 
 
-def _print_plan(spec) -> None:
-    click.echo(f"{spec.family}/{spec.name}: {spec.num_trials} trials; search={spec.search} scheduler={spec.scheduler}"
+def _parse_seeds(text: str | None) -> list[int] | None:
+    """``5`` -> seeds 0..4; ``3,7,11`` -> those seeds. Counts start at 1, seeds at 0, no repeats."""
+    if text is None:
+        return None
+    parts = [part.strip() for part in text.split(",")]
+    if not all(re.fullmatch(r"-?\d+", part) for part in parts):
+        raise UsageError(f"--seeds {text}: expected a count (5) or a comma-separated list of seeds (3,7,11)")
+    values = [int(part) for part in parts]
+    if len(values) == 1:
+        if values[0] < 1:
+            raise UsageError(f"--seeds {text}: a count of seeds must be at least 1")
+        return list(range(values[0]))
+    if min(values) < 0:
+        raise UsageError(f"--seeds {text}: seeds must be >= 0")
+    repeated = sorted({v for v in values if values.count(v) > 1})
+    if repeated:
+        raise UsageError(f"--seeds {text}: seed {', '.join(map(str, repeated))} given twice")
+    return values
+
+
+def _resume_command(family: str, study: str, sweep_id: str | None) -> str:
+    """The command line that resumes this sweep: this command's options as given (so the
+    resumed run sees the same study, store and storage), ``--resume`` naming the sweep."""
+    ctx = click.get_current_context()
+    words = ["orchestrate", "sweep", family, "--study", study]
+    for param in ctx.command.params:
+        value = ctx.params.get(param.name)
+        if (not isinstance(param, click.Option) or param.name in ("study", "resume", "dry_run", "verbose")
+                or value in (None, False, ()) or value == param.default):
+            continue
+        flag = max(param.opts, key=len)
+        if param.is_flag:
+            words.append(flag)
+        else:
+            words += [w for item in (value if param.multiple else [value]) for w in (flag, str(item))]
+    words += ["--resume"] + ([sweep_id] if sweep_id else [])
+    return shlex.join(words)
+
+
+def _print_interrupted(outcome, spec, signal_name: str) -> None:
+    """What an interrupted sweep did and did not do, and how to finish it."""
+    from orchestrator.progress import group_by_cell
+
+    done, total = len(outcome.finished), len(outcome.finished) + len(outcome.unfinished) + outcome.not_created
+    click.echo(f"interrupted by {signal_name}: {done} of {total} trials finished, {total - done} did not; "
+               "the sweep is incomplete (no report written)")
+    click.echo(f"  finished: {'; '.join(group_by_cell(outcome.finished)) or 'none'}")
+    click.echo(f"  not finished: {'; '.join(group_by_cell(outcome.unfinished)) or 'none'}"
+               + (f" (+{outcome.not_created} not started)" if outcome.not_created else ""))
+    click.echo(f"resume with: {_resume_command(spec.family, spec.name, outcome.sweep_id)}")
+    click.echo(f"results: {outcome.experiment_path}")
+    click.echo(f"mlflow:  {outcome.tracking_uri} (parent run {outcome.parent_run_id}, KILLED)")
+
+
+def _print_headline(outcome, spec) -> None:
+    """The headline table that report.md opens with (the same numbers), read back from MLflow."""
+    from orchestrator.report import headline_text
+    from orchestrator.tracking import warn
+
+    try:
+        text = headline_text(outcome, spec)
+    except Exception as exc:  # noqa: BLE001 - the sweep is done and on disk; the table is a courtesy
+        warn(f"no headline table ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})")
+        return
+    if text:
+        click.echo(text.rstrip("\n") + "\n")
+
+
+def _print_plan(spec, storage: str | None = None) -> None:
+    from orchestrator.cluster import STORAGE_ENV
+    from orchestrator.estimate import estimate_line
+
+    n = len(spec.seeds)
+    click.echo(f"{spec.family}/{spec.name}: {spec.num_trials} trials ({n} seed{'s' if n > 1 else ''}: "
+               f"{', '.join(map(str, spec.seeds))}); search={spec.search} scheduler={spec.scheduler}"
                f"; eval axes: {spec.eval_axes or 'none'}")
+    click.echo(estimate_line(storage or os.environ.get(STORAGE_ENV) or "runs", spec.family, spec.name, spec.num_trials))
     varying = sorted(set(spec.grid) | set(spec.space) | set(spec.derive) | {"seed"})
     for i, cfg in enumerate(spec.trial_configs()):
         click.echo(f"  trial {i:3d}: " + " ".join(f"{k}={cfg[k]}" for k in varying))
@@ -138,7 +233,9 @@ def _print_plan(spec) -> None:
               help="csv: one row per study, cell and metric (n, mean, sd, 95% CI).")
 @click.option("--plots", "plots_dir", type=click.Path(file_okay=False),
               help="Write PNG plots here and link them (default with --out FILE.md: FILE_plots/).")
-def report(families, every, study, sweep_id, tracking_uri, out, fmt_name, plots_dir) -> None:
+@click.option("--across", metavar="PARAM", help="Rank the methods across the values of PARAM (e.g. dataset): "
+              "Friedman + Nemenyi with a critical-difference diagram, IQM and P(X > Y) (docs/statistics.md).")
+def report(families, every, study, sweep_id, tracking_uri, out, fmt_name, plots_dir, across) -> None:
     """Consolidated tables, claims and plots for FAMILY (or --all) from MLflow: mean +- 95%
     t-interval over seeds (n shown), paired tests against the baseline with Holm correction."""
     from orchestrator.report import write_report
@@ -146,7 +243,7 @@ def report(families, every, study, sweep_id, tracking_uri, out, fmt_name, plots_
 
     uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri(Path.cwd())
     check_tracking_uri(uri)
-    text, lines = write_report(uri, list(families), every, study, sweep_id, out, fmt_name, plots_dir)
+    text, lines = write_report(uri, list(families), every, study, sweep_id, out, fmt_name, plots_dir, across)
     if text is not None:
         click.echo(text, nl=False)
     for line in lines:

@@ -14,7 +14,9 @@ latest checkpoint with ``--resume`` instead of rerunning it.
 
 from __future__ import annotations
 
+import json
 import os
+import posixpath
 import re
 import socket
 import time
@@ -33,10 +35,11 @@ from ray.tune.search import BasicVariantGenerator
 from orchestrator.cluster import BOOTSTRAP_CONFIG, STORAGE_ENV, check_shared_storage
 from orchestrator.errors import UsageError
 from orchestrator.mlflow_callback import MlflowCallback
+from orchestrator.progress import LiveView, catch_sigterm
 from orchestrator.spaces import Study, load_family_file
 from orchestrator.study_record import STUDY_FILE, log_record, study_record
 from orchestrator.sweep_summary import log_summary
-from orchestrator.sync import finish_parent, storage_fs, storage_location, sync_sweep, write_sweep_meta
+from orchestrator.sync import SWEEP_META, finish_parent, storage_fs, storage_location, sync_sweep, write_sweep_meta
 from orchestrator.tracking import (SweepTracker, check_tracking_uri, configure_client, default_artifact_root,
                                    default_tracking_uri, git_commit, warn)
 from orchestrator.trainable import make_trainable
@@ -56,7 +59,8 @@ class SweepOptions:
     max_failures: int = 2
     resume: str | None = None  # "latest" or a sweep id
     workdir: Path = field(default_factory=Path.cwd)
-    verbose: int = 1
+    verbose: int = 0  # 0: the live view only; 1: Tune's tables and per-trial boxes too; 2: and every result
+    seeds: list[int] | None = None  # what --seeds gave (already in the study); a resume must match
 
 
 @dataclass
@@ -68,6 +72,13 @@ class SweepOutcome:
     trials: int
     errored: int
     diverged: int
+    finished: list[tuple[str, int]] = field(default_factory=list)  # (cell, seed) of trials that ended
+    unfinished: list[tuple[str, int]] = field(default_factory=list)  # stopped or never started
+    not_created: int = 0  # trials the searcher had not generated when the sweep stopped
+
+    @property
+    def complete(self) -> bool:
+        return not self.unfinished and not self.not_created
 
 
 # ---------------------------------------------------------------- building the Tune run
@@ -133,15 +144,19 @@ def check_ray_address(address: str) -> None:
         raise UsageError(f"Ray cluster at {address} is not reachable") from None
 
 
-def start_ray(address: str | None) -> bool:
+def start_ray(address: str | None, verbose: int = 0) -> bool:
     """Connect to ``address``, or start a local Ray listening on loopback only; False when a Ray
     was already initialized in this process (the caller did not start it, so must not stop it)."""
     if ray.is_initialized():
         return False
-    if address:
+    # Unless -v, Ray's loggers in the workers stop at WARNING (Ray Train's "Checkpoint
+    # successfully created" each epoch drowns the live view); a trial's own warnings, errors
+    # and prints still reach the driver.
+    quiet = {} if verbose else {"runtime_env": {"worker_process_setup_hook": "orchestrator.progress.quiet_worker_logs"}}
+    if address and address != "local":  # "local" starts a Ray of its own, as no address does
         check_ray_address(address)
         try:
-            ray.init(address=address, log_to_driver=True)
+            ray.init(address=address, log_to_driver=True, **({} if address.startswith("ray://") else quiet))
         except (ConnectionError, RuntimeError) as exc:
             raise UsageError(f"cannot connect to Ray at {address}: {str(exc).splitlines()[0]}") from None
         return True
@@ -154,7 +169,7 @@ def start_ray(address: str | None) -> bool:
 
     saved, ray_constants.ENABLE_RAY_CLUSTER = ray_constants.ENABLE_RAY_CLUSTER, False
     try:
-        ray.init(address="local", include_dashboard=False, configure_logging=False)
+        ray.init(address="local", include_dashboard=False, configure_logging=False, **quiet)
     finally:
         ray_constants.ENABLE_RAY_CLUSTER = saved
     return True
@@ -209,15 +224,44 @@ def find_sweep(storage: str, study: Study, which: str) -> str:
     return candidates[-1]
 
 
-def replace_callbacks(tuner: tune.Tuner, callbacks: list) -> None:
-    """Give a restored sweep fresh callbacks. Ray 2.60's ``Tuner.restore`` takes no RunConfig:
+def check_resumed_seeds(experiment: str, study: Study, given: list[int] | None) -> None:
+    """A resumed sweep keeps the seeds it started with (``--seeds`` may repeat them, not change
+    them). Sweeps from before seeds were recorded are not checked."""
+    fs, path = storage_fs(experiment)
+    try:
+        with fs.open_input_stream(posixpath.join(path, SWEEP_META)) as stream:
+            recorded = json.loads(stream.read()).get("seeds")
+    except (OSError, ValueError):
+        return
+    if recorded is None:
+        return
+    if given is not None and sorted(given) != sorted(recorded):
+        raise UsageError(f"--seeds gives seeds {','.join(map(str, given))} but the sweep being resumed "
+                         f"({posixpath.basename(path)}) runs seeds {','.join(map(str, recorded))}; drop --seeds to resume it")
+    study.seeds = list(recorded)
+
+
+def kill_runs(tracker: SweepTracker, trial_ids: list[str]) -> None:
+    """An interrupted sweep: its parent run and the runs of its unfinished trials end KILLED
+    (a resume reopens them). MLflow being down must not hide the interruption."""
+    run_ids = [tracker.parent_id] + [tracker.known_run(trial_id) for trial_id in trial_ids]
+    try:
+        for run_id in filter(None, run_ids):
+            tracker.finish(run_id, "KILLED")
+    except Exception as exc:  # noqa: BLE001 - the summary and exit code still say it was interrupted
+        warn(f"MLflow runs not marked KILLED ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})")
+
+
+def replace_callbacks(tuner: tune.Tuner, callbacks: list, verbose: int) -> None:
+    """Give a restored sweep fresh callbacks (and this run's verbosity). Ray 2.60's ``Tuner.restore`` takes no RunConfig:
     the restored one holds the callbacks pickled when the sweep started (an MLflow client for
     the old tracking URI, an empty run cache), and no public API replaces them
     (ray-project/ray#41364), so this reaches into the local tuner's RunConfig."""
     local = getattr(tuner, "_local_tuner", None)
     if local is None:
         raise UsageError("--resume needs the driver on the cluster (--address auto on the head), not a ray:// client")
-    local.get_run_config().callbacks = callbacks
+    run_config = local.get_run_config()
+    run_config.callbacks, run_config.verbose = callbacks, verbose
 
 
 def run_sweep(study: Study, opts: SweepOptions) -> SweepOutcome:
@@ -230,11 +274,14 @@ def run_sweep(study: Study, opts: SweepOptions) -> SweepOutcome:
     storage = storage_location(opts.storage or os.environ.get(STORAGE_ENV) or str(workdir / "runs"))
     sweep_id = find_sweep(storage, study, opts.resume) if opts.resume else new_sweep_id(study)
     experiment = f"{storage}/{sweep_id}"
+    if opts.resume:
+        check_resumed_seeds(experiment, study, opts.seeds)
     address = opts.address or os.environ.get("RAY_ADDRESS")
     if opts.gpus_per_trial and not address and not torch.cuda.is_available():
         raise UsageError(f"--gpus-per-trial {opts.gpus_per_trial} asks for GPUs but this machine has none")
 
-    started = start_ray(address)
+    started = start_ray(address, opts.verbose)
+    catch_sigterm()
     try:
         check_trial_resources(opts.cpus_per_trial, opts.gpus_per_trial)
     except UsageError:
@@ -247,7 +294,7 @@ def run_sweep(study: Study, opts: SweepOptions) -> SweepOutcome:
                            artifact_root=default_artifact_root(tracking_uri, workdir))
     record = study_record(study, load_family_file(study.family), sweep_id, git_commit(short=False))
     write_sweep_meta(experiment, {"family": study.family, "study": study.name, "sweep_id": sweep_id,
-                                  "tags": tracker.tags, "derive": study.derive, "record": record})
+                                  "tags": tracker.tags, "derive": study.derive, "seeds": study.seeds, "record": record})
     try:
         log_record(tracking_uri, tracker.parent_id, record)
     except Exception as exc:  # noqa: BLE001 - the record in orchestrate.json is kept; the report falls back to the YAML
@@ -255,10 +302,11 @@ def run_sweep(study: Study, opts: SweepOptions) -> SweepOutcome:
     trainable = tune.with_resources(make_trainable(study.family, study.derive, study.objective["metric"],
                                                    study.entrypoint, study.import_paths),
                                     {"cpu": opts.cpus_per_trial, "gpu": opts.gpus_per_trial})
+    view = LiveView(study, verbose=opts.verbose)
     # Tune's result.json and params.json (what sync reads) only: its automatic CSV and
     # TensorBoard loggers would write every metric of every report again on the driver's loop
     os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = "1"
-    callbacks = [MlflowCallback(tracker, study, retry_s=float(os.environ.get(MLFLOW_RETRY_ENV, "30"))),
+    callbacks = [MlflowCallback(tracker, study, retry_s=float(os.environ.get(MLFLOW_RETRY_ENV, "30"))), view,
                  JsonLoggerCallback()]
     # num_to_keep=1 makes Tune snapshot the experiment after every trial checkpoint (the
     # snapshot a resumed sweep starts from); it would warn about each one as "excessive".
@@ -266,7 +314,8 @@ def run_sweep(study: Study, opts: SweepOptions) -> SweepOutcome:
     if opts.resume:
         tuner = tune.Tuner.restore(experiment, trainable=trainable, resume_unfinished=True,
                                    resume_errored=True, param_space=param_space(study))
-        replace_callbacks(tuner, callbacks)
+        replace_callbacks(tuner, callbacks, opts.verbose)
+        tracker.client.update_run(tracker.parent_id, status="RUNNING")  # KILLED by the interruption
     else:
         run_config = tune.RunConfig(
             name=sweep_id, storage_path=storage, callbacks=callbacks,
@@ -275,7 +324,11 @@ def run_sweep(study: Study, opts: SweepOptions) -> SweepOutcome:
         )
         tuner = tune.Tuner(trainable, param_space=param_space(study), tune_config=tune_config(study, opts.max_concurrent),
                            run_config=run_config)
-    results = tuner.fit()
+    try:
+        results = tuner.fit()  # Ctrl-C (or SIGTERM, see progress.interruptions) stops it gracefully
+    except KeyboardInterrupt:  # a second Ctrl-C: Tune gives up saving its state
+        kill_runs(tracker, view.unfinished_ids())
+        raise
     errored = sum(1 for r in results if r.error is not None)
     diverged = sum(1 for r in results if (r.metrics or {}).get("diverged"))
     try:
@@ -288,5 +341,8 @@ def run_sweep(study: Study, opts: SweepOptions) -> SweepOutcome:
     except Exception as exc:  # noqa: BLE001 - Tune's results on disk are complete; MLflow can catch up later
         warn(f"MLflow not brought up to date ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); when it is "
              f"reachable run: orchestrate sync {study.family} --sweep {sweep_id} --storage {storage} --tracking-uri {tracking_uri}")
+    if view.unfinished_ids() or view.not_created():
+        kill_runs(tracker, view.unfinished_ids())
     path = experiment if "://" in experiment else Path(experiment)
-    return SweepOutcome(sweep_id, path, tracking_uri, tracker.parent_id, len(results), errored, diverged)
+    return SweepOutcome(sweep_id, path, tracking_uri, tracker.parent_id, len(results), errored, diverged,
+                        finished=view.finished(), unfinished=view.unfinished(), not_created=view.not_created())

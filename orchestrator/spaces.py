@@ -92,8 +92,10 @@ def load_family_file(family: str) -> dict:
     return doc
 
 
-def load_study(family: str, study: str | None = None, overrides: dict[str, str] | None = None) -> Study:
-    """Resolve ``family``/``study`` with CLI ``overrides`` (raw strings from ``--set``)."""
+def load_study(family: str, study: str | None = None, overrides: dict[str, str] | None = None,
+               seeds: list[int] | None = None) -> Study:
+    """Resolve ``family``/``study`` with CLI ``overrides`` (raw strings from ``--set``) and
+    ``seeds`` (from ``--seeds``, already checked) in place of the study's own."""
     doc = load_family_file(family)
     study = study or doc.get("default_study") or next(iter(doc["studies"]))
     if study not in doc["studies"]:
@@ -143,7 +145,7 @@ def load_study(family: str, study: str | None = None, overrides: dict[str, str] 
         raise UsageError(f"{where}.samples: expected an integer >= 1, got {samples!r}")
     if search == "optuna" and (grid or not space):
         raise UsageError(f"{where}: search optuna needs a 'space' and no 'grid'")
-    seeds = _seeds(spec.get("seeds", 1), where)
+    seeds = list(seeds) if seeds is not None else _seeds(spec.get("seeds", 1), where)
     derive = {key: check.derive(key, rule, grid, base, f"{where}.derive") for key, rule in (spec.get("derive") or {}).items()}
     objective = doc["objective"]
     if objective.get("mode") not in ("min", "max") or not isinstance(objective.get("metric"), str):

@@ -1,0 +1,116 @@
+"""The live view of `orchestrate sweep`: a real `orchestrate` process with stdout not a terminal
+(a file, as in CI), real local Ray, a real MLflow store; and what Ctrl-C / SIGTERM leave."""
+
+from __future__ import annotations
+
+import re
+import shlex
+import signal
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from fault_helpers import finish, results_on_disk, start, wait_for
+from orchestrator.progress import cell_label, group_by_cell
+
+CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")  # everything but tab and newline, \r and ESC included
+
+
+def test_cells_and_groups_read_as_the_study_writes_them():
+    assert cell_label({"lr": 0.1, "batch_size": 64, "seed": 3}, ["batch_size", "lr"]) == "batch_size=64 lr=0.1"
+    assert cell_label({"seed": 3}, []) == "defaults"
+    assert group_by_cell([("lr=0.1", 1), ("lr=0.2", 0), ("lr=0.1", 0)]) == ["lr=0.1: seeds 0, 1", "lr=0.2: seed 0"]
+
+
+def run(args: list[str], cwd, timeout: float = 400) -> tuple[int, str]:
+    log = cwd / "console.txt"
+    proc = start(args, cwd, log)
+    return finish(proc, timeout), log.read_text()
+
+
+def parent_run(uri: str, family: str = "busy_loop"):
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name(family)
+    runs = client.search_runs([exp.experiment_id], "tags.role = 'parent'")
+    assert len(runs) == 1
+    return runs[0]
+
+
+@pytest.mark.slow
+def test_smoke_sweep_console_fits_one_screen_without_control_characters(tmp_path):
+    rc, text = run(["sweep", "busy_loop", "--study", "smoke"], tmp_path)
+    assert rc == 0, text
+    lines = text.splitlines()
+    assert len(lines) <= 40, text
+    assert not CONTROL.search(text), [line for line in lines if CONTROL.search(line)]
+    # one line per finished trial, with its cell, seed, objective and wall time
+    finished = [line for line in lines if re.match(r"\[\d/4\] lr=0\.[12] seed=[01]: val/busy/acc 0\.\d{4} in \d+\.\d s$", line)]
+    assert len(finished) == 4, text
+    # progress lines: counts, elapsed, ETA and, once a trial is in, the best cell
+    assert re.search(r"4/4 trials done \[\d\d:\d\d elapsed, ETA 00:00\], 0 running, 0 pending, 0 errored; "
+                     r"best val/busy/acc 0\.8900 at lr=0\.2 \(n=2\)", text), text
+    # Tune's own boxes and tables stay away; the report's headline table and the locations come at the end
+    assert "Trial status" not in text and "Configuration for experiment" not in text and "╭" not in text
+    assert "| 0.2 | busy | 0.8900 ± 0.0635 (n=2) |" in text
+    tail = lines[-4:]
+    assert tail[0].startswith("4 trials (0 errored, 0 diverged) in sweep busy_loop-smoke-")
+    assert tail[1].startswith("results: ") and tail[2].startswith("mlflow: ") and tail[3].startswith("report: ")
+    assert (tmp_path / tail[3].split(maxsplit=1)[1]).is_file()
+    assert parent_run(f"sqlite:///{tmp_path / 'mlflow.db'}").info.status == "FINISHED"
+
+
+@pytest.mark.slow
+def test_verbose_shows_tunes_tables_and_trial_boxes(tmp_path):
+    rc, text = run(["sweep", "busy_loop", "--study", "smoke", "-v", "--seeds", "1", "--set", "epochs=1"], tmp_path)
+    assert rc == 0, text
+    assert "Configuration for experiment" in text and "Trial status" in text
+    assert re.search(r"Trial busy_loop_\w+ config", text), text
+
+
+def interrupt_when_running(args: list[str], cwd, signum: int) -> tuple[int, str]:
+    """Start a sweep, send ``signum`` once a trial has reported, return its exit code and
+    console. Two trials run at a time and each takes 4 epochs of 1.5 s, so some never start."""
+    log = cwd / f"console-{signum}.txt"
+    proc = start(args, cwd, log)
+    try:
+        wait_for(lambda: results_on_disk(cwd / "runs"), 240, "a first trial result", proc, log)
+        proc.send_signal(signum)
+    finally:
+        rc = finish(proc, 240)
+    return rc, log.read_text()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signum, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)], ids=["SIGINT", "SIGTERM"])
+def test_interrupted_sweep_says_so_marks_parent_killed_and_resumes(tmp_path, signum, code):
+    args = ["sweep", "busy_loop", "--study", "long", "--set", "epochs=4", "--set", "seconds_per_epoch=1.5"]
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    rc, text = interrupt_when_running(args, tmp_path, signum)
+    assert rc == code, text
+    name = signal.Signals(signum).name
+    summary = re.search(rf"interrupted by {name}: (\d) of 4 trials finished, (\d) did not; the sweep is incomplete", text)
+    assert summary and int(summary[1]) + int(summary[2]) == 4 and int(summary[2]) > 0, text
+    assert "not finished: defaults: seed" in text
+    assert "trials (0 errored" not in text and "report:" not in text  # never called complete
+    resume = re.search(r"^resume with: (.+)$", text, re.M)[1]
+    assert resume.startswith("orchestrate sweep busy_loop --study long --set epochs=4 --set seconds_per_epoch=1.5 "
+                             "--resume busy_loop-long-")
+    assert not re.search(r"Tuner\.restore|Trials did not complete|Failed to fetch metrics", text)
+    assert not CONTROL.search(text)
+    parent = parent_run(uri)
+    assert parent.info.status == "KILLED"
+
+    if signum == signal.SIGTERM:  # the resume is the same for both; once is enough
+        return
+    # --resume refuses other seeds, before anything starts
+    rc, text = run(shlex.split(resume)[1:] + ["--seeds", "5"], tmp_path)
+    assert rc == 2 and "--seeds gives seeds 0,1,2,3,4 but the sweep being resumed" in text, text
+    assert len(text.splitlines()) == 1 and parent_run(uri).info.status == "KILLED"
+    rc, text = run(shlex.split(resume)[1:], tmp_path)
+    assert rc == 0, text
+    assert "4 trials (0 errored, 0 diverged)" in text
+    parent = parent_run(uri)
+    assert parent.info.status == "FINISHED"
+    trials = MlflowClient(uri).search_runs([parent.info.experiment_id], "tags.role = 'trial'")
+    assert sorted(int(t.data.params["seed"]) for t in trials) == [0, 1, 2, 3]
+    assert all(t.info.status == "FINISHED" for t in trials)
