@@ -30,25 +30,33 @@ def accepts(host: str, port: int) -> bool:
         return False
 
 
-def test_embedded_ray_listens_on_loopback_only(monkeypatch):
+@pytest.mark.parametrize("address", [None, "local"])
+def test_embedded_ray_listens_on_loopback_only(monkeypatch, address):
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
-    address = machine_address()
-    if address is None:
+    outward = machine_address()
+    if outward is None:
         pytest.skip("this machine has no non-loopback interface to probe")
     assert not ray.is_initialized()
-    assert start_ray(None) is True
+    assert start_ray(address) is True
     try:
         node = next(n for n in ray.nodes() if n["Alive"])
         gcs_host, gcs_port = ray.get_runtime_context().gcs_address.rsplit(":", 1)
         assert node["NodeManagerAddress"] == gcs_host == "127.0.0.1"
         ports = [int(gcs_port), node["NodeManagerPort"], node["ObjectManagerPort"]]
         assert all(accepts("127.0.0.1", port) for port in ports)
-        assert not any(accepts(address, port) for port in ports), (address, ports)
-        assert start_ray(None) is False  # already up: the caller did not start it
+        assert not any(accepts(outward, port) for port in ports), (outward, ports)
+        assert start_ray(address) is False  # already up: the caller did not start it
     finally:
         ray.shutdown()
+
+
+def test_the_loopback_switch_lasts_for_that_start_only():
+    if machine_address() is None:
+        pytest.skip("on a machine with loopback only, Ray's default is loopback too")
+    start_ray(None)
+    ray.shutdown()
     ray.init(address="local", include_dashboard=False, configure_logging=False, num_cpus=1)  # Ray's own default
     try:
-        assert next(n for n in ray.nodes() if n["Alive"])["NodeManagerAddress"] != "127.0.0.1"  # the switch did not stick
+        assert next(n for n in ray.nodes() if n["Alive"])["NodeManagerAddress"] != "127.0.0.1"
     finally:
         ray.shutdown()
