@@ -16,7 +16,10 @@ Methods, all reported by one trial:
 * ``random``: uniformly random scores.
 
 The nets see features standardised with the train split's statistics, gathered per batch
-from the shared read-only memmap (no per-trial copy of the features).
+from the shared read-only memmap (no per-trial copy of the features). Each net draws its
+initial weights and its dropout masks from its own stream, so a knob of one net (heads,
+layers, model_dim) never moves the other's results. Early stopping, per net, keeps the
+weights of its best val top-1 epoch; the final report evaluates those.
 """
 
 from __future__ import annotations
