@@ -91,8 +91,12 @@ def list_cmd() -> None:
 @click.option("--no-report", is_flag=True, help="Skip writing the report after the sweep.")
 @click.option("--verbose", "-v", count=True, help="Also Tune's own tables and per-trial boxes, Ray's and MLflow's "
               "info logs (-vv: and every result of every trial).")
+@click.option("--until-decided", is_flag=True, help="Add seeds in rounds to the cells the study's claims compare until "
+              "each is VALIDATED or INVALIDATED (group-sequential, see docs/statistics.md) or --max-seeds is reached.")
+@click.option("--max-seeds", type=int, help="With --until-decided: seeds per cell at most (default 10).")
+@click.option("--batch", type=int, help="With --until-decided: seeds added per round (default 2).")
 def sweep(family, study, dataset, sets, address, tracking_uri, storage, cpus_per_trial, gpus_per_trial,
-          max_concurrent, resume, seeds_text, dry_run, no_report, verbose) -> None:
+          max_concurrent, resume, seeds_text, dry_run, no_report, verbose, until_decided, max_seeds, batch) -> None:
     """Run every trial of a FAMILY's study through Ray Tune and log it to MLflow. Ctrl-C (or
     SIGTERM) stops it, keeps what finished and prints the command that resumes it."""
     from orchestrator.spaces import load_study
@@ -102,6 +106,12 @@ def sweep(family, study, dataset, sets, address, tracking_uri, storage, cpus_per
         overrides["dataset"] = dataset
     seeds = _parse_seeds(seeds_text)
     spec = load_study(family, study, overrides, seeds=seeds)
+    if (max_seeds is not None or batch is not None) and not until_decided:
+        raise UsageError("--max-seeds and --batch go with --until-decided")
+    if until_decided:
+        from orchestrator.until_decided import check_until_decided_options
+
+        check_until_decided_options(spec, max_seeds, batch)
     if dry_run:
         _print_plan(spec, storage)
         return
@@ -111,6 +121,11 @@ def sweep(family, study, dataset, sets, address, tracking_uri, storage, cpus_per
     opts = SweepOptions(address=address, tracking_uri=tracking_uri, storage=storage, cpus_per_trial=cpus_per_trial,
                         gpus_per_trial=gpus_per_trial, max_concurrent=max_concurrent, resume=resume,
                         verbose=verbose, seeds=seeds)
+    if until_decided:
+        from orchestrator.until_decided import sweep_until_decided
+
+        with console(verbose), interruptions():
+            sys.exit(sweep_until_decided(spec, opts, max_seeds, batch, no_report, click.echo))
     with console(verbose), interruptions() as signals:
         try:
             outcome = run_sweep(spec, opts)

@@ -61,6 +61,8 @@ class SweepOptions:
     workdir: Path = field(default_factory=Path.cwd)
     verbose: int = 0  # 0: the live view only; 1: Tune's tables and per-trial boxes too; 2: and every result
     seeds: list[int] | None = None  # what --seeds gave (already in the study); a resume must match
+    name: str | None = None  # a new sweep's Tune experiment name (default: the sweep id)
+    sweep_id: str | None = None  # log under this sweep's MLflow parent (--until-decided rounds); default: the name
 
 
 @dataclass
@@ -272,8 +274,9 @@ def run_sweep(study: Study, opts: SweepOptions) -> SweepOutcome:
     check_tracking_uri(tracking_uri)
     configure_client()
     storage = storage_location(opts.storage or os.environ.get(STORAGE_ENV) or str(workdir / "runs"))
-    sweep_id = find_sweep(storage, study, opts.resume) if opts.resume else new_sweep_id(study)
-    experiment = f"{storage}/{sweep_id}"
+    name = find_sweep(storage, study, opts.resume) if opts.resume else opts.name or new_sweep_id(study)
+    sweep_id = opts.sweep_id or name  # until-decided rounds: Tune experiments of their own, one MLflow parent
+    experiment = f"{storage}/{name}"
     if opts.resume:
         check_resumed_seeds(experiment, study, opts.seeds)
     address = opts.address or os.environ.get("RAY_ADDRESS")
@@ -318,7 +321,7 @@ def run_sweep(study: Study, opts: SweepOptions) -> SweepOutcome:
         tracker.client.update_run(tracker.parent_id, status="RUNNING")  # KILLED by the interruption
     else:
         run_config = tune.RunConfig(
-            name=sweep_id, storage_path=storage, callbacks=callbacks,
+            name=name, storage_path=storage, callbacks=callbacks,
             failure_config=tune.FailureConfig(max_failures=opts.max_failures),
             checkpoint_config=tune.CheckpointConfig(num_to_keep=1), verbose=opts.verbose,
         )
@@ -337,7 +340,8 @@ def run_sweep(study: Study, opts: SweepOptions) -> SweepOutcome:
             sync_sweep(experiment, tracking_uri, workdir)
         else:  # the callback logged every result and ended every run: a sync would re-read all to add nothing
             finish_parent(tracker, len(results), errored, diverged)
-        log_summary(tracker, study, [(r.config, r.metrics or {}) for r in results])
+        # a round of --until-decided holds only its own trials: the parent's summary reads them all from the store
+        log_summary(tracker, study, [(r.config, r.metrics or {}) for r in results] if sweep_id == name else None)
     except Exception as exc:  # noqa: BLE001 - Tune's results on disk are complete; MLflow can catch up later
         warn(f"MLflow not brought up to date ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); when it is "
              f"reachable run: orchestrate sync {study.family} --sweep {sweep_id} --storage {storage} --tracking-uri {tracking_uri}")

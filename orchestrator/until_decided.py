@@ -201,9 +201,11 @@ def seeds_text(seeds: list[int]) -> str:
     return f"seed {seeds[0]}" if len(seeds) == 1 else f"seeds {seeds[0]}-{seeds[-1]}"
 
 
-def decision_text(claim: Claim, decision: Decision, seeds: int | None = None) -> str:
+def decision_text(decision: Decision, seeds: int | None = None, status: bool = True) -> str:
     interval = decision.interval
     ci = f", repeated CI of Δ [{interval[0]:+.4g}, {interval[1]:+.4g}]" if interval and np.isfinite(interval).all() else ""
+    if not status:
+        return decision.reason + ci
     at = f" at look {decision.look}" if decision.look else ""
     used = f" with {seeds} seeds" if seeds is not None else ""
     return f"{decision.status}{at}{used}: {decision.reason}{ci}"
@@ -236,7 +238,7 @@ def final_lines(claims: list[Claim], rounds: list[Round]) -> list[str]:
     lines = []
     for i, (claim, decision) in enumerate(zip(claims, last), start=1):
         seeds = rounds[decision.look - 1].seeds_so_far if decision.look else rounds[-1].seeds_so_far
-        lines.append(f"claim {i} ({claim.text}): {decision_text(claim, decision, seeds)}")
+        lines.append(f"claim {i} ({claim.text}): {decision_text(decision, seeds)}")
     return lines
 
 
@@ -370,7 +372,7 @@ def until_decided_sections(tracking_uri: str, family: str, studies: list) -> lis
             "which is not valid after seeds were added on the way."])
         verdicts = pd.DataFrame([{"Claim": c.text, "Status": d.status,
                                   "Seeds used": rounds[d.look - 1].seeds_so_far if d.look else rounds[-1].seeds_so_far,
-                                  "Decided at round": d.look or "—", "Why": decision_text(c, d)}
+                                  "Decided at round": d.look or "—", "Why": decision_text(d, status=False)}
                                  for c, d in zip(claims, rounds[-1].decisions)])
         sec.tables += [Table("sequential verdicts", verdicts),
                        Table("rounds (claim columns: status after the round's look)", rounds_table(study, claims, rounds)),
