@@ -196,12 +196,27 @@ def resolve_entrypoint(entrypoint: str, import_paths: Sequence[str], where: str 
         raise UsageError(f"{where}: importing {module_name} failed: {exc}") from None
     except Exception as exc:  # noqa: BLE001 - any error while importing user code is that code's fault
         raise UsageError(f"{where}: importing {module_name} failed: {type(exc).__name__}: {exc}") from None
+    _require_own_module(module, import_paths, where)
     if not hasattr(module, attr):
         raise UsageError(f"{where}: module {module_name} ({getattr(module, '__file__', '?')}) has no {attr!r}")
     fn = getattr(module, attr)
     if not callable(fn):
         raise UsageError(f"{where}: {attr} is a {type(fn).__name__}, not a function")
     return fn
+
+
+def _require_own_module(module, import_paths: Sequence[str], where: str) -> None:
+    """A module beside the family file must be the one imported: a same-named module imported
+    earlier (another folder's ``model.py``, an installed package) would silently stand in for it."""
+    if not import_paths:
+        return
+    relative = Path(*module.__name__.split("."))
+    beside = [path for path in (Path(import_paths[0]) / f"{relative}.py", Path(import_paths[0]) / relative / "__init__.py")
+              if path.is_file()]
+    loaded = getattr(module, "__file__", None)
+    if beside and (loaded is None or Path(loaded).resolve() != beside[0].resolve()):
+        raise UsageError(f"{where}: module {module.__name__} is already {loaded or 'a namespace package'}, not "
+                         f"{beside[0]}; rename yours (two family folders cannot share a module name)")
 
 
 def _split(entrypoint, where: str) -> tuple[str, str]:

@@ -178,3 +178,15 @@ def test_the_readme_table_lists_exactly_the_shipped_families():
 
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     assert sorted(re.findall(r"^\| `(\w+)` \|", readme, re.M)) == SHIPPED
+
+
+def test_two_folders_cannot_share_a_module_name(tmp_path):
+    """The second folder's regfam_same.py would silently be the first one's (one sys.modules)."""
+    for name in ("one", "two"):
+        family(tmp_path / name, name, entrypoint="regfam_same:train", code=None)
+        (tmp_path / name / "regfam_same.py").write_text(GOOD)
+    set_spaces_dirs([tmp_path / "one", tmp_path / "two"])
+    assert family_code("one").train.__module__ == "regfam_same"
+    with pytest.raises(UsageError, match=r"two.yaml: entrypoint regfam_same:train: module regfam_same is already "
+                                         r".*one/regfam_same.py, not .*two/regfam_same.py; rename yours"):
+        family_code("two")
