@@ -187,6 +187,19 @@ def test_uniform_knn_is_uniform_and_attention_at_k1_reads_only_the_neighbours_la
     np.testing.assert_array_equal(probs["uniform_knn", 1, 1].argmax(1), nearest_label)
 
 
+def test_evaluation_attention_is_the_trained_attention_module(recorded):
+    """The evaluation's once-projected keys and values give the module's own forward pass on the
+    same neighbours, probability by probability (after a short training the attention is close
+    to uniform, so the metrics alone would hide a wrong projection)."""
+    rec, _ = recorded
+    memory, model, ds = rec.final
+    probs, z = attn_knn.predict(model, ds, ds.test.images, memory, [5], [1], config(epochs=2), torch.device("cpu"), False)
+    _, nbr = memory.index.search(z, 5)
+    with torch.no_grad():
+        reference = model.attention(z, memory.bank[nbr], memory.labels[nbr]).double().softmax(1).numpy()
+    np.testing.assert_allclose(probs["attn_knn", 5, 1], reference, atol=1e-6, rtol=0)
+
+
 def test_tta_views_average_the_clean_view_and_seeded_translations(recorded):
     rec, reports = recorded
     memory, model, ds = rec.final
