@@ -15,6 +15,7 @@ from torch import nn
 
 from trainables import set_anomaly as sa
 from trainables.common.features import extract_features
+from trainables.common.training import EarlyStopping
 
 from wiring_helpers import assert_same_outside_test, pick, with_mirrored_val
 
@@ -161,12 +162,20 @@ def test_each_model_knob_changes_its_nets_and_nothing_else(base_run, knob, value
 # ---------------------------------------------------------------- which split does what
 
 
-def test_early_stopping_selects_on_val_and_reports_the_val_best_model():
+LONG = 7  # epochs of the early-stopping runs: both nets' val top-1 peaks before the last one
+
+
+@pytest.fixture(scope="module")
+def long_run():
+    return run(config(epochs=LONG))
+
+
+def test_early_stopping_selects_on_val_and_reports_the_val_best_model(long_run):
     """The final report holds, per net, the model of the first epoch with the best val top-1:
     its val metrics are that epoch's, and its val and test metrics are those of a run that
     ended there. Mutations caught: selection on test, no restore of the best model."""
-    epochs = 7
-    reports = run(config(epochs=epochs))
+    epochs = LONG
+    reports = long_run
     assert [m["epoch"] for m, _ in reports] == list(range(1, epochs + 1))
     last = reports[-1][0]  # its val figures are the restored best model's, not epoch 7's
     checked = 0
@@ -181,6 +190,28 @@ def test_early_stopping_selects_on_val_and_reports_the_val_best_model():
         assert pick(last, f"test/{net}/") == pick(stopped, f"test/{net}/"), (net, best_epoch)
         checked += 1
     assert checked  # the config keeps at least one net's best epoch before the last
+
+
+def test_patience_stops_each_net_on_its_own_val_curve(long_run):
+    """With patience 2 each net stops after 2 epochs without a better val top-1, read off the
+    val curves of a run that never stops, and the other net trains on as if nothing stopped.
+    Mutations caught: patience ignored, a stopped net still trained, a stopped net moving the
+    other's results."""
+    curves = {net: [m[f"val/{net}/acc"] for m, _ in long_run[:-1]] for net in sa.NETS}
+    stop = {}
+    for net, accs in curves.items():
+        stopper = EarlyStopping(2)
+        stop[net] = next((e for e, acc in enumerate(accs, 1) if stopper.step(acc)), LONG)
+    short = run(config(epochs=LONG, patience=2))
+    last = max(stop.values())
+    assert [m["epoch"] for m, _ in short] == list(range(1, last + 1))
+    assert last < LONG  # this config stops early
+    for e, (metrics, _) in enumerate(short[:-1], 1):
+        for net in sa.NETS:
+            assert (f"val/{net}/acc" in metrics) == (e <= stop[net]), (net, e)
+            if e <= stop[net]:
+                assert metrics[f"val/{net}/acc"] == curves[net][e - 1]
+                assert metrics[f"train/{net}/loss"] == long_run[e - 1][0][f"train/{net}/loss"]
 
 
 def test_test_split_changes_only_test_metrics():
