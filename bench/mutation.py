@@ -1,0 +1,155 @@
+"""Mutation testing of the science-critical code with mutmut (3.x), each module against its own tests.
+
+    pip install mutmut                                      # not a project dependency
+    python bench/mutation.py --module orchestrator/stats.py # one module (repeatable)
+    python bench/mutation.py                                # every module below (about an hour on 2 cores)
+    python bench/mutation.py --list                         # the modules and the tests each one runs
+
+Each module is mutated in its own copy of the working tree (``--workdir``, default a temporary
+folder; the tree itself is never touched, so it is safe beside other work), and every mutant
+runs only that module's own tests (:data:`MODULES`), which is what keeps a full run near an
+hour. mutmut runs the tests once unmutated, then each mutant in a forked worker
+(``--max-children``, default 1: one core). Printed per module: mutants, killed, survived, no
+test reaches it, timeouts, the kill rate (killed / (killed + survived)) and the wall time; then
+each surviving mutant by name, with its diff under ``--diffs``. The exit code is 0 when every
+module ran (a kill rate is a finding to read, not a failure). Not part of CI: run it before a
+release and record the figures and the survivors in ``bench/README.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# module -> the tests that are its own (the ones a change to it should answer to)
+MODULES: dict[str, list[str]] = {
+    "orchestrator/stats.py": ["tests/test_stats.py"],
+    "orchestrator/claims.py": ["tests/test_report.py"],
+    "orchestrator/power.py": ["tests/test_power.py"],
+    "orchestrator/sequential.py": ["tests/test_sequential.py"],
+    "orchestrator/report_data.py": ["tests/test_report.py", "tests/test_reliability.py"],
+    "orchestrator/report_tables.py": ["tests/test_report.py"],
+    "orchestrator/reliability.py": ["tests/test_reliability.py"],
+    "trainables/common/metrics.py": ["tests/test_metrics.py", "tests/test_lifecycle.py"],
+    "trainables/common/knn.py": ["tests/test_knn.py"],
+    "trainables/common/data.py": ["tests/test_data.py"],
+    "trainables/common/training.py": ["tests/test_lifecycle.py"],
+    "trainables/common/lifecycle.py": ["tests/test_lifecycle.py"],
+    "trainables/common/calibration.py": ["tests/test_clip_fusion.py", "tests/test_wiring_clip_fusion.py"],
+    "trainables/attn_knn.py": ["tests/test_attn_knn.py", "tests/test_wiring_attn_knn.py"],
+    "trainables/set_anomaly.py": ["tests/test_set_anomaly.py", "tests/test_wiring_set_anomaly.py"],
+    "trainables/clip_fusion.py": ["tests/test_clip_fusion.py", "tests/test_wiring_clip_fusion.py"],
+    "trainables/subtask_meta.py": ["tests/test_subtask_meta.py", "tests/test_wiring_subtask_meta.py"],
+    "trainables/wm_attention.py": ["tests/test_wm_attention.py", "tests/test_wiring_wm_attention.py"],
+}
+COPY_IGNORE = shutil.ignore_patterns(".git", "runs", "mutants", "mlruns", "mlartifacts", "*.db", "__pycache__",
+                                     "*.egg-info", ".pytest_cache")
+
+
+def copy_tree(target: Path) -> None:
+    """The working tree as it is (uncommitted changes included, so code and tests match)."""
+    shutil.copytree(ROOT, target, ignore=COPY_IGNORE)
+
+
+def configure(copy: Path, module: str, tests: list[str]) -> None:
+    """mutmut's settings for one module, appended to the copy's pyproject.toml."""
+    settings = {
+        "source_paths": [module.split("/")[0]],
+        "only_mutate": [module],
+        "pytest_add_cli_args_test_selection": tests,
+        "pytest_add_cli_args": ["-p", "no:cacheprovider", "-x", "-q"],
+        "also_copy": ["search_spaces", "bench", "trainables" if module.startswith("orchestrator") else "orchestrator"],
+    }
+    lines = ["", "[tool.mutmut]"] + [f"{key} = {json.dumps(value)}" for key, value in settings.items()]
+    with open(copy / "pyproject.toml", "a") as out:
+        out.write("\n".join(lines) + "\n")
+
+
+def run_module(module: str, workdir: Path, children: int, diffs: bool) -> dict:
+    from mutmut.stats import status_by_exit_code  # what mutmut calls each exit code
+
+    copy = workdir / module.replace("/", "_").removesuffix(".py")
+    if copy.exists():
+        shutil.rmtree(copy)
+    copy_tree(copy)
+    configure(copy, module, MODULES[module])
+    # mutmut puts its mutants/ folder first on the import path, ahead of the editable install's
+    # finder (appended last); one thread per test process on a shared machine
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    began = time.perf_counter()
+    run = subprocess.run(["mutmut", "run", "--max-children", str(children)], cwd=copy, env=env,
+                         capture_output=True, text=True)
+    wall = time.perf_counter() - began
+    meta = copy / "mutants" / f"{module}.meta"
+    if run.returncode != 0 or not meta.exists():
+        tail = (run.stdout + run.stderr).strip().splitlines()[-5:]
+        return {"module": module, "error": " | ".join(tail) or f"mutmut exited {run.returncode}", "wall_s": wall}
+    codes = json.loads(meta.read_text())["exit_code_by_key"]
+    status = {name: status_by_exit_code.get(code, str(code)) for name, code in codes.items()}
+    counts = {s: sum(1 for v in status.values() if v == s) for s in sorted(set(status.values()))}
+    survivors = sorted(name for name, s in status.items() if s == "survived")
+    shown = []
+    for name in survivors:
+        if diffs:
+            diff = subprocess.run(["mutmut", "show", name], cwd=copy, env=env, capture_output=True, text=True).stdout
+            shown.append(diff.strip())
+        else:
+            shown.append(name)
+    killed, survived = counts.get("killed", 0), counts.get("survived", 0)
+    return {"module": module, "mutants": len(status), "counts": counts, "wall_s": wall,
+            "kill_rate": killed / (killed + survived) if killed + survived else None, "survivors": shown}
+
+
+def line(result: dict) -> str:
+    if "error" in result:
+        return f"{result['module']}: not run ({result['error']})"
+    c = result["counts"]
+    rate = "n/a" if result["kill_rate"] is None else f"{100 * result['kill_rate']:.1f}%"
+    rest = ", ".join(f"{v} {k}" for k, v in c.items() if k not in ("killed", "survived"))
+    return (f"{result['module']}: {result['mutants']} mutants, {c.get('killed', 0)} killed, "
+            f"{c.get('survived', 0)} survived{', ' + rest if rest else ''}; kill rate {rate}; {result['wall_s']:.0f} s")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--module", action="append", choices=sorted(MODULES), help="Mutate only this module (repeatable).")
+    parser.add_argument("--workdir", type=Path, help="Where the copies go (default: a temporary folder, removed after).")
+    parser.add_argument("--max-children", type=int, default=1, help="Mutants tested at once (default 1).")
+    parser.add_argument("--diffs", action="store_true", help="Print each survivor's diff, not only its name.")
+    parser.add_argument("--list", action="store_true", help="Print the modules and their tests, run nothing.")
+    args = parser.parse_args(argv)
+    if args.list:
+        for module, tests in MODULES.items():
+            print(f"{module}: {' '.join(tests)}")
+        return 0
+    if shutil.which("mutmut") is None:
+        print("mutmut is not installed: pip install mutmut", file=sys.stderr)
+        return 2
+    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="mutation-"))
+    results = []
+    try:
+        for module in args.module or list(MODULES):
+            result = run_module(module, workdir, args.max_children, args.diffs)
+            results.append(result)
+            print(line(result), flush=True)
+        for result in results:
+            if result.get("survivors"):
+                print(f"\nsurvivors in {result['module']} ({len(result['survivors'])}):")
+                print("\n".join(f"  {s}" for s in result["survivors"]))
+    finally:
+        if args.workdir is None:
+            shutil.rmtree(workdir, ignore_errors=True)
+    return 0 if all("error" not in r for r in results) else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
