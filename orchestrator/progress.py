@@ -219,12 +219,13 @@ class LiveView(tune.Callback):
         best_text = (f"; best {self.metric} {best[1]:.4f} at {best[0]} (n={best[2]})" if best else "")
         self.bar.set_postfix_str(f"{running} running, {pending} pending, {errored} errored{best_text}", refresh=False)
         self.bar.update(done + errored - self.bar.n)
-        if self.draw:
-            if force:
-                self.bar.refresh()
-            return
         now = time.monotonic()
         since = now - self._last_line
+        if self.draw:  # redrawn in place; once a second keeps the elapsed time and ETA moving
+            if force or since >= 1.0:
+                self.bar.refresh()
+                self._last_line = now
+            return
         if force or (state != self._last_state and since >= self.interval_s) or since >= self.heartbeat_s:
             print(str(self.bar), file=self.stream, flush=True)
             self._last_line, self._last_state = now, state
