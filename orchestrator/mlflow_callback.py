@@ -42,7 +42,7 @@ class MlflowCallback(tune.Callback):
         self._down = self._rejected = False
         self.missed = 0  # operations dropped (store down or refusing): the final sync catches up
         self.closed: set[str] = set()  # trials whose run was ended with everything logged
-        self.trial_ids: set[str] = set()  # every trial Tune had at the experiment's end
+        self.trial_ids: set[str] | None = None  # every trial Tune had at the experiment's end (None: not ended)
 
     def __getstate__(self) -> dict:
         # Tune pickles its RunConfig (callbacks included) into the experiment; threads do not pickle
@@ -76,7 +76,7 @@ class MlflowCallback(tune.Callback):
         """Whether MLflow holds everything Tune has: every trial's run ended with each of its
         results, and nothing dropped (a final sync would add nothing). Waits for the writer."""
         self.flush()
-        return self.missed == 0 and self.trial_ids <= self.closed
+        return self.missed == 0 and self.trial_ids is not None and self.trial_ids <= self.closed
 
     def flush(self) -> None:
         if self._queue is not None:

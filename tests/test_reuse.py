@@ -3,6 +3,7 @@ a fresh process, and the driver's MLflow mirror (asynchronous, batched) logs eac
 Plain Ray Tune drives the project's trainable wrapper and callback, one worker for every trial."""
 
 import random
+import socket
 import textwrap
 from pathlib import Path
 
@@ -14,7 +15,7 @@ from ray import tune
 
 from orchestrator.mlflow_callback import MlflowCallback
 from orchestrator.spaces import load_study
-from orchestrator.tracking import SweepTracker
+from orchestrator.tracking import CLIENT_ENV_DEFAULTS, SweepTracker
 from orchestrator.trainable import load_state, make_trainable
 
 pytestmark = pytest.mark.slow
@@ -97,3 +98,18 @@ def test_mirror_logs_every_report_once_and_knows_it_is_complete(one_cpu_ray, tmp
         assert run_.info.status == "FINISHED" and run_.data.tags["status"] == "finished" and run_.data.tags["node_id"]
         for key in ("val/leak/seed", "epoch"):
             assert sorted(m.step for m in client.get_metric_history(run_.info.run_id, key)) == [1, 2, 3]
+
+
+def test_mirror_with_the_store_gone_says_a_sync_is_needed(one_cpu_ray, tmp_path, capfd, monkeypatch):
+    tracker = SweepTracker(f"sqlite:///{tmp_path / 'mlflow.db'}", "leaky", "sweep-2", {"study": "smoke"})
+    with socket.socket() as s:  # a port nobody listens on: every request is refused at once
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    for name, value in CLIENT_ENV_DEFAULTS.items():  # the runner's fail-fast client settings
+        monkeypatch.setenv(name, value)
+    tracker.client = MlflowClient(f"http://127.0.0.1:{port}")  # the server went away after the sweep started
+    mirror = MlflowCallback(tracker, load_study("busy_loop", "smoke"), retry_s=0.1)
+    results = run(tmp_path, [0.1, 0.2], epochs=2, callbacks=[mirror])
+    assert all(r.error is None for r in results)  # the trials went on
+    assert mirror.missed > 0 and not mirror.complete() and not mirror.closed
+    assert "MLflow unavailable" in capfd.readouterr().err
