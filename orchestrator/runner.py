@@ -324,6 +324,9 @@ def run_sweep(study: Study, opts: SweepOptions) -> SweepOutcome:
             name=name, storage_path=storage, callbacks=callbacks,
             failure_config=tune.FailureConfig(max_failures=opts.max_failures),
             checkpoint_config=tune.CheckpointConfig(num_to_keep=1), verbose=opts.verbose,
+            # a trial's artifact_dir lives in its working directory, which Tune copies into the
+            # trial's storage folder (where the MLflow callback finds artifacts/) only with this
+            sync_config=tune.SyncConfig(sync_artifacts=True),
         )
         tuner = tune.Tuner(trainable, param_space=param_space(study), tune_config=tune_config(study, opts.max_concurrent),
                            run_config=run_config)

@@ -167,3 +167,81 @@ def test_bounded_intervals_are_clipped_in_tables_with_a_footnote(store):
     assert f"{np.mean(CLIP_ACC):.4f} [{lo:.4f}, 1.0000] (n=3)" in clip
     assert f"[0.0000, " in clip and CLIPPED_NOTE in clip
     assert "± " not in clip.split("**")[2]  # both cells of the clip table are clipped
+
+
+FAMILY_PY = '''
+"""Logistic regression on digits; the temperature of its softmax is an eval axis."""
+
+from sklearn.datasets import load_digits
+from sklearn.linear_model import LogisticRegression
+from sklearn.model_selection import train_test_split
+
+from trainables.common.lifecycle import Trial
+from trainables.common.metrics import classification_metrics, metric_key
+
+
+def softmax(z):
+    import numpy as np
+
+    e = np.exp(z - z.max(1, keepdims=True))
+    return e / e.sum(1, keepdims=True)
+
+
+def train(config, report, restore=None):
+    trial = Trial(config, report, restore)
+    x, y = load_digits(return_X_y=True)
+    x_train, x_test, y_train, y_test = train_test_split(x / 16.0, y, test_size=0.3, random_state=config["seed"])
+    for epoch in trial.epochs(1):
+        model = LogisticRegression(C=config["C"], max_iter=200).fit(x_train, y_train)
+        logits = model.decision_function(x_test)
+        metrics = {metric_key("val", "logreg", "acc"): float(model.score(x_train, y_train))}
+        for t in [None] + list(config["eval"].get("temperature", [])):
+            method = "logreg" if t is None else metric_key("test", "logreg", "x", temperature=t).split("/")[1]
+            probs = softmax(logits if t is None else logits / t)
+            trial.reliability("test", method, probs, y_test)
+            metrics.update({f"test/{method}/{k}": v for k, v in classification_metrics(probs, y_test).items()})
+        trial.report(epoch, metrics, done=True)
+'''
+
+FAMILY_YAML = {
+    "entrypoint": "relfam:train", "family": "relfam", "description": "logistic regression, temperature as an eval axis",
+    "objective": {"metric": "val/logreg/acc", "mode": "max"}, "default_study": "headline",
+    "defaults": {"dataset": "digits", "C": 0.05}, "report": {"headline_metrics": ["acc", "ece"]},
+    "studies": {"headline": {"description": "two seeds", "seeds": 2, "eval": {"temperature": [0.5, 2.0]}}},
+}
+
+
+def test_a_sweep_through_ray_logs_the_bins_and_its_report_draws_them(tmp_path, monkeypatch):
+    """The whole path: the family writes artifacts/reliability.json into config["artifact_dir"],
+    Tune copies it to the trial's storage folder, the MLflow callback logs it, the sweep's report
+    draws the diagrams beside its other plots."""
+    import ray
+    import yaml
+    from click.testing import CliRunner
+
+    from orchestrator.cli import main
+
+    spaces = tmp_path / "spaces"
+    spaces.mkdir()
+    (spaces / "relfam.py").write_text(FAMILY_PY)
+    (spaces / "relfam.yaml").write_text(yaml.safe_dump(FAMILY_YAML, sort_keys=False))
+    monkeypatch.setenv("ORCHESTRATE_SPACES_DIR", str(spaces))
+    monkeypatch.chdir(tmp_path)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    ray.init(num_cpus=2, include_dashboard=False, configure_logging=False)
+    try:
+        result = CliRunner().invoke(main, ["sweep", "relfam", "--tracking-uri", uri, "--storage", str(tmp_path / "runs")])
+    finally:
+        ray.shutdown()
+    assert result.exit_code == 0, result.output
+    report, = (tmp_path / "runs").glob("relfam-headline-*/report.md")
+    md = report.read_text()
+    assert "Reliability diagrams: 2 of 2 trials logged per-bin data" in md and "differs from the logged ECE" not in md
+    for name in ("relfam-headline-reliability-logreg.png", "relfam-headline-reliability-logreg-temperature.png"):
+        png = report.parent / "plots" / name
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f"](plots/{name})" in md
+    client = MlflowClient(uri)
+    children = client.search_runs([client.get_experiment_by_name("relfam").experiment_id], "tags.role = 'trial'")
+    assert len(children) == 2
+    for run in children:
+        assert "artifacts/reliability.json" in {a.path for a in client.list_artifacts(run.info.run_id, "artifacts")}
