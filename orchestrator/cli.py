@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import itertools
 import os
 import re
 import shlex
@@ -205,7 +206,9 @@ def _print_interrupted(outcome, spec, signal_name: str) -> None:
 
 
 def _print_headline(outcome, spec) -> None:
-    """The headline table that report.md opens with (the same numbers), read back from MLflow."""
+    """The headline table report.md opens with (the same numbers, read back from MLflow), with
+    its caption and footnotes; the sentences that read it stay in the report, so that the
+    console fits on one screen."""
     from orchestrator.report import headline_text
     from orchestrator.tracking import warn
 
@@ -214,8 +217,23 @@ def _print_headline(outcome, spec) -> None:
     except Exception as exc:  # noqa: BLE001 - the sweep is done and on disk; the table is a courtesy
         warn(f"no headline table ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})")
         return
-    if text:
-        click.echo(text.rstrip("\n") + "\n")
+    block = first_table(text)
+    if block:
+        click.echo("\n".join(block) + "\n")
+
+
+def first_table(markdown: str) -> list[str]:
+    """The first markdown table of ``markdown``, the bold caption above it and the bullet
+    notes right below it."""
+    lines = markdown.splitlines()
+    start = next((i for i, line in enumerate(lines) if line.startswith("|")), None)
+    if start is None:
+        return []
+    end = next((i for i in range(start, len(lines)) if not lines[i].startswith("|")), len(lines))
+    caption = [line for line in lines[max(start - 2, 0):start] if line.startswith("**")]
+    after = lines[end + 1:] if end < len(lines) and not lines[end].strip() else lines[end:]
+    notes = list(itertools.takewhile(lambda line: line.startswith("- "), after))
+    return caption + lines[start:end] + notes
 
 
 def _print_plan(spec, storage: str | None = None) -> None:

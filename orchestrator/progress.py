@@ -5,7 +5,7 @@
 line above it for every finished trial; errors go to stderr in full. Anywhere else (CI logs,
 a file) it writes plain lines only: no carriage returns or colour codes, the progress line at
 most every ``interval_s`` seconds when something changed and every ``heartbeat_s`` otherwise.
-Tune's own tables replace nothing here; they come on top with ``-v``.
+With ``-v`` Tune's own tables and per-trial boxes come on top, and the bar becomes plain lines.
 
 ``console`` quiets the libraries' own chatter for the length of a sweep without ``-v``, and
 ``interruptions`` turns SIGTERM into the same graceful stop as Ctrl-C.
@@ -34,11 +34,11 @@ FINISHED_STATES = ("TERMINATED", "ERROR")
 # without -v these are dropped (by logger, as filters do not reach child loggers).
 TUNE_INTERRUPT_NOISE = {"ray.tune.tune": ("Experiment has been interrupted", "Trials did not complete"),
                         "ray.tune.analysis.experiment_analysis": ("Failed to fetch metrics for",)}
-# Start-up notices quiet without -v: MLflow's and Ray's info logs, and Ray's note that the
-# local cluster it starts uses token authentication (its default; nothing to act on).
 # Without -v: Tune's new output engine prints an experiment box even at verbose=0 (its legacy
 # one is silent there), and MLflow draws a progress bar for every artifact download.
 QUIET_ENV = {"RAY_AIR_NEW_OUTPUT": "0", "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}
+# Quiet without -v: MLflow's and Ray's info logs, and Ray's start-up note that the local
+# cluster it starts uses token authentication (its default; nothing to act on).
 QUIET_LOGGERS = {"mlflow": logging.WARNING, "ray": logging.WARNING,
                  "ray._private.authentication.authentication_token_setup": logging.ERROR}
 
@@ -135,14 +135,12 @@ class LiveView(tune.Callback):
 
     def on_trial_error(self, iteration, trials, trial, **info):
         self._see(trials, trial, "ERROR")
-        error = trial.get_error() or "(no error text saved)"
-        self._line(f"{self._count()} {trial_label(trial.config, self.keys)}: ERROR after {self._wall(trial)} "
-                   f"(trial {trial.trial_id}, {trial.path})\n{error.rstrip()}", err=True)
+        self._line(f"{self._count()} {trial_label(trial.config, self.keys)}: ERROR {self._failure(trial)}", err=True)
         self._update()
 
     def on_trial_recover(self, iteration, trials, trial, **info):
-        self._line(f"warning: {trial_label(trial.config, self.keys)} failed (trial {trial.trial_id}); "
-                   f"retrying from its last checkpoint\n{(trial.get_error() or '').rstrip()}", err=True)
+        self._line(f"warning: {trial_label(trial.config, self.keys)} failed (trial {trial.trial_id}, traceback above); "
+                   "retrying from its last checkpoint", err=True)
 
     def on_experiment_end(self, trials, **info):
         for trial in trials:  # only trials never seen in a step; see the class docstring
@@ -200,6 +198,14 @@ class LiveView(tune.Callback):
         return f"[{done:>{len(str(self.total))}}/{self.total}]"
 
     @staticmethod
+    def _failure(trial) -> str:
+        """The exception's last line: Tune has just logged its traceback in full ("Trial task
+        failed"), and keeps every failure's in the trial's error.txt."""
+        lines = (trial.get_error() or "").strip().splitlines()
+        return (f"{lines[-1] if lines else 'no error text saved'} (trial {trial.trial_id}; traceback above, "
+                f"every attempt's in {trial.path}/error.txt)")
+
+    @staticmethod
     def _wall(trial) -> str:
         seconds = (trial.last_result or {}).get("time_total_s")
         if not isinstance(seconds, (int, float)):
@@ -226,7 +232,8 @@ class LiveView(tune.Callback):
                 self.bar.refresh()
                 self._last_line = now
             return
-        if force or (state != self._last_state and since >= self.interval_s) or since >= self.heartbeat_s:
+        changed = state != self._last_state
+        if (force and changed) or (changed and since >= self.interval_s) or since >= self.heartbeat_s:
             print(str(self.bar), file=self.stream, flush=True)
             self._last_line, self._last_state = now, state
 

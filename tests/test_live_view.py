@@ -11,6 +11,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from fault_helpers import finish, results_on_disk, start, wait_for
+from orchestrator.cli import first_table
 from orchestrator.progress import cell_label, group_by_cell
 
 CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")  # everything but tab and newline, \r and ESC included
@@ -20,6 +21,36 @@ def test_cells_and_groups_read_as_the_study_writes_them():
     assert cell_label({"lr": 0.1, "batch_size": 64, "seed": 3}, ["batch_size", "lr"]) == "batch_size=64 lr=0.1"
     assert cell_label({"seed": 3}, []) == "defaults"
     assert group_by_cell([("lr=0.1", 1), ("lr=0.2", 0), ("lr=0.1", 0)]) == ["lr=0.1: seeds 0, 1", "lr=0.2: seed 0"]
+
+
+def test_the_console_takes_the_reports_first_table_with_caption_and_notes():
+    lead = ("# fam (sweep s)\n\nwhat it is\n\n## Headline: study `h`\n\n**test metrics**\n\n| Method | Acc |\n"
+            "| --- | --- |\n| a | 0.9 [0.8, 1.0] (n=3) |\n\n- [low, high]: clipped\n\n## Summary\n\nlong sentences\n\n| b |\n")
+    assert first_table(lead) == ["**test metrics**", "| Method | Acc |", "| --- | --- |", "| a | 0.9 [0.8, 1.0] (n=3) |",
+                                 "- [low, high]: clipped"]
+    assert first_table("no table here") == []
+
+
+BOOM_PY = """
+import warnings
+
+
+def train(config, report, restore=None):
+    warnings.warn(f"seed {config['seed']}: a warning from inside the trial")
+    if config["seed"] == 1:
+        raise RuntimeError("boom: seed 1 fails on purpose")
+    report({"epoch": 1, "val/boom/acc": 0.5})
+"""
+BOOM_YAML = """
+entrypoint: boom:train
+family: boom
+description: a family whose seed-1 trial raises
+objective: {metric: val/boom/acc, mode: max}
+default_study: two
+defaults: {dataset: digits}
+studies:
+  two: {description: "two seeds, one fails", seeds: 2}
+"""
 
 
 def run(args: list[str], cwd, timeout: float = 400) -> tuple[int, str]:
@@ -57,6 +88,21 @@ def test_smoke_sweep_console_fits_one_screen_without_control_characters(tmp_path
     assert tail[1].startswith("results: ") and tail[2].startswith("mlflow: ") and tail[3].startswith("report: ")
     assert (tmp_path / tail[3].split(maxsplit=1)[1]).is_file()
     assert parent_run(f"sqlite:///{tmp_path / 'mlflow.db'}").info.status == "FINISHED"
+
+
+@pytest.mark.slow
+def test_trial_errors_and_warnings_reach_the_console_in_full_without_verbose(tmp_path):
+    (tmp_path / "boom.py").write_text(BOOM_PY)
+    (tmp_path / "boom.yaml").write_text(BOOM_YAML)
+    rc, text = run(["sweep", "boom", "--spaces", str(tmp_path)], tmp_path)
+    assert rc == 1, text
+    assert "UserWarning: seed 1: a warning from inside the trial" in text
+    assert "Trial task failed for trial boom_" in text and 'raise RuntimeError("boom: seed 1 fails on purpose")' in text
+    assert re.search(r"warning: defaults seed=1 failed \(trial \w+, traceback above\); retrying from its last checkpoint", text)
+    assert re.search(r"^\[2/2\] defaults seed=1: ERROR RuntimeError: boom: seed 1 fails on purpose \(trial \w+; "
+                     r"traceback above, every attempt's in .+/error\.txt\)$", text, re.M), text
+    assert "[1/2] defaults seed=0: val/boom/acc 0.5000 in" in text
+    assert "2 trials (1 errored, 0 diverged)" in text and not CONTROL.search(text)
 
 
 @pytest.mark.slow
