@@ -122,7 +122,7 @@ def main() -> None:
          walls[run] - in_trials[run], walls[run] / cells] for run, _ in RUNS]))
     print("  in trials: sum of trial runs' MLflow start-to-end; outside: the sweep's own start-up, scheduling and sync")
     for name, d in (("naive vs eval axes", diff), ("eval axes vs eval axes again", repeat)):
-        where = "" if d["where"] is None else f" at seed/split/method/k/views/metric {d['where']}"
+        where = "" if not d["max"] else f" at seed/split/method/k/views/metric {d['where']}"
         print(f"{name}: {d['compared']} metric values compared, {d['nonzero']} differ; largest |difference| {d['max']:.3g}{where}")
     print(f"identical metrics, naive vs eval axes (target): {verdict(diff['nonzero'] == 0)}")
     axes_wall, axes_in = (walls["axes"] + walls["axes again"]) / 2, (in_trials["axes"] + in_trials["axes again"]) / 2
