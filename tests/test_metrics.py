@@ -87,3 +87,19 @@ def test_metric_key_round_trip():
     for outside in ("perf/search_ms", "epoch", "test/a:k/acc", "dev/cnn/acc"):
         assert parse_metric_key(outside) is None
     assert prefixed("test", "cnn", {"acc": 0.5, "nll": 1.0}, k=3) == {"test/cnn:k:3/acc": 0.5, "test/cnn:k:3/nll": 1.0}
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_confusion_metrics_equal_sklearn_with_missing_and_unpredicted_classes(seed):
+    import warnings
+
+    rng = np.random.default_rng(seed)
+    n_classes = int(rng.integers(2, 12))
+    labels = rng.integers(0, max(1, n_classes - int(rng.integers(0, 3))), int(rng.integers(5, 200)))
+    probs = rng.dirichlet(np.ones(n_classes) * 0.3, len(labels))
+    m = classification_metrics(probs, labels)
+    pred = probs.argmax(1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # sklearn warns when a predicted class never occurs in labels
+        assert m["balanced_acc"] == pytest.approx(balanced_accuracy_score(labels, pred), abs=1e-12)
+        assert m["macro_f1"] == pytest.approx(f1_score(labels, pred, average="macro", zero_division=0), abs=1e-12)
