@@ -256,9 +256,14 @@ def reliability_figure(path: Path, title: str, panels: list[tuple[str, Diagram]]
 def reliability_plots(family: str, study: str, found: list[Diagram], cfg: ReportConfig,
                       pairs: list[tuple[str, Diagram, Diagram]], out: Path) -> list[tuple[str, Path]]:
     """``<family>-<study>-reliability-<method>.png`` for each method, and for each eval axis
-    that a method varies, the before/after pair ``...-reliability-<method>-<axis>.png``."""
+    that a method varies, the before/after pair ``...-reliability-<method>-<axis>.png`` (at most
+    :data:`MAX_SERIES` of each)."""
     made = []
-    for d in found[:MAX_SERIES]:
+    plain = {d.base for d in found if not d.axes}
+    paired = {before.base for _, before, _ in pairs}
+    # one diagram per method; an axis variant only where no plain diagram or pair shows its method
+    singles = [d for d in found if not d.axes or (d.base not in plain and d.base not in paired)]
+    for d in singles[:MAX_SERIES]:
         title = f"{family} / {study}: reliability of {_variant_label(cfg, d)}"
         path = out / f"{_safe(family)}-{_safe(study)}-reliability-{_safe(d.method)}.png"
         made.append((title, reliability_figure(path, title, [(_variant_label(cfg, d), d)])))

@@ -237,7 +237,7 @@ class Interval:
 
     @property
     def half(self) -> float:
-        """The half-width before clipping is gone once clipped; the larger side stands for it."""
+        """The half-width (NaN without an interval); of a clipped interval, its larger side."""
         return math.nan if math.isnan(self.low) else max(self.mean - self.low, self.high - self.mean)
 
     def text(self) -> str:
