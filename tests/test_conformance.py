@@ -20,6 +20,7 @@ import sys
 
 import pytest
 import torch
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from orchestrator.registry import families, family_code
 from orchestrator.spaces import load_study
@@ -138,7 +139,7 @@ def test_a_nan_loss_ends_in_a_diverged_report(family, tmp_path):
                     for p in group["params"]:
                         p.fill_(float("nan"))
 
-        handle = torch.optim.optimizer.register_optimizer_step_post_hook(poison)
+        handle = register_optimizer_step_post_hook(poison)
         try:
             reports = run(family_code(family).train, config)
         finally:

@@ -342,6 +342,11 @@ def _eval_axes(cfg: dict) -> tuple[list[int], list[int]]:
     return list(axes.get("k", [cfg["k_eval"]])), list(axes.get("tta_views", [1, cfg["tta_eval"]]))
 
 
+# Configs ``check`` must refuse (the conformance suite holds it to them).
+INVALID_CONFIGS = [{"embed_dim": 128, "heads": 3}, {"max_train": 5, "k_train": 16}, {"max_train": 20, "k_eval": 21},
+                   {"backbone": "small_cnn", "pretrained": "imagenet"}]
+
+
 def check(config: dict) -> None:
     """Refuse, before anything starts, every config ``train`` cannot run (cheap: no image decoded)."""
     require(config["embed_dim"] % config["heads"] == 0,
