@@ -14,7 +14,9 @@ from scipy.stats import binomtest, chisquare
 from torch import nn
 
 from trainables import set_anomaly as sa
+from trainables.common.data import load_dataset
 from trainables.common.features import extract_features
+from trainables.common.lifecycle import capture_rng
 from trainables.common.training import EarlyStopping
 
 from wiring_helpers import assert_same_outside_test, pick, with_mirrored_val
@@ -240,3 +242,16 @@ def test_val_split_is_used_for_selection_and_reporting_only(monkeypatch):
     assert pick(plain[-1][0], "val/farthest_from_mean/") != pick(other[-1][0], "val/farthest_from_mean/")
     for method in ("random", "farthest_from_mean"):
         assert pick(plain[-1][0], f"test/{method}/") == pick(other[-1][0], f"test/{method}/")
+
+
+def test_the_feature_cache_leaves_every_rng_as_it_found_it(tmp_path):
+    """Cold (own-cnn trained, encoder built: both draw from and reseed torch) and warm: a family
+    that draws from the global RNGs after fetching its features must report the same either way."""
+    ds = load_dataset("digits", max_train=100, max_test=50)
+    for _ in ("cold", "warm"):
+        before = capture_rng()
+        extract_features(ds, "own-cnn", device="cpu", cache_dir=tmp_path, progress=False)
+        after = capture_rng()
+        assert torch.equal(before["torch"], after["torch"])
+        assert after["python"] == before["python"]
+        assert all(np.array_equal(a, b) for a, b in zip(before["numpy"], after["numpy"]))
