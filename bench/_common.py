@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import statistics
 import subprocess
+from dataclasses import dataclass
 import sys
 import tempfile
 import time
@@ -41,37 +42,55 @@ def write_spaces(work: Path, family: str, studies: dict, drop_eval: bool = False
     return spaces
 
 
-def run_measured(cmd: list[str], cwd: Path, env: dict | None = None) -> tuple[float, float, str, int]:
-    """Run ``cmd``; returns (wall seconds, the process's own peak RSS in MiB, its output, exit
-    code). The peak is the kernel's high-water mark of that one process (``VmHWM``), read until
-    it exits, so Ray's and the workers' memory do not count."""
+@dataclass
+class Measured:
+    """One process run by :func:`run_measured`: its wall time, output and exit code, and its own
+    memory (not Ray's processes or the workers'): the kernel's high-water mark (``VmHWM``) and
+    (epoch seconds, resident MiB) samples every 0.2 s while it ran."""
+
+    wall: float
+    output: str
+    code: int
+    peak_mib: float
+    rss: list[tuple[float, float]]
+
+    def rss_at(self, when: float) -> float | None:
+        """The resident MiB sampled last before ``when`` (epoch seconds); None before any sample."""
+        before = [mib for t, mib in self.rss if t <= when]
+        return before[-1] if before else None
+
+
+def run_measured(cmd: list[str], cwd: Path, env: dict | None = None) -> Measured:
+    """Run ``cmd`` to its end, sampling its memory from ``/proc`` (Linux)."""
     began = time.perf_counter()
+    peak, rss = 0.0, []
     with tempfile.TemporaryFile("w+") as out:
         proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT, text=True)
-        peak = 0.0
         while proc.poll() is None:
-            peak = max(peak, _high_water_mib(proc.pid))
+            status = _memory_mib(proc.pid)
+            if status:
+                peak = max(peak, status["VmHWM"])
+                rss.append((time.time(), status["VmRSS"]))
             time.sleep(0.2)
         wall = time.perf_counter() - began
         out.seek(0)
-        return wall, peak, out.read(), proc.returncode
+        return Measured(wall, out.read(), proc.returncode, peak, rss)
 
 
-def _high_water_mib(pid: int) -> float:
+def _memory_mib(pid: int) -> dict[str, float]:
     try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
+        lines = Path(f"/proc/{pid}/status").read_text().splitlines()
     except OSError:  # exited between poll and read
-        pass
-    return 0.0
+        return {}
+    fields = dict(line.split(":", 1) for line in lines if line.startswith(("VmHWM:", "VmRSS:")))
+    return {k: int(v.split()[0]) / 1024 for k, v in fields.items()} if len(fields) == 2 else {}
 
 
 def sweep_measured(family: str, study: str, spaces: Path, work: Path, cpus_per_trial: float,
-                   extra: tuple[str, ...] = ()) -> tuple[float, str, float]:
+                   extra: tuple[str, ...] = ()) -> tuple[float, str, Measured]:
     """Run ``orchestrate sweep`` in a fresh process (``--address local``: a Ray of its own, started
     and stopped inside it, never another session's cluster; MLflow in a SQLite store under
-    ``work``); returns (wall seconds, tracking URI, the driver's peak RSS in MiB). A failed sweep
+    ``work``); returns (wall seconds, tracking URI, the driver process's :class:`Measured`). A failed sweep
     raises with the end of its output. ``cpus_per_trial`` sets how many trials run at once (as
     many as fit in the CPUs)."""
     work.mkdir(parents=True, exist_ok=True)
@@ -79,11 +98,11 @@ def sweep_measured(family: str, study: str, spaces: Path, work: Path, cpus_per_t
     cmd = [sys.executable, "-m", "orchestrator.cli", "sweep", family, "--study", study, "--storage", str(work / "runs"),
            "--tracking-uri", uri, "--cpus-per-trial", str(cpus_per_trial), "--no-report", "--address", "local", *extra]
     env = {**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}, "ORCHESTRATE_SPACES_DIR": str(spaces)}
-    wall, peak, output, code = run_measured(cmd, work, env)
-    (work / "sweep.log").write_text(output)
-    if code != 0:
-        raise RuntimeError(f"{' '.join(cmd)} failed (exit {code}):\n{output[-3000:]}")
-    return wall, uri, peak
+    run = run_measured(cmd, work, env)
+    (work / "sweep.log").write_text(run.output)
+    if run.code != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed (exit {run.code}):\n{run.output[-3000:]}")
+    return run.wall, uri, run
 
 
 def sweep(family: str, study: str, spaces: Path, work: Path, cpus_per_trial: float, extra: tuple[str, ...] = ()) -> tuple[float, str]:

@@ -78,26 +78,27 @@ def tune_wall(work: Path, trials: int, epochs: int, seconds: float, workers: int
            "--seconds", str(seconds), "--cpus-per-trial", str(os.cpu_count() / workers), "--storage", str(work / "runs"),
            *(["--reuse"] if reuse else [])]
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    wall, peak, output, code = run_measured(cmd, work, env)
-    lines = [line for line in output.splitlines() if line.startswith("{")]
-    if code != 0 or not lines or json.loads(lines[-1])["trials"] != trials:
-        raise RuntimeError(f"plain Tune run failed (exit {code}):\n{output[-3000:]}")
-    return wall, peak
+    run = run_measured(cmd, work, env)
+    lines = [line for line in run.output.splitlines() if line.startswith("{")]
+    if run.code != 0 or not lines or json.loads(lines[-1])["trials"] != trials:
+        raise RuntimeError(f"plain Tune run failed (exit {run.code}):\n{run.output[-3000:]}")
+    return run.wall, run.peak_mib
 
 
 def sweep_run(work: Path, trials: int, epochs: int, seconds_per_epoch: float, workers: int) -> dict:
     """The same trials through ``orchestrate sweep``: wall, seconds inside trials, driver peak
-    RSS, store size, and the trials' MLflow end times (seconds from the first start)."""
+    RSS, store size, the trials' MLflow end times (seconds from the first start) and the
+    driver's resident MiB at each of them."""
     studies = {"bench": {"description": "fixed kernels for the overhead benchmark", "seeds": trials,
                          "set": {"epochs": epochs, "seconds_per_epoch": seconds_per_epoch}}}
     spaces = write_spaces(work, FAMILY, studies, drop_eval=True)
-    wall, uri, peak = sweep_measured(FAMILY, "bench", spaces, work, os.cpu_count() / workers)
+    wall, uri, driver = sweep_measured(FAMILY, "bench", spaces, work, os.cpu_count() / workers)
     runs = trial_runs(uri, FAMILY)
     if len(runs) != trials:
         raise RuntimeError(f"sweep logged {len(runs)} trial runs, expected {trials}")
-    first = min(run["start"] for run in runs)
-    return {"wall": wall, "inside": sum(run["seconds"] for run in runs), "peak_mib": peak, "store_mib": store_mib(work),
-            "ends": sorted(run["end"] - first for run in runs)}
+    first, ends = min(run["start"] for run in runs), sorted(run["end"] for run in runs)
+    return {"wall": wall, "inside": sum(run["seconds"] for run in runs), "peak_mib": driver.peak_mib,
+            "store_mib": store_mib(work), "ends": [end - first for end in ends], "rss": [driver.rss_at(end) for end in ends]}
 
 
 def ratio_line(name: str, ratio: float) -> str:
@@ -170,8 +171,10 @@ def trivial(args, tmp: Path) -> None:
     print(machine_line())
     run = sweep_run(tmp / "trivial", trials, 1, 0.0, args.workers)
     blocks = block_times(run["ends"], block)
-    rows = [[f"{i * block + 1}-{(i + 1) * block}", s, block / s] for i, s in enumerate(blocks)]
-    print(table(["trials", "block s", "trials / s"], rows))
+    rss = [run["rss"][(i + 1) * block - 1] for i in range(len(blocks))]  # the driver's, as each block's last trial ended
+    rows = [[f"{i * block + 1}-{(i + 1) * block}", s, block / s, "—" if m is None else f"{m:.0f}"]
+            for i, (s, m) in enumerate(zip(blocks, rss))]
+    print(table(["trials", "block s", "trials / s", "driver RSS MiB at block end"], rows))
     print(f"sweep wall {run['wall']:.1f} s, driver peak RSS {run['peak_mib']:.0f} MiB, MLflow store {run['store_mib']:.1f} MiB")
     if len(blocks) > 2:
         later, first = statistics.median(blocks[1:]), blocks[0]
