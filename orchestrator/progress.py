@@ -239,10 +239,7 @@ class LiveView(tune.Callback):
 
     def _line(self, text: str, err: bool = False) -> None:
         stream = self.err if err else self.stream
-        if self.draw:
-            with tqdm.external_write_mode(file=stream):
-                print(text, file=stream, flush=True)
-        else:
+        with tqdm.external_write_mode(file=stream) if self.draw else contextlib.nullcontext():  # the bar steps aside
             print(text, file=stream, flush=True)
 
 
