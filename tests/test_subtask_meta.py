@@ -3,24 +3,32 @@ MC-dropout, and the family end to end on digits."""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
+import yaml
 from PIL import Image
-from scipy import ndimage, optimize
+from scipy import ndimage
 from sklearn.linear_model import LogisticRegression
 from torch import nn
 from torch.nn import functional as F
 
+from one_thread import one_thread  # noqa: F401
+from orchestrator.spaces import load_study
+from trainables.common.checks import ConfigError
 from trainables.common.data import Dataset, Split
-from trainables.common.metrics import parse_metric_key
+from trainables.common.lifecycle import RELIABILITY_FILE
+from trainables.common.metrics import ece_from_bins, parse_metric_key
 from trainables.subtask_meta import (
     CIFAR10_CLASSES,
     bin_thresholds,
     build_subtasks,
+    check,
     edge_density,
     fit_linear_head,
-    fit_temperature,
     grey_levels,
     mean_brightness,
     mc_dropout_predict,
@@ -32,15 +40,7 @@ from trainables.subtask_meta import (
     train,
 )
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models: one thread is faster than two fighting other processes for 2 cores (and a
-    Ray worker runs with OMP_NUM_THREADS=1 anyway)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+SPACE = yaml.safe_load((Path(__file__).parents[1] / "search_spaces" / "subtask_meta.yaml").read_text())
 
 
 def flat(value: int, n: int = 1, size: int = 32, channels: int = 3) -> np.ndarray:
@@ -140,8 +140,6 @@ def test_build_subtasks_bins_on_train_and_skips_unmapped_superclass(capsys):
     superclass = build_subtasks(ds, {**config, "subtasks": ["superclass"]})[0]
     assert superclass.num_classes == 2
     np.testing.assert_array_equal(superclass.labels["train"], np.array([0, 1, 1])[ds.train.labels])
-    with pytest.raises(ValueError):
-        build_subtasks(ds, {"subtasks": ["colourfulness"]})
 
 
 # ---------------------------------------------------------------- heads and meta-learner
@@ -197,26 +195,31 @@ def test_mc_dropout_varies_while_eval_mode_does_not():
     np.testing.assert_array_equal(again[5][0], samples[5][0])  # seeded, and nested prefixes
 
 
-# ---------------------------------------------------------------- temperature scaling
+# ---------------------------------------------------------------- config checks
 
 
-def test_temperature_scaling_lowers_val_nll_and_matches_scipy():
-    rng = np.random.default_rng(0)
-    labels = rng.integers(0, 5, size=500)
-    logits = rng.normal(size=(500, 5))
-    logits[np.arange(500), labels] += 1.0  # right more often than not ...
-    logits *= 6.0  # ... but far too confident
-    lt, yt = torch.from_numpy(logits), torch.from_numpy(labels)
-    t = fit_temperature(lt, yt)
-    nll = lambda temp: float(F.cross_entropy(lt / temp, yt))  # noqa: E731
-    assert nll(t) <= nll(1.0)
-    assert t > 1.5  # overconfident logits need softening
-    best = optimize.minimize_scalar(nll, bounds=(0.05, 50), method="bounded", options={"xatol": 1e-6})
-    assert abs(t - best.x) < 1e-3
-    for seed in range(5):  # never worse than no scaling, whatever the logits
-        g = np.random.default_rng(seed)
-        lr, yr = torch.from_numpy(g.normal(size=(200, 3)) * g.uniform(0.1, 10)), torch.from_numpy(g.integers(0, 3, size=200))
-        assert float(F.cross_entropy(lr / fit_temperature(lr, yr), yr)) <= float(F.cross_entropy(lr, yr)) + 1e-12
+@pytest.mark.parametrize("overrides,named", [
+    ({"subtasks": ["colourfulness"]}, "subtasks"),
+    ({"thresholds": "adaptive"}, "thresholds"),
+    ({"brightness_thresholds": [170.0, 85.0]}, "brightness_thresholds"),
+    ({"complexity_thresholds": [0.05]}, "complexity_thresholds"),
+    ({"bin_percentiles": [50, 120]}, "bin_percentiles"),
+    ({"superclass_map": [1, 0, -1]}, "superclass_map"),
+    ({"monitor": "loss"}, "monitor"),
+    ({"batch_size": 1}, "batch_size"),
+    ({"eval": {"mc_samples": [0, 5]}}, "mc_samples"),
+])
+def test_check_refuses_what_train_cannot_run(overrides, named):
+    check(smoke_config())  # the shipped defaults pass
+    with pytest.raises(ConfigError, match=named):
+        check(smoke_config(**overrides))
+    with pytest.raises(ConfigError, match=named):  # train refuses it too, before loading anything
+        train(smoke_config(**overrides), lambda *a, **k: None)
+
+
+def test_every_shipped_study_passes_check():
+    for cfg in [c for study in SPACE["studies"] for c in load_study("subtask_meta", study).trial_configs()]:
+        check({**cfg, "eval": {"mc_samples": [1, 5, 10, 25, 50]}})
 
 
 # ---------------------------------------------------------------- the family end to end on digits
@@ -224,12 +227,8 @@ def test_temperature_scaling_lowers_val_nll_and_matches_scipy():
 
 def smoke_config(**overrides) -> dict:
     """The YAML's defaults + smoke study, as the orchestrator would hand them over."""
-    import yaml
-    from pathlib import Path
-
-    doc = yaml.safe_load((Path(__file__).parents[1] / "search_spaces" / "subtask_meta.yaml").read_text())
-    smoke = doc["studies"]["smoke"]
-    return {**doc["defaults"], **smoke["set"], "seed": 0, "device": "cpu", "eval": dict(smoke["eval"]), **overrides}
+    smoke = SPACE["studies"]["smoke"]
+    return {**SPACE["defaults"], **smoke["set"], "seed": 0, "device": "cpu", "eval": dict(smoke["eval"]), **overrides}
 
 
 class Collector:
@@ -242,9 +241,9 @@ class Collector:
 
 
 @pytest.mark.slow
-def test_family_end_to_end_on_digits():
+def test_family_end_to_end_on_digits(tmp_path):
     run = Collector()
-    train(smoke_config(epochs=3, patience=10), run)
+    train(smoke_config(epochs=3, patience=10, artifact_dir=str(tmp_path)), run)
     assert [m["epoch"] for m in run.metrics] == [1, 2, 3]
     assert all(c is not None and c["epoch"] == m["epoch"] for m, c in zip(run.metrics, run.checkpoints))
     assert all("train/meta/loss" in m and "val/meta/acc" in m for m in run.metrics)
@@ -264,6 +263,11 @@ def test_family_end_to_end_on_digits():
     assert all(final[f"perf/{k}_ms"] > 0 for k in ("features", "subtask_heads", "train", "mc_dropout", "total"))
     outside = [k for k in final if parse_metric_key(k) is None and not k.startswith(("perf/", "info/")) and k != "epoch"]
     assert not outside, outside  # every name follows the metric contract
+    bins = json.loads((tmp_path / RELIABILITY_FILE).read_text())["splits"]["test"]
+    ece_keys = {k.split("/")[1] for k in final if k.startswith("test/") and k.endswith("/ece")}
+    assert set(bins) == ece_keys  # every method that reports a test ECE, axes included
+    for method, entry in bins.items():
+        assert ece_from_bins(entry) == pytest.approx(final[f"test/{method}/ece"], abs=1e-12), method
 
     # resume from the epoch-1 checkpoint: epochs 2.. only, and the same final model
     resumed = Collector()

@@ -35,11 +35,16 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from trainables.common.calibration import fit_temperature
+from trainables.common.checks import require
 from trainables.common.data import Dataset, load_dataset
+from trainables.common.lifecycle import Trial
 from trainables.common.metrics import classification_metrics, metric_key, prefixed
-from trainables.common.training import EarlyStopping, is_diverged, minibatches, resolve_device, seed_everything
+from trainables.common.training import EarlyStopping, is_diverged, minibatches, resolve_device
 
 SPLITS = ("train", "val", "test")
+EVAL_SPLITS = ("val", "test")
+SUBTASK_METRICS = ("acc", "balanced_acc", "nll", "ece")  # a head's own accuracy and calibration
 SUBTASKS = ("superclass", "brightness", "complexity")
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 CIFAR10_SUPERCLASS = (0, 0, 1, 1, 1, 1, 1, 1, 0, 0)  # 0 = vehicle, 1 = animal
@@ -115,8 +120,6 @@ def superclass_map_for(classes: list[str], configured: list[int] | None) -> list
     if tuple(c.lower() for c in classes) == CIFAR10_CLASSES:
         return list(CIFAR10_SUPERCLASS)
     if configured is not None and len(configured) == len(classes):
-        if any(int(s) != s or s < 0 for s in configured):
-            raise ValueError(f"superclass_map must hold superclass indices >= 0, got {configured}")
         return [int(s) for s in configured]
     return None
 
@@ -131,9 +134,6 @@ class Subtask:
 def build_subtasks(ds: Dataset, config: dict) -> list[Subtask]:
     """The configured subtasks' labels for every split (bins decided on TRAIN only)."""
     names = list(config.get("subtasks", SUBTASKS))
-    unknown = set(names) - set(SUBTASKS)
-    if unknown:
-        raise ValueError(f"unknown subtask(s) {sorted(unknown)}: choose from {SUBTASKS}")
     splits = {s: getattr(ds, s) for s in SPLITS}
     mode = config.get("thresholds", "percentile")
     percentiles = config.get("bin_percentiles", [100 / 3, 200 / 3])
@@ -228,31 +228,36 @@ def mc_dropout_predict(model: nn.Module, x: torch.Tensor, sample_counts: list[in
     return out
 
 
-def fit_temperature(logits: torch.Tensor, labels: torch.Tensor, max_iter: int = 200) -> float:
-    """The temperature T > 0 minimising the NLL of ``softmax(logits / T)`` (L-BFGS on log T).
-    Falls back to T = 1 if the optimiser ends worse than no scaling."""
-    logits, labels = logits.detach().double().cpu(), labels.cpu()
-    log_t = torch.zeros(1, dtype=torch.float64, requires_grad=True)
-    opt = torch.optim.LBFGS([log_t], max_iter=max_iter, line_search_fn="strong_wolfe")
-
-    def closure():
-        opt.zero_grad()
-        loss = F.cross_entropy(logits / log_t.exp(), labels)
-        loss.backward()
-        return loss
-
-    if bool((logits.argmax(1) == labels).all()):
-        _log("temperature scaling: every val image is classified correctly, so val NLL keeps falling as T -> 0; "
-             "the fitted T is where L-BFGS stopped, not a meaningful calibration")
-    opt.step(closure)
-    with torch.no_grad():
-        t = float(log_t.exp())
-        if not np.isfinite(t) or F.cross_entropy(logits / t, labels) > F.cross_entropy(logits, labels):
-            return 1.0
-    return t
-
-
 # ---------------------------------------------------------------- the trial
+
+
+def _two_increasing(value) -> bool:
+    return isinstance(value, (list, tuple)) and len(value) == 2 and all(isinstance(v, (int, float)) for v in value) \
+        and value[0] <= value[1]
+
+
+def check(config: dict) -> None:
+    """The cross-field rules ``train`` relies on (single values are the YAML ``params``' job)."""
+    names = list(config.get("subtasks", SUBTASKS))
+    unknown = sorted(set(names) - set(SUBTASKS))
+    require(not unknown, f"subtasks {unknown} unknown: choose from {list(SUBTASKS)}")
+    mode = config.get("thresholds", "percentile")
+    require(mode in ("fixed", "percentile"), f"thresholds {mode!r} must be fixed or percentile")
+    for key in ("brightness_thresholds", "complexity_thresholds"):
+        if key in config:
+            require(_two_increasing(config[key]), f"{key} {config[key]} must be two increasing cut points")
+    percentiles = config.get("bin_percentiles", [100 / 3, 200 / 3])
+    require(_two_increasing(percentiles) and 0 <= percentiles[0] and percentiles[1] <= 100,
+            f"bin_percentiles {percentiles} must be two increasing percentiles in [0, 100]")
+    mapping = config.get("superclass_map")
+    require(mapping is None or (isinstance(mapping, list) and all(isinstance(v, int) and v >= 0 for v in mapping)),
+            f"superclass_map {mapping} must list one superclass index >= 0 per class")
+    monitor = config.get("monitor", "nll")
+    require(monitor in ("nll", "acc"), f"monitor {monitor!r} must be nll or acc")
+    require(int(config["batch_size"]) >= 2, f"batch_size {config['batch_size']} must be >= 2 (BatchNorm trains on batches of 2 or more)")
+    counts = (config.get("eval") or {}).get("mc_samples") or [DEFAULT_MC_SAMPLES]
+    require(all(isinstance(n, int) and n >= 1 for n in counts), f"eval mc_samples {counts} must be integers >= 1")
+
 
 
 def _features(ds: Dataset, config: dict) -> dict[str, torch.Tensor]:
@@ -267,138 +272,120 @@ def _features(ds: Dataset, config: dict) -> dict[str, torch.Tensor]:
 
 
 def _mc_counts(config: dict) -> list[int]:
-    counts = (config.get("eval") or {}).get("mc_samples") or [DEFAULT_MC_SAMPLES]
-    if any(int(n) < 1 for n in counts):
-        raise ValueError(f"mc_samples must be >= 1, got {counts}")
-    return sorted(set(int(n) for n in counts))
+    return sorted(set(int(n) for n in (config.get("eval") or {}).get("mc_samples") or [DEFAULT_MC_SAMPLES]))
+
+
+def _subtask_heads(trial: Trial, ds: Dataset, x: dict[str, torch.Tensor], config: dict) -> tuple[list[Subtask], dict[str, nn.Linear]]:
+    """The subtask labels and one linear head per subtask, fit on train once per trial (a resumed
+    trial takes the fitted heads from its checkpoint rather than refitting them)."""
+    if not config.get("use_subtasks", True):
+        return [], {}  # the embedding-only ablation
+    with trial.timed("subtask_labels"):
+        subtasks = build_subtasks(ds, config)
+    heads: dict[str, nn.Linear] = {}
+    fitted = trial.value("heads", {})
+    with trial.timed("subtask_heads"):
+        for st in subtasks:
+            if st.name in fitted:
+                heads[st.name] = nn.Linear(x["train"].shape[1], st.num_classes)
+                heads[st.name].load_state_dict(fitted[st.name])
+            else:
+                heads[st.name] = fit_linear_head(x["train"], torch.as_tensor(st.labels["train"]), st.num_classes,
+                                                 float(config.get("head_weight_decay", 1e-3)))
+                fitted[st.name] = copy.deepcopy(heads[st.name].state_dict())
+            heads[st.name].eval()
+    return subtasks, heads
 
 
 def train(config: dict, report, restore: dict | None = None) -> None:
-    if restore is not None and restore.get("done"):
+    trial = Trial(config, report, restore)
+    if trial.finished:
         return  # the final report went out with that checkpoint
+    check(config)
     t_start = time.perf_counter()
-    generator = seed_everything(int(config["seed"]))
     device = resolve_device(config.get("device", "auto"))
     ds = load_dataset(config["dataset"], max_train=config.get("max_train"), max_test=config.get("max_test"))
-    labels = {s: torch.as_tensor(getattr(ds, s).labels) for s in SPLITS}
-    perf: dict[str, float] = {}
-
-    t = time.perf_counter()
-    x = _features(ds, config)
-    perf["perf/features_ms"] = 1e3 * (time.perf_counter() - t)
-
-    # subtask heads (skipped entirely in the embedding-only ablation)
-    heads: dict[str, nn.Linear] = {}
-    subtasks: list[Subtask] = []
-    if config.get("use_subtasks", True):
-        t = time.perf_counter()
-        subtasks = build_subtasks(ds, config)
-        perf["perf/subtask_labels_ms"] = 1e3 * (time.perf_counter() - t)
-        t = time.perf_counter()
-        for st in subtasks:
-            head = nn.Linear(x["train"].shape[1], st.num_classes)
-            if restore is not None:
-                head.load_state_dict(restore["heads"][st.name])
-            else:
-                head = fit_linear_head(x["train"], torch.as_tensor(st.labels["train"]), st.num_classes,
-                                       float(config.get("head_weight_decay", 1e-3)))
-            heads[st.name] = head.eval()
-        perf["perf/subtask_heads_ms"] = 1e3 * (time.perf_counter() - t)
+    # own-cnn trained on a cold feature cache reseeds and draws from torch's global RNG: without
+    # the fork, a trial's numbers would depend on whether the cache was warm
+    with trial.timed("features"), torch.random.fork_rng():
+        x = _features(ds, config)
+    subtasks, heads = _subtask_heads(trial, ds, x, config)
     with torch.no_grad():
         inputs = {s: torch.cat([x[s]] + [F.softmax(heads[st.name](x[s]), 1) for st in subtasks], 1).to(device) for s in SPLITS}
-    y = {s: v.to(device) for s, v in labels.items()}
+    y = {s: torch.as_tensor(getattr(ds, s).labels).to(device) for s in SPLITS}
 
     model = meta_learner(inputs["train"].shape[1], ds.num_classes, int(config.get("hidden_dim", 384)),
                          int(config.get("num_layers", 4)), float(config.get("dropout", 0.3))).to(device)
     opt = torch.optim.Adam(model.parameters(), lr=float(config["lr"]), weight_decay=float(config.get("weight_decay", 0.0)))
     monitor = config.get("monitor", "nll")
-    if monitor not in ("nll", "acc"):
-        raise ValueError(f"monitor must be 'nll' or 'acc', got {monitor!r}")
     stopper = EarlyStopping(int(config.get("patience", 4)), mode="min" if monitor == "nll" else "max")
-    best_state = copy.deepcopy(model.state_dict())
-    start_epoch = 1
-    if restore is not None:
-        model.load_state_dict(restore["model"])
-        opt.load_state_dict(restore["optimizer"])
-        stopper.load_state_dict(restore["early_stopping"])
-        best_state = restore["best_state"]
-        generator.set_state(restore["generator"])
-        torch.set_rng_state(restore["torch_rng"])
-        if device.type == "cuda" and restore.get("cuda_rng") is not None:
-            torch.cuda.set_rng_state(restore["cuda_rng"], device)  # dropout masks on the GPU
-        start_epoch = restore["epoch"] + 1
+    trial.track(model=model, optimizer=opt, early_stopping=stopper)
+    trial.value("best_state", copy.deepcopy(model.state_dict()))
 
     epochs, batch_size = int(config["epochs"]), int(config["batch_size"])
-    n_train = len(inputs["train"])
-    t_train = time.perf_counter()
-    for epoch in range(start_epoch, epochs + 1):
-        model.train()
-        total, seen = torch.zeros((), device=device), 0  # summed on the device: no sync per step
-        for idx in minibatches(n_train, batch_size, generator):
-            if len(idx) < 2:  # BatchNorm needs two samples in training mode
-                continue
-            idx = idx.to(device)
-            loss = F.cross_entropy(model(inputs["train"][idx]), y["train"][idx])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            total, seen = total + loss.detach() * len(idx), seen + len(idx)
+    for epoch in trial.epochs(epochs):
+        with trial.timed("train"):
+            model.train()
+            total, seen = torch.zeros((), device=device), 0  # summed on the device: no sync per step
+            for idx in minibatches(len(inputs["train"]), batch_size, trial.generator):
+                if len(idx) < 2:  # BatchNorm needs two samples in training mode
+                    continue
+                idx = idx.to(device)
+                loss = F.cross_entropy(model(inputs["train"][idx]), y["train"][idx])
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                total, seen = total + loss.detach() * len(idx), seen + len(idx)
         if is_diverged(total):  # a NaN/inf step poisons the sum
-            report({"diverged": 1.0, "epoch": epoch})
-            return
+            return trial.diverged(epoch)
         val_logits = predict_logits(model, inputs["val"])
         val = {"acc": float((val_logits.argmax(1) == y["val"]).float().mean()),
                "nll": float(F.cross_entropy(val_logits, y["val"]))}
-        metrics = {"epoch": epoch, metric_key("train", "meta", "loss"): float(total) / max(seen, 1),
+        metrics = {metric_key("train", "meta", "loss"): float(total) / max(seen, 1),
                    metric_key("val", "meta", "acc"): val["acc"], metric_key("val", "meta", "loss"): val["nll"]}
         if stopper.improved(val[monitor]):
-            best_state = copy.deepcopy(model.state_dict())
+            trial.values["best_state"] = copy.deepcopy(model.state_dict())
         done = stopper.step(val[monitor]) or epoch == epochs
-        checkpoint = copy.deepcopy({"epoch": epoch, "done": done, "model": model.state_dict(), "optimizer": opt.state_dict(),
-                      "early_stopping": stopper.state_dict(), "best_state": best_state,
-                      "heads": {name: h.state_dict() for name, h in heads.items()},
-                      "generator": generator.get_state(), "torch_rng": torch.get_rng_state(),
-                                    "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None})
-        if done:
-            perf["perf/train_ms"] = 1e3 * (time.perf_counter() - t_train)
-            model.load_state_dict(best_state)
-            metrics.update(_final_metrics(model, inputs, y, heads, subtasks, x, config, perf))
+        if done:  # evaluated on a copy: the checkpoint keeps the weights training ended with
+            best = copy.deepcopy(model)
+            best.load_state_dict(trial.values["best_state"])
+            metrics.update(_final_metrics(trial, best, inputs, y, heads, subtasks, x, config))
             metrics["info/best_epoch"] = epoch - stopper.bad_epochs
             metrics["perf/total_ms"] = 1e3 * (time.perf_counter() - t_start)
-        report(metrics, checkpoint=checkpoint)
+        trial.report(epoch, metrics, done=done)
         if done:
             return
 
 
-def _final_metrics(model, inputs, y, heads, subtasks, x, config, perf) -> dict[str, float]:
-    """Every method's val and test metrics on the best epoch's weights, plus the subtask heads'."""
-    out: dict[str, float] = {}
-    numpy_labels = {s: y[s].cpu().numpy() for s in ("val", "test")}
-    logits = {s: predict_logits(model, inputs[s]) for s in ("val", "test")}
-    t = time.perf_counter()
-    temperature = fit_temperature(logits["val"], y["val"])
-    perf["perf/ts_fit_ms"] = 1e3 * (time.perf_counter() - t)
-    out[metric_key("val", "meta_ts", "temperature")] = temperature
-    for s in ("val", "test"):
-        out.update(prefixed(s, "meta", classification_metrics(F.softmax(logits[s], 1).cpu().numpy(), numpy_labels[s])))
-        out.update(prefixed(s, "meta_ts", classification_metrics(F.softmax(logits[s] / temperature, 1).cpu().numpy(), numpy_labels[s])))
-
+def _final_metrics(trial: Trial, model, inputs, y, heads, subtasks, x, config) -> dict[str, float]:
+    """Every method's val and test metrics on the best epoch's weights, plus the subtask heads';
+    the test split's reliability bins of each method that reports an ECE."""
+    logits = {s: predict_logits(model, inputs[s]) for s in EVAL_SPLITS}
+    with trial.timed("ts_fit"):
+        temperature = fit_temperature(logits["val"], y["val"])
     counts = _mc_counts(config)
     headline = DEFAULT_MC_SAMPLES if DEFAULT_MC_SAMPLES in counts else counts[-1]
-    t = time.perf_counter()
-    for s in ("val", "test"):
-        for n, (probs, std) in mc_dropout_predict(model, inputs[s], counts, seed=int(config["seed"]) + 1).items():
-            metrics = {**classification_metrics(probs, numpy_labels[s]), "pred_std": float(std.mean())}
-            out.update(prefixed(s, "meta_mc", metrics, mc_samples=n))
-            if n == headline:
-                out.update(prefixed(s, "meta_mc", metrics))
-    perf["perf/mc_dropout_ms"] = 1e3 * (time.perf_counter() - t)
+    with trial.timed("mc_dropout"):
+        mc = {s: mc_dropout_predict(model, inputs[s], counts, seed=int(config["seed"]) + 1) for s in EVAL_SPLITS}
 
-    for st in subtasks:
+    out: dict[str, float] = {metric_key("val", "meta_ts", "temperature"): temperature}
+    for s in EVAL_SPLITS:
+        labels = y[s].cpu().numpy()
+        # (method, its eval axes, probabilities, labels, extra metrics)
+        evaluated = [("meta", {}, F.softmax(logits[s], 1).cpu().numpy(), labels, {}),
+                     ("meta_ts", {}, F.softmax(logits[s] / temperature, 1).cpu().numpy(), labels, {})]
+        for n, (mean, std) in mc[s].items():
+            evaluated += [("meta_mc", axes, mean, labels, {"pred_std": float(std.mean())})
+                          for axes in ({"mc_samples": n}, *([{}] if n == headline else []))]
         with torch.no_grad():
-            for s in ("val", "test"):
-                probs = F.softmax(heads[st.name](x[s]), 1).numpy()
-                metrics = classification_metrics(probs, st.labels[s])
-                out.update(prefixed(s, f"subtask_{st.name}", {k: metrics[k] for k in ("acc", "balanced_acc", "nll", "ece")}))
-    out.update(perf)
+            evaluated += [(f"subtask_{st.name}", {}, F.softmax(heads[st.name](x[s]), 1).numpy(), st.labels[s], {})
+                          for st in subtasks]
+        for method, axes, probs, truth, extra in evaluated:
+            metrics = classification_metrics(probs, truth)
+            if method.startswith("subtask_"):
+                metrics = {k: metrics[k] for k in SUBTASK_METRICS}
+            out.update(prefixed(s, method, {**metrics, **extra}, **axes))
+            if s == "test":
+                trial.reliability(s, metric_key(s, method, "ece", **axes).split("/")[1], probs, truth)  # axes included
+    out.update(trial.perf())
     return out

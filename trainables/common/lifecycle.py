@@ -162,6 +162,10 @@ class Trial:
         """Total milliseconds spent in ``phase`` so far."""
         return self._ms.get(phase, 0.0)
 
+    def perf(self) -> dict[str, float]:
+        """Every phase timed so far as a ``perf/<phase>_ms`` metric (phases never entered are absent)."""
+        return {f"perf/{phase}_ms": ms for phase, ms in self._ms.items()}
+
     # ------------------------------------------------------------ reporting
 
     def reliability(self, split: str, method: str, probs: np.ndarray, labels: np.ndarray) -> None:
