@@ -30,6 +30,7 @@ def _use_spaces(ctx, param, folders) -> None:
     from orchestrator.registry import set_spaces_dirs
 
     set_spaces_dirs(folders)
+    ctx.meta["spaces"] = [str(Path(f).expanduser().resolve()) for f in folders]  # for the --resume line
 
 
 def _finite(ctx, param, value):
@@ -176,6 +177,8 @@ def _resume_command(family: str, study: str, sweep_id: str | None) -> str:
     resumed run sees the same study, store and storage), ``--resume`` naming the sweep."""
     ctx = click.get_current_context()
     words = ["orchestrate", "sweep", family, "--study", study]
+    for folder in ctx.meta.get("spaces", []):
+        words += ["--spaces", folder]
     for param in ctx.command.params:
         value = ctx.params.get(param.name)
         if (not isinstance(param, click.Option) or param.name in ("study", "resume", "dry_run", "verbose")

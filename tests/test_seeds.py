@@ -77,3 +77,18 @@ def test_sweep_runs_exactly_the_seeds_given_and_a_resume_keeps_them(tmp_path):
                                       "runs seeds 3,7; drop --seeds to resume it")
     assert sorted(p.name for p in sweep_dir.iterdir()) == before
     assert len(client.search_runs([exp.experiment_id])) == 5
+
+
+def test_the_resume_line_keeps_the_spaces_folders_and_options(tmp_path):
+    from orchestrator.cli import _resume_command, sweep
+    from orchestrator.registry import set_spaces_dirs
+
+    try:
+        ctx = sweep.make_context("sweep", ["busy_loop", "--spaces", str(tmp_path), "--seeds", "3,7", "--max-concurrent", "2"])
+        with ctx:
+            line = _resume_command("busy_loop", "smoke", "busy_loop-smoke-20260101-000000")
+    finally:
+        set_spaces_dirs([])
+    # --seeds is left out: a resumed sweep runs the seeds it recorded
+    assert line == (f"orchestrate sweep busy_loop --study smoke --spaces {tmp_path.resolve()} "
+                    "--max-concurrent 2 --resume busy_loop-smoke-20260101-000000")
