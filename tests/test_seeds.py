@@ -89,6 +89,5 @@ def test_the_resume_line_keeps_the_spaces_folders_and_options(tmp_path):
             line = _resume_command("busy_loop", "smoke", "busy_loop-smoke-20260101-000000")
     finally:
         set_spaces_dirs([])
-    # --seeds is left out: a resumed sweep runs the seeds it recorded
     assert line == (f"orchestrate sweep busy_loop --study smoke --spaces {tmp_path.resolve()} "
-                    "--max-concurrent 2 --resume busy_loop-smoke-20260101-000000")
+                    "--max-concurrent 2 --seeds 3,7 --resume busy_loop-smoke-20260101-000000")
