@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from orchestrator.stats import fmt, format_interval, format_p, holm, one_sample_test, p_is, paired_test, t_interval
+from orchestrator.stats import (fmt, format_interval, format_p, holm, holm_levels, one_sample_test, p_is, paired_test,
+                                t_interval)
 
 A = [0.912, 0.918, 0.905, 0.921, 0.915]
 B = [0.909, 0.910, 0.907, 0.915, 0.908]
@@ -78,3 +79,92 @@ def test_holm_by_hand():
     assert holm([0.03, 0.01, None, 0.04, 0.02]) == pytest.approx([0.06, 0.04, None, 0.06, 0.06])
     assert holm([0.5, 0.9]) == [1.0, 1.0]
     assert holm([None]) == [None] and holm([]) == []
+
+
+# Every field of the degenerate results, the display thresholds and holm_levels (the survivors of
+# `python bench/mutation.py --module orchestrator/stats.py`, issue 16): a table prints these fields.
+
+def test_paired_fields_of_every_degenerate_case():
+    empty = paired_test([math.nan, 0.7], [0.8, math.nan])
+    assert (empty.n, empty.note, empty.sd, empty.diff_half, empty.p_wilcoxon, empty.d_z, empty.p_a_gt_b) == (
+        0, "no paired seeds", None, None, None, None, None)
+    assert math.isnan(empty.mean_a) and math.isnan(empty.mean_b) and math.isnan(empty.diff)
+    one = paired_test([0.9, math.nan], [0.8, 0.7])
+    assert (one.mean_a, one.mean_b, one.p_a_gt_b, one.note) == (0.9, 0.8, 1.0, "n=1: no test")
+    assert one.p_wilcoxon is None and one.d_z is None and one.sd is None and one.diff_half is None
+    same = paired_test([0.8, 0.9, 0.85], [0.8, 0.9, 0.85])
+    assert (same.mean_a, same.mean_b, same.diff, same.sd, same.note) == (
+        pytest.approx(0.85), pytest.approx(0.85), 0.0, 0.0, "identical in every seed")
+    a, b = [0.91, 0.81, 0.71, 0.61], [0.90, 0.80, 0.70, 0.60]
+    shift = paired_test(a, b)  # the same +0.01 in every seed: Wilcoxon is still defined (all ranks positive)
+    assert shift.p_wilcoxon == pytest.approx(stats.wilcoxon(np.subtract(a, b)).pvalue) == pytest.approx(0.125)
+    assert (shift.mean_a, shift.mean_b, shift.diff) == (pytest.approx(np.mean(a)), pytest.approx(np.mean(b)),
+                                                        pytest.approx(0.01))
+    assert shift.p_a_gt_b == 1.0 and shift.sd == 0.0 and shift.note == "same difference in every seed (sd = 0)"
+    lose = paired_test(b, a)
+    assert lose.p_a_gt_b == 0.0 and lose.diff == pytest.approx(-0.01) and lose.p_t == 0.0
+
+
+def test_paired_fields_of_the_regular_case():
+    t = paired_test(A, B)
+    d = np.subtract(A, B)
+    assert (t.mean_a, t.mean_b) == (pytest.approx(np.mean(A)), pytest.approx(np.mean(B)))
+    assert t.sd == pytest.approx(np.std(d, ddof=1)) and t.note == ""
+    t90 = paired_test(A, B, confidence=0.9)
+    lo, hi = stats.t.interval(0.9, 4, loc=d.mean(), scale=stats.sem(d))
+    assert t90.diff_ci == pytest.approx((lo, hi))
+    lo, hi = stats.t.interval(0.9, 4, loc=np.mean(A), scale=stats.sem(A))
+    assert t_interval(A, confidence=0.9)[1] == pytest.approx((hi - lo) / 2)
+    x = [0.21, 0.25, 0.32, 0.19]
+    one = one_sample_test(x + [None, math.nan], 0.2, confidence=0.9)  # None and NaN are dropped, not counted
+    lo, hi = stats.t.interval(0.9, 3, loc=np.mean(x) - 0.2, scale=stats.sem(x))
+    assert one.n == 4 and one.diff_ci == pytest.approx((lo, hi))
+
+
+def test_constant_means_equal_up_to_rounding_relative_to_the_values():
+    # a spread of 1e-7 on values of 1e6 is rounding (relative 1e-13); on values near 1 it is a real spread
+    assert t_interval([1e6, 1e6 + 1e-7, 1e6])[1] == 0.0
+    assert t_interval([0.5, 0.5 + 1e-7, 0.5])[1] > 0
+    assert t_interval([0.5, 0.5 + 1.5e-12, 0.5])[1] > 0 and t_interval([0.5, 0.5 + 5e-13, 0.5])[1] == 0.0
+    assert t_interval([-1e6, -1e6 - 1e-7, -1e6])[1] == 0.0  # the scale is |x|, negatives included
+
+
+def test_decimals_at_every_threshold():
+    assert [fmt(v) for v in (100.0, 99.99, 10.0, 9.999, 1.0, 0.9999)] == [
+        "100.0", "99.99", "10.00", "9.999", "1.000", "0.9999"]
+    assert fmt(-100.0) == "-100.0" and fmt(-0.5) == "-0.5000"
+    assert fmt(0.5, digits=2) == "0.50" and fmt(0.5, signed=True) == "+0.5000" and fmt(-0.5, 1, True) == "-0.5"
+    assert fmt(3) == "3.000"  # an int is formatted, not mistaken for NaN
+    assert fmt(math.inf) == "∞" and fmt(-math.inf) == "−∞"
+    assert format_interval(0.91234, 0.0021, 3, digits=2) == "0.91 ± 0.00 (n=3)"
+    assert format_interval(0.91234, math.nan, 1, digits=2) == "0.91 (n=1, no interval)"
+    assert format_interval(math.nan, math.nan, 2) == "—"
+    assert format_p(1e-4) == "0.0001" and format_p(0.99996) == "1.0000"
+
+
+def test_holm_levels_give_statsmodels_holm_rejections():
+    from statsmodels.stats.multitest import multipletests
+
+    p = [0.03, 0.004, None, 0.012, 0.02, 0.5]
+    levels = holm_levels(p, 0.05)
+    assert levels == pytest.approx([0.05 / 2, 0.05 / 5, None, 0.05 / 4, 0.05 / 3, 0.05 / 1])
+    tested = [(q, lv) for q, lv in zip(p, levels) if q is not None]
+    order = sorted(range(len(tested)), key=lambda i: tested[i][0])
+    reached, step_down = True, [False] * len(tested)
+    for i in order:  # step-down: a test is rejected when it and every smaller p reach their level
+        reached = reached and tested[i][0] <= tested[i][1]
+        step_down[i] = reached
+    assert step_down == list(multipletests([q for q, _ in tested], 0.05, method="holm")[0])
+    assert holm_levels([None, None], 0.05) == [None, None] and holm_levels([], 0.05) == []
+
+
+def test_paired_inputs_holm_cap_and_the_wilcoxon_of_a_constant_shift():
+    t = paired_test([0.9, None, 0.8, 0.7], [0.7, 0.6, None, 0.5])  # None is a missing seed, like NaN
+    assert t.n == 2 and t.mean_a == pytest.approx(0.8) and t.mean_b == pytest.approx(0.6)
+    ones = paired_test([2.0, 3.0, 4.0], [1.0, 2.0, 3.0])  # d = 1 in every seed
+    assert ones.p_wilcoxon == pytest.approx(stats.wilcoxon([1.0, 1.0, 1.0]).pvalue) == pytest.approx(0.25)
+    assert holm([0.6, 0.9]) == [1.0, 1.0]  # 2 * 0.6 = 1.2 is capped at 1
+    with pytest.raises(ValueError, match="paired samples differ in length"):
+        paired_test([1, 2], [1])
+    assert paired_test([0.8, 0.9, 0.85], [0.8, 0.9, 0.85]).n == 3 and paired_test([2.0, 3.0], [1.0, 2.0]).n == 2
+    assert math.isnan(t_interval([None, math.nan])[0]) and t_interval([None, math.nan])[2] == 0
