@@ -99,7 +99,7 @@ def trace(**overrides) -> Trace:
 
 def weights(checkpoint: dict, which: str) -> dict:
     """``which``: "model" (the weights at that epoch) or "best" (the best-val weights so far)."""
-    return checkpoint["model"] if which == "model" else checkpoint["best_model"]
+    return checkpoint["tracked"]["model"] if which == "model" else checkpoint["values"]["best_model"]
 
 
 def rebuild(run: Trace, state: dict) -> tuple[wm.WorkingMemoryNet, wm.Stimuli]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -11,7 +12,13 @@ import torch
 import yaml
 from scipy.spatial import procrustes
 
+from one_thread import one_thread  # noqa: F401
+from orchestrator.spaces import load_study
 from trainables import wm_attention as wm
+from trainables.common.checks import ConfigError
+from trainables.common.encoders import EncoderUnavailable
+from trainables.common.lifecycle import RELIABILITY_FILE
+from trainables.common.metrics import ece_from_bins
 from trainables.wm_tasks import (
     MATCH,
     N_LOCATIONS,
@@ -161,12 +168,41 @@ def test_model_outputs_attention_over_the_map_and_a_baseline_without_it():
     assert "attention" not in baseline(stimuli, index, task)
 
 
-def test_imagenet_weights_missing_is_a_clear_error(tmp_path, monkeypatch):
+def test_imagenet_weights_missing_is_a_clear_error_before_and_in_the_trial(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
-    with pytest.raises(FileNotFoundError, match="resnet18: ImageNet weights not found"):
-        wm.build_frontend("resnet18", 1, "imagenet", 32)
+    monkeypatch.setenv("ORCHESTRATE_OFFLINE", "1")
+    with pytest.raises(EncoderUnavailable, match="encoder resnet18: ImageNet weights"):
+        wm.build_frontend("resnet18", 1, "imagenet", 32)  # the one resolver's error, never a random init
+    with pytest.raises(ConfigError, match="encoder resnet18: ImageNet weights"):
+        wm.check(study_config(frontend="resnet18", pretrained="imagenet"))
+    wm.check(study_config(frontend="resnet18", pretrained="none"))
     trunk = wm.build_frontend("resnet18", 1, "none", 32)
     assert trunk(torch.randn(2, 1, 64, 64)).shape == (2, 512, 2, 2)
+
+
+@pytest.mark.parametrize("overrides,named", [
+    ({"scenario": "mtmf", "seq_len": 3}, "seq_len 3"),
+    ({"scenario": "stsf", "n_back": 3, "seq_len": 3}, "seq_len 3"),
+    ({"split": "novel_identity", "heldout_identities": 5, "n_identities": 5}, "heldout_identities 5"),
+    ({"n_categories": 11}, "n_categories 11"),
+    ({"n_identities": 200}, "n_identities 200"),
+    ({"rnn": "transformer"}, "rnn"),
+    ({"frontend": "vgg"}, "frontend"),
+    ({"pretrained": "random"}, "pretrained"),
+    ({"scenario": "sequential"}, "scenario"),
+])
+def test_check_refuses_what_train_cannot_run(overrides, named):
+    wm.check(study_config())
+    with pytest.raises(ConfigError, match=named):
+        wm.check(study_config(**overrides))
+    with pytest.raises(ConfigError, match=named):  # train refuses it first thing too
+        wm.train(study_config(**overrides), lambda *a, **k: None)
+
+
+def test_every_shipped_study_passes_check():
+    for study in SPACE["studies"]:
+        for cfg in load_study("wm_attention", study).trial_configs():
+            wm.check(cfg)
 
 
 def test_attention_statistics_on_known_weights():
@@ -277,7 +313,9 @@ def test_family_runs_end_to_end_on_digits(attention, tmp_path):
     assert all(np.isfinite(v) for v in final.values())
     assert 0.0 <= final[f"test/{method}/acc"] <= 1.0 and "perf/train_ms" in final
     written = {p.name for p in tmp_path.iterdir()}
-    assert {"analysis.json", "decoding.png"} <= written
+    assert {"analysis.json", "decoding.png", RELIABILITY_FILE} <= written
+    bins = json.loads((tmp_path / RELIABILITY_FILE).read_text())["splits"]["test"]
+    assert list(bins) == [method] and ece_from_bins(bins[method]) == pytest.approx(final[f"test/{method}/ece"], abs=1e-12)
     assert ("attention_heatmaps.png" in written) == attention
 
 

@@ -58,15 +58,20 @@ from sklearn.preprocessing import StandardScaler
 from torch import nn
 from torch.nn import functional as F
 
-from trainables.common.data import load_dataset
+from trainables.common.checks import require
+from trainables.common.data import load_dataset, train_class_counts
+from trainables.common.encoders import IMAGENET_WEIGHTS, imagenet_state_dict, imagenet_weights_problem
+from trainables.common.lifecycle import Trial
 from trainables.common.metrics import classification_metrics, prefixed
-from trainables.common.training import EarlyStopping, is_diverged, resolve_device, seed_everything
+from trainables.common.training import EarlyStopping, is_diverged, resolve_device
 from trainables.wm_tasks import (
     FEATURES,
     N_LOCATIONS,
     N_VIEWS,
     NO_ACTION,
     RESPONSES,
+    SCENARIOS,
+    SPLITS,
     Sequences,
     Task,
     generate,
@@ -99,23 +104,18 @@ class SmallCNN(nn.Module):
 
 
 class ResNetTrunk(nn.Module):
-    """A torchvision ResNet cut before its global pool; grey images are repeated to 3 channels."""
+    """A torchvision ResNet cut before its global pool; grey images are repeated to 3 channels.
+    ``pretrained: imagenet`` loads the weights of the one resolver every family uses
+    (``trainables.common.encoders.imagenet_state_dict``: missing weights are an error, never a
+    random init); ``none`` trains it from a random init."""
 
     def __init__(self, name: str, pretrained: str):
         super().__init__()
         from torchvision import models
 
-        weights = {"resnet18": models.ResNet18_Weights, "resnet50": models.ResNet50_Weights}[name].DEFAULT
+        net = getattr(models, name)(weights=None)
         if pretrained == "imagenet":
-            path = Path(torch.hub.get_dir()) / "checkpoints" / Path(weights.url).name
-            if not path.exists():
-                raise FileNotFoundError(
-                    f"{name}: ImageNet weights not found at {path}. Download {weights.url} on a machine with "
-                    f"network access and put it there (or point TORCH_HOME at a directory holding "
-                    f"hub/checkpoints/{path.name}), or set pretrained: none to train from scratch.")
-        elif pretrained != "none":
-            raise ValueError(f"pretrained must be imagenet or none, got {pretrained!r}")
-        net = getattr(models, name)(weights=weights if pretrained == "imagenet" else None)
+            net.load_state_dict(imagenet_state_dict(name))
         self.trunk = nn.Sequential(*list(net.children())[:-2])
         self.out_channels = net.fc.in_features
 
@@ -126,11 +126,8 @@ class ResNetTrunk(nn.Module):
 
 
 def build_frontend(name: str, in_channels: int, pretrained: str, cnn_channels: int) -> nn.Module:
-    if name == "cnn":
-        return SmallCNN(in_channels, cnn_channels)
-    if name in ("resnet18", "resnet50"):
-        return ResNetTrunk(name, pretrained)
-    raise ValueError(f"unknown frontend {name!r}: use cnn, resnet18 or resnet50")
+    """``cnn`` (trained from scratch) or a ResNet trunk (``check`` refuses any other name)."""
+    return SmallCNN(in_channels, cnn_channels) if name == "cnn" else ResNetTrunk(name, pretrained)
 
 
 # ---------------------------------------------------------------- the model
@@ -172,8 +169,6 @@ class WorkingMemoryNet(nn.Module):
             frontend.requires_grad_(False)
         feat = frontend.out_channels
         self.attention = TaskGuidedAttention(task_dim, feat, attention_hidden, attention_dropout) if attention else None
-        if rnn not in self.RNNS:
-            raise ValueError(f"unknown rnn {rnn!r}: use gru, lstm or rnn")
         self.rnn = self.RNNS[rnn](feat + task_dim, hidden_size, batch_first=True)
         self.head = nn.Linear(hidden_size, len(RESPONSES))
 
@@ -217,8 +212,6 @@ class Stimuli:
     def __init__(self, config: dict, device: torch.device):
         ds = load_dataset(config["dataset"])
         self.n_categories, self.n_identities = config["n_categories"], config["n_identities"]
-        if self.n_categories > ds.num_classes:
-            raise ValueError(f"n_categories={self.n_categories} > {ds.num_classes} classes in {config['dataset']}")
         objects = pick_identities(ds.train.images, ds.train.labels, self.n_categories, self.n_identities)
         self.canvas = render_stimuli(objects)
         self.tensor = ds.to_float(self.canvas, device)
@@ -483,10 +476,38 @@ def _plot_attention(plt, stim: Stimuli, seqs: Sequences, out: dict, tasks: list[
 # ---------------------------------------------------------------- training
 
 
+def check(config: dict) -> None:
+    """The cross-field rules ``train`` relies on, from the config and the dataset's labels only."""
+    scenario, split = config["scenario"], config["split"]
+    require(scenario in SCENARIOS, f"scenario {scenario!r} must be one of {', '.join(SCENARIOS)}")
+    require(split in SPLITS, f"split {split!r} must be one of {', '.join(SPLITS)}")
+    longest = 3 if scenario == "mtmf" else config["n_back"]
+    require(config["seq_len"] > longest,
+            f"seq_len {config['seq_len']} must exceed the largest N-back of scenario {scenario} ({longest}): "
+            "steps before N have no decision")
+    n_id, held = config["n_identities"], config["heldout_identities"]
+    require(split != "novel_identity" or 1 <= held < n_id,
+            f"heldout_identities {held} must be in [1, n_identities {n_id}) for split novel_identity")
+    require(config["frontend"] in ("cnn", *IMAGENET_WEIGHTS), f"frontend {config['frontend']!r} must be cnn, resnet18 or resnet50")
+    require(config["rnn"] in WorkingMemoryNet.RNNS, f"rnn {config['rnn']!r} must be one of {', '.join(WorkingMemoryNet.RNNS)}")
+    require(config["pretrained"] in ("imagenet", "none"), f"pretrained {config['pretrained']!r} must be imagenet or none")
+    if config["frontend"] != "cnn" and config["pretrained"] == "imagenet":
+        problem = imagenet_weights_problem(config["frontend"])
+        require(problem is None, str(problem))
+    counts = train_class_counts(config["dataset"])
+    require(config["n_categories"] <= len(counts),
+            f"n_categories {config['n_categories']} exceeds the {len(counts)} classes of {config['dataset']}")
+    fewest = int(counts[: config["n_categories"]].min())
+    require(fewest >= n_id, f"n_identities {n_id} exceeds the {fewest} training images of the smallest of the "
+                            f"first {config['n_categories']} classes of {config['dataset']}")
+
+
 def train(config: dict, report, restore: dict | None = None) -> None:
-    seed = int(config["seed"])
-    seed_everything(seed)
-    device = resolve_device(config.get("device", "auto"))
+    trial = Trial(config, report, restore)
+    if trial.finished:
+        return  # the final report went out with that checkpoint
+    check(config)
+    seed, device = trial.seed, resolve_device(config.get("device", "auto"))
     method = "attention" if config["attention"] else "baseline"
     tasks = scenario_tasks(config["scenario"], config["n_back"], config["feature"])
     pool, gen_pool = split_pools(config["split"], config["n_identities"], config["heldout_identities"])
@@ -502,72 +523,62 @@ def train(config: dict, report, restore: dict | None = None) -> None:
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=config["lr"],
                                   weight_decay=config["weight_decay"])
     stopper = EarlyStopping(config["patience"], mode="max")
-    best_state, start, train_ms = copy.deepcopy(model.state_dict()), 1, 0.0
-    if restore is not None:
-        if restore.get("done"):
-            return
-        model.load_state_dict(restore["model"])
-        optimizer.load_state_dict(restore["optimizer"])
-        stopper.load_state_dict(restore["early_stopping"])
-        best_state, start, train_ms = restore["best_model"], restore["epoch"] + 1, restore["train_ms"]
-        torch.set_rng_state(restore["torch_rng"])
+    trial.track(model=model, optimizer=optimizer, early_stopping=stopper)
+    trial.value("best_model", copy.deepcopy(model.state_dict()))
 
     bs, n_tasks = config["batch_size"], len(tasks)
-    for epoch in range(start, config["epochs"] + 1):
-        tic = time.perf_counter()
-        model.train()
-        seqs = generate(_rng(seed, 0, epoch), config["train_sequences"], tasks, pool, **gen_kw)
-        index, task, target = _batch_tensors(seqs, n_tasks, stim.n_identities, device)
-        losses, correct, count = [], 0, 0
-        for start_row in range(0, len(seqs), bs):
-            rows = slice(start_row, start_row + bs)
-            out = model(stim.tensor, index[rows], task[rows])
-            loss = _weighted_loss(out["logits"], target[rows], config["no_action_weight"])
-            if is_diverged(loss):
-                report({"diverged": 1.0, "epoch": epoch})
-                return
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            nn.utils.clip_grad_norm_(model.parameters(), config["grad_clip"])
-            optimizer.step()
-            losses.append(loss.item())
-            decision = target[rows] != NO_ACTION
-            correct += int((out["logits"].argmax(-1) == target[rows])[decision].sum())
-            count += int(decision.sum())
-        val = response_metrics(run_model(model, stim, val_seqs, n_tasks, bs), val_seqs, tasks, config["no_action_weight"])
-        epoch_ms = (time.perf_counter() - tic) * 1000
-        train_ms += epoch_ms
+    for epoch in trial.epochs(config["epochs"]):
+        before = trial.ms("train")
+        with trial.timed("train"):
+            model.train()
+            seqs = generate(_rng(seed, 0, epoch), config["train_sequences"], tasks, pool, **gen_kw)
+            index, task, target = _batch_tensors(seqs, n_tasks, stim.n_identities, device)
+            losses, correct, count = [], 0, 0
+            for start_row in range(0, len(seqs), bs):
+                rows = slice(start_row, start_row + bs)
+                out = model(stim.tensor, index[rows], task[rows])
+                loss = _weighted_loss(out["logits"], target[rows], config["no_action_weight"])
+                if is_diverged(loss):
+                    return trial.diverged(epoch)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                nn.utils.clip_grad_norm_(model.parameters(), config["grad_clip"])
+                optimizer.step()
+                losses.append(loss.item())
+                decision = target[rows] != NO_ACTION
+                correct += int((out["logits"].argmax(-1) == target[rows])[decision].sum())
+                count += int(decision.sum())
+            val = response_metrics(run_model(model, stim, val_seqs, n_tasks, bs), val_seqs, tasks, config["no_action_weight"])
         if stopper.improved(val["acc"]):
-            best_state = copy.deepcopy(model.state_dict())
+            trial.values["best_model"] = copy.deepcopy(model.state_dict())
         # N-back training sits at chance for hundreds of steps before it takes off: no early stop
         # before min_epochs, or a plateau would end the trial
         stop = stopper.step(val["acc"]) and epoch >= config["min_epochs"]
         done = stop or epoch == config["epochs"]
-        metrics = {"epoch": epoch, **prefixed("train", method, {"loss": float(np.mean(losses)), "acc": correct / max(count, 1)}),
-                   **prefixed("val", method, val), "perf/epoch_ms": epoch_ms}
+        metrics = {**prefixed("train", method, {"loss": float(np.mean(losses)), "acc": correct / max(count, 1)}),
+                   **prefixed("val", method, val), "perf/epoch_ms": trial.ms("train") - before}
         if done:  # the final report describes the early-stopped (best-val) model, val included
-            model.load_state_dict(best_state)
+            model.load_state_dict(trial.values["best_model"])
             best_val = response_metrics(run_model(model, stim, val_seqs, n_tasks, bs), val_seqs, tasks, config["no_action_weight"])
             metrics.update(prefixed("val", method, best_val))
-            metrics.update(final_metrics(model, stim, tasks, pool, gen_pool, gen_kw, method, config))
-            metrics["perf/train_ms"] = train_ms
-        checkpoint = copy.deepcopy({  # a snapshot: the live tensors keep training after report() returns
-            "epoch": epoch, "done": done, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-            "early_stopping": stopper.state_dict(), "best_model": best_state, "train_ms": train_ms,
-            "torch_rng": torch.get_rng_state()})
-        report(metrics, checkpoint=checkpoint)
+            metrics.update(final_metrics(trial, model, stim, tasks, pool, gen_pool, gen_kw, method, config))
+            metrics["perf/train_ms"] = trial.ms("train")
+        trial.report(epoch, metrics, done=done)
         if done:
             return
 
 
-def final_metrics(model, stim, tasks, pool, gen_pool, gen_kw, method: str, config: dict) -> dict[str, float]:
-    """Test metrics (in-distribution and generalisation), analyses, artifacts and timings."""
+def final_metrics(trial: Trial, model, stim, tasks, pool, gen_pool, gen_kw, method: str, config: dict) -> dict[str, float]:
+    """Test metrics (in-distribution and generalisation), analyses, artifacts and timings; the
+    reliability bins of the test ECE (decision steps)."""
     seed, bs, n_tasks = config["seed"], config["batch_size"], len(tasks)
     test_seqs = generate(_rng(seed, 2), config["test_sequences"], tasks, pool, **gen_kw)
     tic = time.perf_counter()
     out = run_model(model, stim, test_seqs, n_tasks, bs)
     infer_ms = (time.perf_counter() - tic) * 1000 / len(test_seqs)
     test = response_metrics(out, test_seqs, tasks, config["no_action_weight"])
+    decision = test_seqs.target != NO_ACTION
+    trial.reliability("test", method, out["probs"][decision], test_seqs.target[decision])
     if gen_pool is not None:
         gen_seqs = generate(_rng(seed, 3), config["test_sequences"], tasks, gen_pool, **gen_kw)
         gen_out = run_model(model, stim, gen_seqs, n_tasks, bs)
