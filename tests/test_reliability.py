@@ -234,7 +234,9 @@ def test_a_sweep_through_ray_logs_the_bins_and_its_report_draws_them(tmp_path, m
     finally:
         ray.shutdown()
     assert result.exit_code == 0, result.output
-    report, = (tmp_path / "runs").glob("relfam-headline-*/report.md")
+    reports = list((tmp_path / "runs").glob("relfam-headline-*/report.md"))
+    assert len(reports) == 1, result.output
+    report = reports[0]
     md = report.read_text()
     assert "Reliability diagrams: 2 of 2 trials logged per-bin data" in md and "differs from the logged ECE" not in md
     for name in ("relfam-headline-reliability-logreg.png", "relfam-headline-reliability-logreg-temperature.png"):
