@@ -26,7 +26,7 @@ import pandas as pd
 
 from orchestrator.errors import UsageError
 from orchestrator.power import SeedsNeeded, for_test
-from orchestrator.stats import Paired, fmt, holm, holm_levels, one_sample_test, p_is, paired_test
+from orchestrator.stats import Paired, fmt, holm, holm_levels, one_sample_test, p_is, paired_test, wilcoxon_can_decide
 from trainables.common.metrics import metric_info, parse_metric_key
 
 ALPHA = 0.05
@@ -357,7 +357,8 @@ def _evidence(claim: Claim, t: Paired, p_adj: float | None) -> str:
         parts.append(f"t-test {p_is(t.p_t)}, Holm {p_is(p_adj)}" + (f" ({t.note})" if t.note else ""))
     else:
         parts.append(f"t-test n/a ({t.note})")
-    parts.append(f"Wilcoxon {p_is(t.p_wilcoxon)}")
+    if wilcoxon_can_decide(t.n):  # below n = 6 its p cannot fall under 0.05: printing it says nothing
+        parts.append(f"Wilcoxon {p_is(t.p_wilcoxon)}")
     if t.d_z is not None:
         parts.append(f"d_z = {t.d_z:.2f}")
     if t.p_a_gt_b is not None and claim.b is not None:

@@ -22,7 +22,8 @@ from orchestrator.report_data import (CLIPPED_NOTE, CLIPPED_TEXT, StudyRuns, Stu
 from orchestrator.report_render import Report, Section, Table, now_text
 from orchestrator.report_summary import best_cell, summary_lines
 from orchestrator.report_tables import (ab_table, baseline_table, best_configuration, drop_table, eval_tables,
-                                        grid_tables, headline_table, perf_table, ranking_table, wilcoxon_can_decide)
+                                        grid_tables, headline_table, perf_table, ranking_table)
+from orchestrator.stats import wilcoxon_can_decide
 from orchestrator.study_record import load_records
 
 STATISTICS = ("Statistics: mean ± 95% Student-t interval over seeds with n; n = 1 is shown as such (no interval). "

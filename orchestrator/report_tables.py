@@ -18,17 +18,11 @@ from orchestrator.report_config import ReportConfig, metric_label
 from orchestrator.report_data import StudyRuns, StudyStats, axis_items, number_or_none, order_key
 from orchestrator.report_render import Table
 from orchestrator.power import for_test
-from orchestrator.stats import fmt, format_interval, format_p, holm, holm_levels, p_is, paired_test, t_interval
+from orchestrator.stats import (fmt, format_interval, format_p, holm, holm_levels, p_is, paired_test, t_interval,
+                               wilcoxon_can_decide)
 from trainables.common.metrics import metric_key
 
 RANKED_TRIALS = 10
-
-
-def wilcoxon_can_decide(n: int, alpha: float = ALPHA) -> bool:
-    """Whether a two-sided exact Wilcoxon signed-rank test over ``n`` non-zero paired
-    differences can reach p < alpha: its smallest p (every difference one sign) is 2 / 2^n,
-    0.25 at n = 3 and 0.0625 at n = 5, so it needs n >= 6 at alpha 0.05."""
-    return n > 0 and 2.0 ** (1 - n) < alpha
 
 
 def _with_wilcoxon(tests: list) -> bool:

@@ -177,3 +177,10 @@ def holm_levels(pvalues: list[float | None], alpha: float) -> list[float | None]
     for rank, (_, i) in enumerate(tested):
         out[i] = alpha / (len(tested) - rank)
     return out
+
+
+def wilcoxon_can_decide(n: int, alpha: float = 0.05) -> bool:
+    """Whether a two-sided exact Wilcoxon signed-rank test over ``n`` non-zero paired
+    differences can reach p < alpha: its smallest p (every difference one sign) is 2 / 2^n,
+    0.25 at n = 3 and 0.0625 at n = 5, so it needs n >= 6 at alpha 0.05."""
+    return n > 0 and 2.0 ** (1 - n) < alpha

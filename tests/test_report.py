@@ -479,7 +479,7 @@ def test_report_opens_with_the_headline_table_and_sentences_read_from_the_tables
 
 @pytest.mark.parametrize("n", range(1, 9))
 def test_wilcoxon_can_decide_exactly_when_its_smallest_p_is_below_alpha(n):
-    from orchestrator.report_tables import wilcoxon_can_decide
+    from orchestrator.stats import wilcoxon_can_decide
 
     smallest = stats.wilcoxon(np.arange(1.0, n + 1)).pvalue  # every difference positive: the smallest exact p
     assert wilcoxon_can_decide(n) == (smallest < 0.05)

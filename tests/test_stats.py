@@ -168,3 +168,18 @@ def test_paired_inputs_holm_cap_and_the_wilcoxon_of_a_constant_shift():
         paired_test([1, 2], [1])
     assert paired_test([0.8, 0.9, 0.85], [0.8, 0.9, 0.85]).n == 3 and paired_test([2.0, 3.0], [1.0, 2.0]).n == 2
     assert math.isnan(t_interval([None, math.nan])[0]) and t_interval([None, math.nan])[2] == 0
+
+
+@pytest.mark.parametrize("n_seeds", [3, 6])
+def test_claim_evidence_names_wilcoxon_only_where_it_can_reach_significance(n_seeds):
+    import pandas as pd
+
+    from orchestrator.claims import Claim, Side, check_claims
+
+    rng = np.random.default_rng(1)
+    rows = [{"run_id": f"{lr}-{seed}", "seed": str(seed), "param.lr": lr, "key": "test/m/acc",
+             "value": 0.8 + (0.05 if lr == "0.2" else 0.0) + rng.normal(0, 0.004)}
+            for seed in range(n_seeds) for lr in ("0.1", "0.2")]
+    claim = Claim("lr 0.2 beats 0.1", "s", Side.of("test/m/acc", {"lr": 0.2}), Side.of("test/m/acc", {"lr": 0.1}))
+    (result,) = check_claims([claim], {"s": (pd.DataFrame(rows), ["lr"])})
+    assert ("Wilcoxon" in result.evidence) == (n_seeds >= 6)
