@@ -236,6 +236,12 @@ def _two_increasing(value) -> bool:
         and value[0] <= value[1]
 
 
+# configs ``check`` refuses, as overrides of the smoke study (the conformance suite holds it to them)
+INVALID_CONFIGS = [{"subtasks": ["colourfulness"]}, {"thresholds": "adaptive"}, {"brightness_thresholds": [170.0, 85.0]},
+                   {"complexity_thresholds": [0.05]}, {"bin_percentiles": [50, 120]}, {"superclass_map": [1, 0, -1]},
+                   {"monitor": "loss"}, {"batch_size": 1}, {"eval": {"mc_samples": [0, 5]}}]
+
+
 def check(config: dict) -> None:
     """The cross-field rules ``train`` relies on (single values are the YAML ``params``' job)."""
     names = list(config.get("subtasks", SUBTASKS))

@@ -475,6 +475,12 @@ def _plot_attention(plt, stim: Stimuli, seqs: Sequences, out: dict, tasks: list[
 
 # ---------------------------------------------------------------- training
 
+# configs ``check`` refuses, as overrides of the smoke study (the conformance suite holds it to them)
+INVALID_CONFIGS = [{"scenario": "mtmf", "seq_len": 3}, {"scenario": "stsf", "n_back": 3, "seq_len": 3},
+                   {"split": "novel_identity", "heldout_identities": 5, "n_identities": 5}, {"n_categories": 11},
+                   {"n_identities": 200}, {"rnn": "transformer"}, {"frontend": "vgg"}, {"pretrained": "random"},
+                   {"scenario": "sequential"}]
+
 
 def check(config: dict) -> None:
     """The cross-field rules ``train`` relies on, from the config and the dataset's labels only."""
@@ -483,8 +489,8 @@ def check(config: dict) -> None:
     require(split in SPLITS, f"split {split!r} must be one of {', '.join(SPLITS)}")
     longest = 3 if scenario == "mtmf" else config["n_back"]
     require(config["seq_len"] > longest,
-            f"seq_len {config['seq_len']} must exceed the largest N-back of scenario {scenario} ({longest}): "
-            "steps before N have no decision")
+            f"seq_len {config['seq_len']} must exceed the largest N of scenario {scenario} "
+            f"({'its 3-back tasks' if scenario == 'mtmf' else 'n_back'} {longest}): steps before N have no decision")
     n_id, held = config["n_identities"], config["heldout_identities"]
     require(split != "novel_identity" or 1 <= held < n_id,
             f"heldout_identities {held} must be in [1, n_identities {n_id}) for split novel_identity")
