@@ -183,3 +183,13 @@ def test_claim_evidence_names_wilcoxon_only_where_it_can_reach_significance(n_se
     claim = Claim("lr 0.2 beats 0.1", "s", Side.of("test/m/acc", {"lr": 0.2}), Side.of("test/m/acc", {"lr": 0.1}))
     (result,) = check_claims([claim], {"s": (pd.DataFrame(rows), ["lr"])})
     assert ("Wilcoxon" in result.evidence) == (n_seeds >= 6)
+
+
+@pytest.mark.parametrize("alpha", [0.05, 0.0625, 0.25])
+def test_wilcoxon_can_decide_equals_scipys_smallest_exact_p(alpha):
+    from orchestrator.stats import wilcoxon_can_decide
+
+    for n in range(1, 10):  # the smallest p: every difference of one sign
+        smallest = stats.wilcoxon(np.arange(1.0, n + 1), method="exact").pvalue
+        assert wilcoxon_can_decide(n, alpha) == (smallest < alpha), (n, alpha)
+    assert not wilcoxon_can_decide(0, alpha)
