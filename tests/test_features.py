@@ -181,3 +181,20 @@ def test_bad_requests_are_clear_errors(tmp_path, digits):
         extract_features(digits, "vgg", cache_dir=tmp_path)
     with pytest.raises(EncoderUnavailable, match="own-cnn is trained on clean labels"):
         extract_features(with_label_noise(digits, 0.2, seed=0), "own-cnn", cache_dir=tmp_path)
+
+
+def test_non_finite_features_are_refused_and_never_cached(tmp_path):
+    from torch import nn
+
+    from trainables.common.encoders import Encoder
+    from trainables.common.features import _extract
+
+    ds = load_dataset("digits", max_train=40, max_test=20)
+    broken = nn.Sequential(nn.Flatten(), nn.Linear(int(np.prod(ds.train.images.shape[1:])), 4))
+    with torch.no_grad():
+        broken[1].weight.fill_(float("nan"))  # what a diverged own-cnn training leaves behind
+    encoder = Encoder("broken", "broken-0", "none", 4, broken.eval())
+    path = tmp_path / "train.npy"
+    with pytest.raises(RuntimeError, match="non-finite features"):
+        _extract(encoder, ds, "train", path, batch_size=16, progress=False, meta={})
+    assert list(tmp_path.iterdir()) == []

@@ -153,7 +153,11 @@ def _extract(encoder: Encoder, dataset: Dataset, split: str, path: Path, batch_s
         with torch.inference_mode():
             for start in range(0, len(images), batch_size):
                 chunk = images[start : start + batch_size]
-                out[start : start + len(chunk)] = encoder.module(dataset.to_float(chunk, device)).float().cpu().numpy()
+                block = encoder.module(dataset.to_float(chunk, device)).float().cpu().numpy()
+                if not np.isfinite(block).all():  # a diverged encoder: caching it would poison every later trial
+                    raise RuntimeError(f"encoder {encoder.name} gave non-finite features for {dataset.name}/{split} "
+                                       f"(images {start}..{start + len(chunk) - 1}); nothing was cached")
+                out[start : start + len(chunk)] = block
                 bar.update(len(chunk))
         bar.close()
         out.flush()
