@@ -25,7 +25,6 @@ from pathlib import Path
 
 import pyarrow.fs
 import ray
-import torch
 import yaml
 from ray import tune
 from ray.tune.logger import JsonLoggerCallback
@@ -266,6 +265,12 @@ def replace_callbacks(tuner: tune.Tuner, callbacks: list, verbose: int) -> None:
     run_config.callbacks, run_config.verbose = callbacks, verbose
 
 
+def _cuda_here() -> bool:
+    import torch  # only here: a CPU sweep's driver never imports torch (1.6 s quiet, 8 s at load 10)
+
+    return torch.cuda.is_available()
+
+
 def run_sweep(study: Study, opts: SweepOptions) -> SweepOutcome:
     """Validate the environment, start (or join) Ray, run every trial, return where things are."""
     workdir = opts.workdir
@@ -280,7 +285,7 @@ def run_sweep(study: Study, opts: SweepOptions) -> SweepOutcome:
     if opts.resume:
         check_resumed_seeds(experiment, study, opts.seeds)
     address = opts.address or os.environ.get("RAY_ADDRESS")
-    if opts.gpus_per_trial and not address and not torch.cuda.is_available():
+    if opts.gpus_per_trial and not address and not _cuda_here():
         raise UsageError(f"--gpus-per-trial {opts.gpus_per_trial} asks for GPUs but this machine has none")
 
     started = start_ray(address, opts.verbose)

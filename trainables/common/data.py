@@ -18,11 +18,14 @@ import os
 import zipfile
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
 from trainables.common.cache import atomic_save_npz, build_lock, default_cache_dir
+
+if TYPE_CHECKING:
+    import torch
 
 
 class DataError(ValueError):
@@ -66,6 +69,8 @@ class Dataset:
 
     def to_float(self, images: np.ndarray | torch.Tensor, device: str | torch.device = "cpu") -> torch.Tensor:
         """uint8 (N, H, W, C) -> normalised float32 (N, C, H, W) on ``device``."""
+        import torch  # lazily: the driver validates datasets without importing torch
+
         x = torch.as_tensor(images).to(device)
         x = x.permute(0, 3, 1, 2).float().div_(255.0)
         mean = torch.tensor(self.mean, device=x.device).view(1, -1, 1, 1)
@@ -412,6 +417,8 @@ def _imbalanced_counts(counts: np.ndarray, ratio: float) -> np.ndarray:
 def augment(x: torch.Tensor, generator: torch.Generator, flip: bool = True, pad: int | None = None) -> torch.Tensor:
     """Random translation (pad + crop, reflect padding) and, when ``flip``, horizontal flip of a
     normalised float batch (N, C, H, W). Used for training and for TTA views."""
+    import torch
+
     n, _, h, w = x.shape
     pad = pad if pad is not None else max(1, h // 8)
     padded = torch.nn.functional.pad(x, (pad, pad, pad, pad), mode="reflect" if pad < h else "replicate")
