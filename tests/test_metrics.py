@@ -103,3 +103,82 @@ def test_confusion_metrics_equal_sklearn_with_missing_and_unpredicted_classes(se
         warnings.simplefilter("ignore")  # sklearn warns when a predicted class never occurs in labels
         assert m["balanced_acc"] == pytest.approx(balanced_accuracy_score(labels, pred), abs=1e-12)
         assert m["macro_f1"] == pytest.approx(f1_score(labels, pred, average="macro", zero_division=0), abs=1e-12)
+
+
+# What `python bench/mutation.py --module trainables/common/metrics.py` found unpinned (issue 16):
+# the direction and bounds table, reliability bins, the NLL clip, ties in top-k, keys outside the contract.
+
+def test_metric_directions_and_bounds_are_what_the_metrics_reach():
+    from trainables.common.metrics import METRICS, metric_info
+
+    labels = np.array([0, 1, 2, 1])
+    right, wrong = np.eye(3)[labels], np.eye(3)[(labels + 1) % 3]
+    best, worst = classification_metrics(right, labels), classification_metrics(wrong, labels)
+    for name in ("acc", "top5", "balanced_acc", "macro_f1", "ece", "brier"):
+        info = METRICS[name]
+        good, bad = (info.high, info.low) if info.better == "higher" else (info.low, info.high)
+        assert best[name] == pytest.approx(good) and (name == "top5" or worst[name] == pytest.approx(bad)), name
+    assert METRICS["nll"].better == "lower" and best["nll"] == pytest.approx(METRICS["nll"].low, abs=1e-9)
+    assert METRICS["nll"].high is None and METRICS["loss"] == METRICS["loss"].__class__("Loss", "lower", None, None)
+    assert [m.label for m in METRICS.values()] == ["Accuracy", "Top-5", "Balanced acc", "Macro-F1", "ECE", "NLL",
+                                                   "Brier", "Loss"]
+    assert metric_info("test/attn_knn:k:20/ece") is METRICS["ece"] and metric_info("acc") is METRICS["acc"]
+    assert metric_info("perf/search_ms") == METRICS["acc"].__class__("search_ms", "lower", 0.0, None)
+    assert metric_info("perf/a/b").label == "a/b" and metric_info("test/m/unknown") is None
+
+
+def test_reliability_bins_by_hand_and_their_ece():
+    from trainables.common.metrics import ece_from_bins, reliability_bins
+
+    probs, labels = random_probs(300, 4, 5, sharpness=1.5)
+    entry = reliability_bins(probs, labels, bins=10)
+    conf, hit = probs.max(1), probs.argmax(1) == labels
+    for b in range(10):
+        members = (conf > b / 10) & (conf <= (b + 1) / 10)
+        assert entry["count"][b] == members.sum()
+        if members.any():
+            assert entry["confidence"][b] == pytest.approx(conf[members].mean())
+            assert entry["accuracy"][b] == pytest.approx(hit[members].mean())
+        else:
+            assert entry["confidence"][b] is None and entry["accuracy"][b] is None
+    assert None in entry["confidence"]  # 4 classes: no confidence below 1/4, the low bins are empty
+    assert entry["ece"] == pytest.approx(hand_ece(probs, labels, bins=10))
+    assert ece_from_bins(entry) == pytest.approx(entry["ece"]) == pytest.approx(expected_calibration_error(probs, labels, 10))
+    assert len(reliability_bins(probs, labels)["count"]) == 15
+    zero = reliability_bins(np.zeros((2, 3)), np.array([0, 1]), bins=5)  # confidence 0 goes to the first bin
+    assert zero["count"] == [2, 0, 0, 0, 0] and zero["accuracy"][0] == 0.5
+
+
+def test_nll_clip_top_k_ties_and_keys_outside_the_contract():
+    from trainables.common.metrics import negative_log_likelihood
+
+    probs = np.array([[0.0, 1.0], [0.5, 0.5]])
+    labels = np.array([0, 0])
+    assert negative_log_likelihood(probs, labels) == pytest.approx((-np.log(1e-12) - np.log(0.5)) / 2)
+    assert negative_log_likelihood(probs, labels, eps=1e-3) == pytest.approx((-np.log(1e-3) - np.log(0.5)) / 2)
+    tied = np.full((3, 4), 0.25)  # every class ties with the label: found at any k
+    assert top_k_accuracy(tied, np.array([0, 2, 3]), 1) == 1.0
+    one_above = np.array([[0.4, 0.3, 0.3], [0.2, 0.5, 0.3]])  # labels 1 and 2: one class strictly above each
+    assert top_k_accuracy(one_above, np.array([1, 2]), 1) == 0.0 and top_k_accuracy(one_above, np.array([1, 2]), 2) == 1.0
+    assert classification_metrics(one_above, np.array([0, 1]))["acc"] == 1.0
+    assert parse_metric_key("train/cnn/loss")["split"] == "train"
+    assert parse_metric_key("test/cnn/acc/extra") is None and parse_metric_key("test/cnn") is None
+    assert parse_metric_key("test/a:k:1:b/acc") is None
+    assert metric_key("test", "m", "acc", name="x", k=1.5) == "test/m:name:x:k:1.5/acc"
+
+
+def test_float32_input_is_computed_in_float64_and_edge_cases_of_f1_and_bins():
+    from trainables.common.metrics import reliability_bins
+
+    probs, labels = random_probs(200, 10, 9)
+    p32 = probs.astype(np.float32)  # what a family's torch softmax hands over
+    assert classification_metrics(p32, labels) == classification_metrics(p32.astype(np.float64), labels)
+    assert reliability_bins(p32, labels) == reliability_bins(p32.astype(np.float64), labels)
+    assert top_k_accuracy(probs, labels) == pytest.approx(top_k_accuracy_score(labels, probs, k=5))  # default k = 5
+    # class 2 never occurs but is predicted exactly once: macro-F1 counts it (F1 0), as scikit-learn does
+    labels4, pred4 = np.array([0, 0, 1, 1]), np.array([0, 2, 1, 1])
+    m = classification_metrics(np.eye(3)[pred4], labels4)
+    assert m["macro_f1"] == pytest.approx(f1_score(labels4, pred4, average="macro", zero_division=0))
+    assert m["macro_f1"] == pytest.approx((2 / 3 + 1 + 0) / 3)
+    # a confidence a rounding step above 1 (float32 softmax) stays in the last bin
+    assert reliability_bins(np.array([[1.0 + 1e-9, 0.0]]), np.array([0]), bins=5)["count"] == [0, 0, 0, 0, 1]
