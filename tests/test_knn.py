@@ -162,3 +162,60 @@ def test_ties_come_in_index_order_and_a_smaller_k_is_a_prefix(backend):
     # with exclusion too
     own = np.arange(len(queries))
     np.testing.assert_array_equal(index.search(queries, 5, exclude=own)[1], index.search(queries, 60, exclude=own)[1][:, :5])
+
+
+# What `python bench/mutation.py --module trainables/common/knn.py` found unpinned (issue 16): the
+# edges of the size check, float64 input, a bank that ties everywhere, the no-FAISS path and the
+# messages that say which backend is missing and why.
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_size_edges_float64_input_and_a_bank_that_ties_everywhere(backend):
+    index = KnnIndex(4, backend=backend)
+    vectors = np.eye(4)[[0, 0, 1, 2, 3]]  # float64, as numpy makes it
+    index.add(vectors)
+    sims, idx = index.search(vectors[:2], 5)  # k = the whole index
+    np.testing.assert_array_equal(idx, [[0, 1, 2, 3, 4]] * 2)
+    np.testing.assert_array_equal(sims, [[1, 1, 0, 0, 0]] * 2)
+    _, idx_x = index.search(vectors[:2], 4, exclude=np.array([0, 1]))  # k + 1 excluded = the whole index
+    np.testing.assert_array_equal(idx_x, [[1, 2, 3, 4], [0, 2, 3, 4]])
+    with pytest.raises(ValueError, match=r"asked for 5 neighbours \(\+1 excluded\) from an index of 5"):
+        index.search(vectors[:2], 5, exclude=np.array([0, 1]))
+    same = KnnIndex(4, backend=backend)
+    same.add(np.tile(vectors[:1], (30, 1)))  # every similarity ties, up to the bank's last entry
+    np.testing.assert_array_equal(same.search(vectors[:1], 3)[1], [[0, 1, 2]])
+
+
+def test_every_listed_backend_works_and_unavailable_ones_say_why():
+    for backend in available_backends():
+        index = KnnIndex(4, backend=backend)
+        index.add(unit_vectors(6, 4, 0))
+        assert index.backend == backend and index.search(unit_vectors(2, 4, 1), 3)[1].shape == (2, 3)
+    with pytest.raises(ValueError, match="use auto or one of faiss_gpu, torch_cuda, faiss_cpu, torch_cpu$"):
+        KnnIndex(4, backend="annoy")
+    usable = ", ".join(available_backends())
+    if "faiss_cpu" in usable and "faiss_gpu" not in usable:
+        with pytest.raises(RuntimeError, match=rf"'faiss_gpu' is not available here \(this FAISS build sees no GPU\); usable: {usable}$"):
+            KnnIndex(4, backend="faiss_gpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match=r"'torch_cuda' is not available here \(CUDA is not available\)"):
+            KnnIndex(4, backend="torch_cuda")
+
+
+def test_without_faiss_the_torch_backend_answers_alone(monkeypatch, data):
+    """A GPU node with torch but no FAISS (the import fails): auto is torch, FAISS backends say so."""
+    from trainables.common import knn
+
+    bank, _, queries = data
+    with_faiss = KnnIndex(16, backend="torch_cpu")
+    with_faiss.add(bank)
+    monkeypatch.setattr(knn, "_faiss", lambda: None)  # what `import faiss` failing gives
+    assert "faiss_cpu" not in available_backends() and "faiss_gpu" not in available_backends()
+    index = KnnIndex(16, use_gpu=False)
+    assert index.backend == "torch_cpu"
+    index.add(bank)
+    np.testing.assert_array_equal(index.search(queries, 7)[1], with_faiss.search(queries, 7)[1])
+    index.reset()
+    assert len(index) == 0
+    for backend in ("faiss_cpu", "faiss_gpu"):
+        with pytest.raises(RuntimeError, match=rf"'{backend}' is not available here \(FAISS is not installed\)"):
+            KnnIndex(16, backend=backend)
