@@ -21,6 +21,7 @@ import sys
 import threading
 import time
 from collections import defaultdict
+from pathlib import Path
 
 from ray import tune
 from tqdm import tqdm
@@ -201,7 +202,9 @@ class LiveView(tune.Callback):
     def _failure(trial) -> str:
         """The exception's last line: Tune has just logged its traceback in full ("Trial task
         failed"), and keeps every failure's in the trial's error.txt."""
-        lines = (trial.get_error() or "").strip().splitlines()
+        local = getattr(trial, "error_file", None)  # written now; the copy in storage is synced later
+        text = Path(local).read_text() if local and Path(local).is_file() else (trial.get_error() or "")
+        lines = text.strip().splitlines()
         return (f"{lines[-1] if lines else 'no error text saved'} (trial {trial.trial_id}; traceback above, "
                 f"every attempt's in {trial.path}/error.txt)")
 
