@@ -1,22 +1,12 @@
-"""Small helpers every family's training loop uses: seeding, device choice, divergence,
-early stopping, mini-batches."""
+"""Small helpers every family's training loop uses: device choice, divergence, early stopping,
+mini-batches (seeding and RNG state belong to ``trainables.common.lifecycle``)."""
 
 from __future__ import annotations
 
 import math
-import random
 from typing import Iterator
 
-import numpy as np
 import torch
-
-
-def seed_everything(seed: int) -> torch.Generator:
-    """Seed python, numpy and torch; return a torch generator for data order/augmentation."""
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-    return torch.Generator().manual_seed(seed)
 
 
 def resolve_device(name: str = "auto") -> torch.device:
