@@ -13,5 +13,13 @@ trial reports ``diverged: 1.0`` and returns. Families know nothing of Ray, MLflo
 The module may also define ``check(config: dict) -> None`` raising
 ``trainables.common.checks.ConfigError`` for a config ``train`` would refuse (cross-field rules
 such as ``embed_dim % heads``); the compiler runs it on every trial config before anything
-starts (a YAML key ``check: module.path:function`` names another function instead).
+starts (a YAML key ``check: module.path:function`` names another function instead), and
+``INVALID_CONFIGS``, a list of overrides ``check`` must refuse, which the conformance suite
+(``tests/test_conformance.py``) holds it to.
+
+The shipped families build ``train`` on ``trainables.common.lifecycle.Trial``, which owns what
+every trial repeats (seeding, capture and restore of every RNG, the checkpoint snapshot, the
+guard against resuming a finished trial, the divergence report, timing, the reliability-diagram
+artifact), so a resumed run reports exactly what an uninterrupted one does. A family of your own
+may use it too (``docs/own_family.md``), or not: the contract above is all the engine relies on.
 """
