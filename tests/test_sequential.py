@@ -110,3 +110,72 @@ def test_sequential_holm_passes_alpha_on():
     shared = decide_all([null, weak], MAX, ALPHA, ["higher", "higher"], [0.0, 0.0])
     assert shared[0].status == INCONCLUSIVE
     assert shared[1].status == INCONCLUSIVE and shared[1].level == ALPHA / 2  # nothing rejected: no share passed on
+
+
+# What `python bench/mutation.py --module orchestrator/sequential.py` found unpinned (issue 16):
+# the fields of every Look and Decision, which looks count, the validation of a look schedule and
+# the spending function's edges.
+
+def test_look_of_pairs_drops_missing_and_has_scipys_standard_error():
+    from orchestrator.sequential import repeated_interval
+
+    a, b = [0.91, None, 0.88, 0.93, math.nan], [0.90, 0.80, 0.85, None, 0.70]
+    look = look_of(a, b, 5)
+    d = [0.91 - 0.90, 0.88 - 0.85]
+    assert (look.seeds, look.n) == (5, 2) and look.diff == pytest.approx(np.mean(d))
+    assert look.se == pytest.approx(stats.sem(d))  # n = 2 has a standard error
+    three = look_of([0.3, 0.5, 0.9], None, 3)
+    assert three.se == pytest.approx(stats.sem([0.3, 0.5, 0.9])) and three.diff == pytest.approx(1.7 / 3)
+    one = look_of([0.4], [0.1], 1)
+    assert (one.n, one.se) == (1, None) and one.diff == pytest.approx(0.3)
+    empty = look_of([math.nan], None, 3)
+    assert (empty.seeds, empty.n, empty.se) == (3, 0, None) and math.isnan(empty.diff)
+    assert repeated_interval(three, math.inf) == (-math.inf, math.inf)
+    assert repeated_interval(three, 2.0) == pytest.approx((three.diff - 2 * three.se, three.diff + 2 * three.se))
+
+
+def test_spending_edges_and_schedule_validation():
+    assert obf_spending(0.0, ALPHA) == 0.0 and obf_spending(-0.5, ALPHA) == 0.0
+    assert obf_spending(1.0, ALPHA) == pytest.approx(ALPHA) and obf_spending(1.5, ALPHA) == pytest.approx(ALPHA)
+    assert obf_spending(0.5, ALPHA) == pytest.approx(2 - 2 * stats.norm.cdf(stats.norm.ppf(0.975) / math.sqrt(0.5)))
+    for ns, times in (([], []), ([2, 4], [1.0]), ([1, 4], [0.5, 1.0]), ([2, 4], [0.0, 1.0]), ([2, 4], [0.5, 0.5]),
+                      ([2, 4, 6], [0.2, 0.5, 0.4]), ([2, 4, 3], [0.2, 0.4, 0.6])):
+        with pytest.raises(ValueError, match="looks must grow from n >= 2 and t > 0"):
+            boundaries(ns, times, ALPHA)
+
+
+def test_decision_fields_look_numbers_and_reasons():
+    tight = look_of([1.0, 1.000001], None, 2)  # t = 2e6 (the first boundary is ~5e4): decided at the first look, with only 2 pairs
+    first = decide([tight], MAX, ALPHA)
+    assert (first.status, first.look, first.level, first.rejects_null) == (VALIDATED, 1, ALPHA, True)
+    c = boundaries([2], [0.2], ALPHA)[0]
+    assert first.interval == pytest.approx((tight.diff - c * tight.se, tight.diff + c * tight.se))
+    assert first.reason == f"crossed the O'Brien-Fleming boundary (|t| {c:.3g}) in the claimed direction"
+    lower = decide([tight], MAX, ALPHA, better="lower")  # the same data against a lower-is-better claim
+    assert (lower.status, lower.rejects_null) == (INVALIDATED, True) and lower.reason.endswith("against the claim")
+    assert decide([look_of([-1.0, -1.000001], None, 2)], MAX, ALPHA, better="lower").status == VALIDATED
+    # a look without new pairs or without new seeds is no look: the decision comes at look 3
+    weak = look_of([0.1, -0.1, 0.05, 0.02], None, 4)
+    looks = [weak, look_of([0.1, -0.1, 0.05, 0.02], None, 6), look_of([0.1, -0.1, 0.05, 0.02, 1.0], None, 4), tight]
+    looks[-1] = look_of([1.0, 1.000001, 1.0, 1.000001, 1.0, 1.000001], None, 8)
+    later = decide(looks, MAX, ALPHA)
+    assert (later.status, later.look) == (VALIDATED, 4)
+    still = decide(looks[:3], MAX, ALPHA)
+    assert (still.status, still.look, still.level) == (OPEN, None, ALPHA) and still.interval is not None
+    assert still.reason == "no boundary crossed in 1 look(s)"
+    end = decide([weak, look_of([0.1, -0.1, 0.05, 0.02, 0.0, 0.01], None, MAX)], MAX, ALPHA)
+    assert (end.status, end.reason) == (INCONCLUSIVE, "no boundary crossed in 2 look(s) up to the maximum")
+    few = decide([look_of([0.1], None, MAX)], MAX, ALPHA)  # at the maximum with one pair: nothing more to run
+    assert (few.status, few.look, few.reason) == (INCONCLUSIVE, None, "fewer than 2 paired seeds: no test")
+    assert decide([look_of([0.1], None, MAX - 1)], MAX, ALPHA).status == OPEN
+
+
+def test_margin_edges_are_inside_and_decide_all_passes_margins_on():
+    for value in (0.5, -0.5):  # the same difference in every seed (se 0): the interval is the point
+        looks = [look_of([value] * 3, None, 3)]
+        d = decide(looks, MAX, ALPHA, margin=0.5)
+        assert (d.status, d.look, d.level, d.rejects_null) == (INVALIDATED, 1, ALPHA, False)
+        assert d.reason == "repeated 0.95 CI inside ±0.5: no meaningful effect"
+    looks = [look_of(np.random.default_rng(3).normal(0.0, 0.001, n), None, n) for n in (4, 6)]
+    shared = decide_all([looks], MAX, ALPHA, ["higher"], [0.01])
+    assert shared[0].status == INVALIDATED and not shared[0].rejects_null
