@@ -219,3 +219,17 @@ def test_without_faiss_the_torch_backend_answers_alone(monkeypatch, data):
     for backend in ("faiss_cpu", "faiss_gpu"):
         with pytest.raises(RuntimeError, match=rf"'{backend}' is not available here \(FAISS is not installed\)"):
             KnnIndex(16, backend=backend)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_a_tie_starting_at_the_kth_place_is_widened_over(backend):
+    """One distinct nearest vector, then 300 exact copies tied for 2nd: k = 2 must return copy 0,
+    which neither FAISS's heap nor torch.topk puts among the first few it fetches."""
+    a, b = np.eye(4, dtype=np.float32)[0], np.eye(4, dtype=np.float32)[1]
+    bank = np.tile(b, (301, 1))
+    bank[250] = a
+    index = KnnIndex(4, backend=backend)
+    index.add(bank)
+    query = (0.9 * a + 0.1 * b)[None, :] / np.linalg.norm(0.9 * a + 0.1 * b)
+    np.testing.assert_array_equal(index.search(query, 2)[1], [[250, 0]])
+    np.testing.assert_array_equal(index.search(query, 3)[1], [[250, 0, 1]])
