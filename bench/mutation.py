@@ -2,13 +2,13 @@
 
     pip install mutmut                                      # not a project dependency
     python bench/mutation.py --module orchestrator/stats.py # one module (repeatable)
-    python bench/mutation.py                                # every module below (about an hour on 2 cores)
+    python bench/mutation.py                                # every module below (hours on 2 cores: bench/README.md)
     python bench/mutation.py --list                         # the modules and the tests each one runs
 
 Each module is mutated in its own copy of the working tree (``--workdir``, default a temporary
 folder; the tree itself is never touched, so it is safe beside other work), and every mutant
-runs only that module's own tests (:data:`MODULES`), which is what keeps a full run near an
-hour. mutmut runs the tests once unmutated, then each mutant in a forked worker
+runs only that module's own tests (:data:`MODULES`; mutmut narrows them further to the tests
+that reach the mutated function). mutmut runs the tests once unmutated, then each mutant in a forked worker
 (``--max-children``, default 1: one core). Printed per module: mutants, killed, survived, no
 test reaches it, timeouts, the kill rate (killed / (killed + survived)) and the wall time; then
 each surviving mutant by name, with its diff under ``--diffs``. The exit code is 0 when every
