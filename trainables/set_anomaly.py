@@ -37,7 +37,7 @@ from trainables.common.data import Dataset, load_dataset
 from trainables.common.features import FEATURE_DIMS, extract_features
 from trainables.common.lifecycle import Trial, cpu_copy
 from trainables.common.metrics import accuracy, metric_key, prefixed, top_k_accuracy
-from trainables.common.training import EarlyStopping, is_diverged, minibatches, resolve_device
+from trainables.common.training import EarlyStopping, forked_rng, is_diverged, minibatches, resolve_device
 
 SPLITS = ("train", "val", "test")
 NETS = ("attention", "flat_mlp")
@@ -194,8 +194,7 @@ def own_stream(seed: int, net: str, *step: int, device: torch.device):
     back: each net's initial weights and dropout masks are then the same whatever the other net
     is (a knob of the attention block must not move the flat MLP's results) and whichever nets
     still train."""
-    cuda = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=cuda):
+    with forked_rng(device):
         torch.manual_seed(int(np.random.SeedSequence([seed, 1003, NETS.index(net), *step]).generate_state(1)[0]))
         yield
 

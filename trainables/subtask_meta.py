@@ -311,9 +311,7 @@ def train(config: dict, report, restore: dict | None = None) -> None:
     t_start = time.perf_counter()
     device = resolve_device(config.get("device", "auto"))
     ds = load_dataset(config["dataset"], max_train=config.get("max_train"), max_test=config.get("max_test"))
-    # own-cnn trained on a cold feature cache reseeds and draws from torch's global RNG: without
-    # the fork, a trial's numbers would depend on whether the cache was warm
-    with trial.timed("features"), torch.random.fork_rng():
+    with trial.timed("features"):  # extract_features leaves every RNG as it found it, cold cache or warm
         x = _features(ds, config)
     subtasks, heads = _subtask_heads(trial, ds, x, config)
     with torch.no_grad():

@@ -28,7 +28,7 @@ from trainables.common.cache import atomic_write, default_cache_dir
 from trainables.common.data import Dataset, load_dataset
 from trainables.common.cache import build_lock
 from trainables.common.encoders import Encoder, OwnCNN, check_name, describe, get_encoder, sha256_file
-from trainables.common.training import resolve_device
+from trainables.common.training import forked_rng, resolve_device
 
 CODE_VERSION = 1  # bump when the extraction code changes what it writes
 SPLITS = ("train", "val", "test")
@@ -65,10 +65,8 @@ def _rng_untouched(device: str):
     """Restore python's, numpy's and torch's global RNGs (the CUDA one of ``device`` too) on exit:
     building an encoder draws its initial weights, and training own-cnn reseeds torch."""
     python, numpy = random.getstate(), np.random.get_state()
-    resolved = resolve_device(device)
-    cuda = [resolved.index if resolved.index is not None else torch.cuda.current_device()] if resolved.type == "cuda" else []
     try:
-        with torch.random.fork_rng(devices=cuda):
+        with forked_rng(resolve_device(device)):
             yield
     finally:
         random.setstate(python)

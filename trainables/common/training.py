@@ -18,6 +18,13 @@ def resolve_device(name: str = "auto") -> torch.device:
     return torch.device(name)
 
 
+def forked_rng(device: torch.device):
+    """``torch.random.fork_rng`` over the CPU generator and, on CUDA, ``device``'s own: the
+    block's draws leave the global torch RNG as it was."""
+    cuda = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
+    return torch.random.fork_rng(devices=cuda)
+
+
 def is_diverged(loss: float | torch.Tensor) -> bool:
     value = float(loss.detach()) if isinstance(loss, torch.Tensor) else float(loss)
     return not math.isfinite(value)
