@@ -198,3 +198,26 @@ def test_non_finite_features_are_refused_and_never_cached(tmp_path):
     with pytest.raises(RuntimeError, match="non-finite features"):
         _extract(encoder, ds, "train", path, batch_size=16, progress=False, meta={})
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_cache_left_non_finite_by_a_diverged_encoder_is_rebuilt(tmp_path):
+    """Encoder weights and features with NaNs (what a diverged own-cnn training cached before
+    such entries were refused) count as corrupted: retrained and re-extracted, finite."""
+    from trainables.common.encoders import sha256_file
+
+    cache = tmp_path / "cache"
+    ds = load_dataset("digits", max_train=200, max_test=50)
+    extract_features(ds, "own-cnn", cache_dir=cache, progress=False)
+    (weights,) = (cache / "encoders").glob("own-cnn-*.pt")
+    state = torch.load(weights, map_location="cpu", weights_only=True)
+    state["state_dict"] = {k: torch.full_like(v, float("nan")) if v.is_floating_point() else v for k, v in state["state_dict"].items()}
+    torch.save(state, weights)
+    for path in (cache / "features" / "own-cnn").glob("*.npy"):
+        np.save(path, np.full(np.load(path).shape, np.nan, dtype=np.float32))
+        meta = json.loads(path.with_suffix(".json").read_text())
+        meta["sha256"] = sha256_file(path)
+        path.with_suffix(".json").write_text(json.dumps(meta))
+    rebuilt = extract_features(ds, "own-cnn", cache_dir=cache, progress=False)
+    assert all(np.isfinite(np.asarray(rebuilt.split(s))).all() for s in ("train", "val", "test"))
+    assert all(torch.isfinite(v).all() for v in torch.load(weights, weights_only=True)["state_dict"].values()
+               if v.is_floating_point())

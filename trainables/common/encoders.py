@@ -175,10 +175,15 @@ def _loadable(path: Path) -> bool:
     if not path.exists():
         return False
     try:
-        torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
-        return True
+        state = torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
     except Exception:  # truncated or corrupted: the caller retrains and replaces it
         return False
+    # weights a diverged training left behind count as corrupted too: they give NaN features
+    return _finite(state)
+
+
+def _finite(state: dict) -> bool:
+    return all(bool(torch.isfinite(v).all()) for v in state.values() if v.is_floating_point())
 
 
 def _train_own_cnn(dataset: Dataset, device: torch.device, progress: bool) -> dict:
@@ -213,6 +218,8 @@ def _train_own_cnn(dataset: Dataset, device: torch.device, progress: bool) -> di
     val_acc = float((torch.cat(preds).numpy() == dataset.val.labels).mean())
     print(f"own-cnn on {dataset.name}: {epochs} epochs, val acc {val_acc:.3f}", file=sys.stderr)
     state_dict = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    if not _finite(state_dict):
+        raise EncoderUnavailable(f"own-cnn training on {dataset.name} diverged (non-finite weights); nothing was cached")
     return {"state_dict": state_dict, "recipe": dict(r), "epochs": epochs, "val_acc": val_acc}
 
 

@@ -134,6 +134,8 @@ def _load_valid(path: Path) -> np.ndarray | None:
         return None
     if list(arr.shape) != meta["shape"] or arr.dtype.str != meta["dtype"]:
         return None
+    if not np.isfinite(arr).all():  # written by a diverged encoder before such features were refused
+        return None
     return arr
 
 
