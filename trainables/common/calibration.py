@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import numpy as np
 from scipy.optimize import minimize_scalar
-from scipy.special import softmax
-
-from trainables.common.metrics import negative_log_likelihood
+from scipy.special import log_softmax
 
 TEMPERATURE_BOUNDS = (1e-2, 1e2)
 
 
 def temperature_nll(logits: np.ndarray, labels: np.ndarray, temperature: float) -> float:
-    return negative_log_likelihood(softmax(np.asarray(logits, np.float64) / temperature, axis=1), labels)
+    """The exact mean NLL of softmax(logits / T), through log-softmax. Not the reported ``nll``
+    metric, which floors probabilities at 1e-12: a floor caps what a confident mistake costs, so
+    on a val set with few mistakes the capped NLL has a spurious minimum at a too-small T."""
+    labels = np.asarray(labels)
+    log_p = log_softmax(np.asarray(logits, np.float64) / temperature, axis=1)
+    return float(-np.mean(log_p[np.arange(len(labels)), labels]))
 
 
 def fit_temperature(logits, labels, bounds: tuple[float, float] = TEMPERATURE_BOUNDS) -> float:
