@@ -56,7 +56,7 @@ def load_runs(tracking_uri: str, family: str, study: str | None = None, sweep_id
     rows = []
     for run in client.search_runs([exp.experiment_id], filter_string=query, max_results=50000):
         tags, params = run.data.tags, run.data.params
-        status = tags.get("status") or ("finished" if run.info.status == "FINISHED" else run.info.status.lower())
+        status = tags.get("status") or run.info.status.lower()  # the runner's tag, else MLflow's, lower case
         base = {"run_id": run.info.run_id, "sweep_id": tags.get("sweep_id", ""), "study": tags.get("study", ""),
                 "status": status, "seed": params.get("seed", tags.get("seed", "")), "dataset": tags.get("dataset", ""),
                 "start_time": run.info.start_time or 0}
@@ -263,8 +263,7 @@ class StudyStats:
         self.table: dict[tuple, Interval] = {}
         self.sd: dict[tuple, float] = {}
         frame = study.frame[study.frame["key"] != ""]
-        for keys, values in frame.groupby(by, sort=False)["value"]:
-            keys = keys if isinstance(keys, tuple) else (keys,)
+        for keys, values in frame.groupby(by, sort=False)["value"]:  # a list grouper: tuple keys (pandas >= 2)
             index = (tuple(keys[:-1]), keys[-1])
             values = values.dropna()
             self.table[index] = Interval.of(values.tolist(), keys[-1])

@@ -1,38 +1,26 @@
-"""Reliability diagrams in the report: per-bin artifacts written by the family lifecycle helper
-from a real classifier (scikit-learn on digits), logged into a real MLflow store the way the
-runner logs a trial's ``artifacts/``, read back by the report; and bounded intervals clipped."""
+"""Reliability diagrams' data (orchestrator/reliability.py) on small synthetic artifacts: per-bin
+means over seeds and the 95% t-band of the accuracy against numpy and scipy, bins empty in
+some or every seed, the ECE the bins give against a direct computation from the probabilities,
+runs whose logged ECE disagrees with their bins, method order, the before/after pairs of eval
+axes, and reading the artifacts back from a (file-backed) MLflow store. These are the fast tests
+bench/mutation.py runs against reliability.py; tests/test_reliability_report.py is the end-to-end
+check through a real SQLite store, the report and a Ray sweep."""
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
 import pytest
 from mlflow.tracking import MlflowClient
 from scipy import stats
-from sklearn.datasets import load_digits
-from sklearn.linear_model import LogisticRegression
-from sklearn.model_selection import train_test_split
 
-from orchestrator.reliability import diagrams, read_artifacts
-from orchestrator.report_build import build_report
-from orchestrator.report_data import CLIPPED_NOTE, Interval
-from orchestrator.tracking import SweepTracker
-from trainables.common.lifecycle import Trial
-from trainables.common.metrics import ECE_BINS, classification_metrics, metric_key
+from orchestrator.reliability import ARTIFACT, Diagram, diagrams, pairs, read_artifacts
+from orchestrator.report_data import Interval
+from trainables.common.metrics import ECE_BINS, expected_calibration_error, reliability_bins
 
-SEEDS = [0, 1, 2]
-TEMPERATURES = [0.5, 2.0]  # an eval axis that changes calibration: softmax(logits / T)
-CLIP_ACC = [0.99, 1.0, 0.97]  # a 95% t-interval over these reaches past 1
-CLIP_ECE = [0.001, 0.02, 0.003]  # ... and below 0
-
-DOC = {
-    "family": "rel", "description": "logistic regression on digits", "objective": {"metric": "val/logreg/acc", "mode": "max"},
-    "default_study": "headline", "defaults": {"dataset": "digits", "C": 1.0},
-    "report": {"headline_metrics": ["acc", "ece"], "labels": {"logreg": "LogReg"}},
-    "studies": {"headline": {"description": "three seeds", "seeds": 3, "eval": {"temperature": TEMPERATURES}},
-                "clip": {"description": "near the bounds", "seeds": 3}},
-}
+SEEDS = ["0", "1", "2"]
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
@@ -40,210 +28,194 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     return z / z.sum(1, keepdims=True)
 
 
-def one_trial(seed: int, artifact_dir) -> tuple[dict, dict[str, tuple[np.ndarray, np.ndarray]]]:
-    """A real model per seed (its own split); metrics as a family reports them; the reliability
-    artifact written by the family-side helper."""
-    x, y = load_digits(return_X_y=True)
-    x_train, x_test, y_train, y_test = train_test_split(x / 16.0, y, test_size=0.3, random_state=seed)
-    model = LogisticRegression(C=0.05, max_iter=300).fit(x_train, y_train)
-    logits = model.decision_function(x_test)
-    methods = {"logreg": softmax(logits)}
-    methods.update({f"logreg:temperature:{t:g}": softmax(logits / t) for t in TEMPERATURES})
-    config = {"seed": seed, "artifact_dir": str(artifact_dir)}
-    reports = []
-    trial = Trial(config, lambda metrics, checkpoint=None: reports.append(metrics))
-    metrics = {metric_key("val", "logreg", "acc"): float(model.score(x_train, y_train))}
-    for method, probs in methods.items():  # the method part of a key carries its axes: logreg:temperature:2
-        trial.reliability("test", method, probs, y_test)
-        metrics.update({metric_key("test", method, m): v for m, v in classification_metrics(probs, y_test).items()})
-    trial.report(1, metrics, done=True)
-    return reports[0], {m: (p, y_test) for m, p in methods.items()}
+def predictions(seed: int, n: int = 200, classes: int = 4, temperature: float = 1.0):
+    """A classifier's probabilities that are right more often than chance, and the labels."""
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, classes, n)
+    logits = rng.normal(size=(n, classes)) * 1.5 + 2.0 * np.eye(classes)[labels]
+    return softmax(logits / temperature), labels
 
 
-@pytest.fixture(scope="module")
-def store(tmp_path_factory):
-    root = tmp_path_factory.mktemp("reliability")
-    uri = f"sqlite:///{root / 'mlflow.db'}"
-    tracker = SweepTracker(uri, "rel", "rel-headline-1", tags={"family": "rel", "study": "headline", "dataset": "digits",
-                                                               "git_commit": "test"})
-    raw, run_ids = {}, {}
-    for seed in SEEDS:
-        artifacts = root / f"trial{seed}" / "artifacts"
-        metrics, raw[seed] = one_trial(seed, artifacts)
-        if seed == 2:  # a family whose logged ECE disagrees with its bins must be caught
-            metrics["test/logreg/ece"] += 0.01
-        run_id = tracker.child(f"t{seed}", {"dataset": "digits", "C": 0.05, "seed": seed,
-                                             "eval": {"temperature": TEMPERATURES}}, {"seed": seed, "dataset": "digits"})
-        tracker.log_result(run_id, metrics, 1)
-        tracker.log_artifacts(run_id, artifacts, "artifacts")  # what the runner does with a trial's artifacts/
-        tracker.set_tags(run_id, {"status": "finished"})
-        tracker.finish(run_id)
-        run_ids[seed] = run_id
-    tracker.finish(tracker.parent_id)
-    clip = SweepTracker(uri, "rel", "rel-clip-1", tags={"family": "rel", "study": "clip", "dataset": "digits",
-                                                         "git_commit": "test"})
-    for seed, acc, ece in zip(SEEDS, CLIP_ACC, CLIP_ECE):
-        run_id = clip.child(f"c{seed}", {"dataset": "digits", "C": 0.05, "seed": seed}, {"seed": seed})
-        clip.log_result(run_id, {"test/logreg/acc": acc, "test/logreg/ece": ece}, 1)
-        clip.set_tags(run_id, {"status": "finished"})
-        clip.finish(run_id)
-    plots = root / "plots"
-    report = build_report(uri, "rel", plots_dir=plots, link_base=root, docs={"rel": DOC})
-    return {"uri": uri, "raw": raw, "run_ids": run_ids, "plots": plots, "md": report.markdown()}
-
-
-def independent_bins(probs: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Per-bin count, mean confidence, accuracy with numpy's digitize (bins (b/15, (b+1)/15])."""
-    conf, correct = probs.max(1), probs.argmax(1) == labels
-    idx = np.clip(np.digitize(conf, np.linspace(0, 1, ECE_BINS + 1), right=True) - 1, 0, ECE_BINS - 1)
-    count = np.bincount(idx, minlength=ECE_BINS)
+def numpy_bins(probs: np.ndarray, labels: np.ndarray, bins: int = ECE_BINS):
+    """Per-bin count, mean confidence and accuracy with numpy's digitize (bin b: (b/bins, (b+1)/bins])."""
+    conf, correct = probs.max(1), (probs.argmax(1) == labels).astype(float)
+    idx = np.clip(np.digitize(conf, np.linspace(0, 1, bins + 1), right=True) - 1, 0, bins - 1)
+    count = np.bincount(idx, minlength=bins)
     with np.errstate(invalid="ignore"):
-        return (count, np.bincount(idx, conf, ECE_BINS) / count, np.bincount(idx, correct.astype(float), ECE_BINS) / count)
+        return count, np.bincount(idx, conf, bins) / count, np.bincount(idx, correct, bins) / count
 
 
-def test_the_report_reads_the_logged_bins_and_their_ece_equals_the_logged_ece(store):
-    client = MlflowClient(store["uri"])
-    artifacts = read_artifacts(store["uri"], list(store["run_ids"].values()))
-    assert len(artifacts) == len(SEEDS)
-    logged = {}
-    for seed, run_id in store["run_ids"].items():
-        metrics = client.get_run(run_id).data.metrics
-        logged.update({(run_id, k): v for k, v in metrics.items() if k.endswith("/ece")})
-        doc = artifacts[run_id]
-        assert doc["bins"] == ECE_BINS and set(doc["splits"]["test"]) == {"logreg", "logreg:temperature:0.5",
-                                                                           "logreg:temperature:2"}
-        for method, (probs, labels) in store["raw"][seed].items():
-            entry = doc["splits"]["test"][method]
-            count, conf, acc = independent_bins(probs, labels)
-            assert entry["count"] == count.tolist()
-            filled = count > 0
-            assert np.allclose(np.array(entry["confidence"], dtype=float)[filled], conf[filled], atol=1e-12)
-            assert np.allclose(np.array(entry["accuracy"], dtype=float)[filled], acc[filled], atol=1e-12)
-            assert all(entry["accuracy"][b] is None for b in np.flatnonzero(~filled))
-            ece_from_logged_bins = float(np.sum(count[filled] / count.sum() * np.abs(acc[filled] - conf[filled])))
-            expected = metrics[f"test/{method}/ece"] - (0.01 if seed == 2 and method == "logreg" else 0.0)
-            assert ece_from_logged_bins == pytest.approx(expected, abs=1e-12)
-    seeds = {run_id: str(seed) for seed, run_id in store["run_ids"].items()}
-    found = {d.method: d for d in diagrams(artifacts, logged, seeds)}
-    plain = found["logreg"]
-    assert plain.runs == 3 and len(plain.mismatched) == 1 and plain.mismatched[0].startswith("seed 2: bins give")
-    assert not found["logreg:temperature:2"].mismatched
-    # the mean over seeds of a bin's accuracy, and its band, against scipy over the seeds with that bin filled
-    b = int(np.argmax(plain.count))
-    per_seed = [independent_bins(*store["raw"][s]["logreg"]) for s in SEEDS]
-    values = [acc[b] for count, _, acc in per_seed if count[b]]
-    assert plain.accuracy[b] == pytest.approx(np.mean(values))
-    assert plain.count[b] == pytest.approx(np.mean([count[b] for count, _, _ in per_seed]))
-    if len(values) > 1 and np.ptp(values) > 0:
-        lo, hi = stats.t.interval(0.95, len(values) - 1, loc=np.mean(values), scale=stats.sem(values))
-        assert plain.accuracy_low[b] == pytest.approx(max(lo, 0.0)) and plain.accuracy_high[b] == pytest.approx(min(hi, 1.0))
+def numpy_ece(probs: np.ndarray, labels: np.ndarray) -> float:
+    count, conf, acc = numpy_bins(probs, labels)
+    filled = count > 0
+    return float(np.sum(count[filled] / count.sum() * np.abs(acc[filled] - conf[filled])))
 
 
-def test_headline_report_draws_one_diagram_per_method_and_the_temperature_pair(store):
-    md, plots = store["md"], store["plots"]
-    names = {"rel-headline-reliability-logreg.png", "rel-headline-reliability-logreg-temperature.png"}
-    # the axis variants are shown by the pair, not each on its own
-    assert {p.name for p in plots.glob("rel-headline-reliability-*.png")} == names
-    for name in names:
-        path = plots / name
-        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 10000
-        assert f"](plots/{name})" in md
-    assert "Reliability diagrams: 3 of 3 trials logged per-bin data" in md
-    assert "ECE from the logged bins differs from the logged ECE: logreg: seed 2: bins give" in md
-    assert "temperature 0.5 vs 2" in md  # the before/after pair's title
-    assert "rel-clip-reliability" not in md  # only the headline study gets diagrams
+def entry(count, confidence, accuracy, ece=None) -> dict:
+    """A hand-made reliability.json entry; its own 'ece' is the one its bins give unless told."""
+    if ece is None:
+        ece = sum(c / sum(count) * abs(a - f) for c, a, f in zip(count, accuracy, confidence) if c)
+    return {"count": count, "confidence": confidence, "accuracy": accuracy, "ece": ece}
 
 
-def test_bounded_intervals_are_clipped_in_tables_with_a_footnote(store):
-    acc = Interval.of(CLIP_ACC, "test/logreg/acc")
-    lo, hi = stats.t.interval(0.95, 2, loc=np.mean(CLIP_ACC), scale=stats.sem(CLIP_ACC))
-    assert hi > 1 and acc.clipped and acc.low == pytest.approx(lo) and acc.high == 1.0
-    ece = Interval.of(CLIP_ECE, "test/logreg/ece")
-    assert stats.t.interval(0.95, 2, loc=np.mean(CLIP_ECE), scale=stats.sem(CLIP_ECE))[0] < 0 and ece.low == 0.0
-    loss = Interval.of([-1.0, 0.5, 2.0], "train/logreg/loss")  # no bounds in the metric table: never clipped
-    assert not loss.clipped and math.isclose(loss.high - loss.mean, loss.mean - loss.low)
-    md = store["md"]
-    clip = md[md.index("## Study `clip`"):]
-    assert f"{np.mean(CLIP_ACC):.4f} [{lo:.4f}, 1.0000] (n=3)" in clip
-    assert f"[0.0000, " in clip and CLIPPED_NOTE in clip
-    assert "± " not in clip.split("**")[2]  # both cells of the clip table are clipped
+def artifact(methods: dict, split: str = "test", bins: int | None = 3) -> dict:
+    doc = {"splits": {split: methods}}
+    return doc if bins is None else {"bins": bins, **doc}
 
 
-FAMILY_PY = '''
-"""Logistic regression on digits; the temperature of its softmax is an eval axis."""
-
-from sklearn.datasets import load_digits
-from sklearn.linear_model import LogisticRegression
-from sklearn.model_selection import train_test_split
-
-from trainables.common.lifecycle import Trial
-from trainables.common.metrics import classification_metrics, metric_key
+def scipy_band(values):
+    mean = float(np.mean(values))
+    low, high = stats.t.interval(0.95, len(values) - 1, loc=mean, scale=stats.sem(values))
+    return max(float(low), 0.0), min(float(high), 1.0)
 
 
-def softmax(z):
-    import numpy as np
-
-    e = np.exp(z - z.max(1, keepdims=True))
-    return e / e.sum(1, keepdims=True)
-
-
-def train(config, report, restore=None):
-    trial = Trial(config, report, restore)
-    x, y = load_digits(return_X_y=True)
-    x_train, x_test, y_train, y_test = train_test_split(x / 16.0, y, test_size=0.3, random_state=config["seed"])
-    for epoch in trial.epochs(1):
-        model = LogisticRegression(C=config["C"], max_iter=200).fit(x_train, y_train)
-        logits = model.decision_function(x_test)
-        metrics = {metric_key("val", "logreg", "acc"): float(model.score(x_train, y_train))}
-        for t in [None] + list(config["eval"].get("temperature", [])):
-            method = "logreg" if t is None else metric_key("test", "logreg", "x", temperature=t).split("/")[1]
-            probs = softmax(logits if t is None else logits / t)
-            trial.reliability("test", method, probs, y_test)
-            metrics.update({f"test/{method}/{k}": v for k, v in classification_metrics(probs, y_test).items()})
-        trial.report(epoch, metrics, done=True)
-'''
-
-FAMILY_YAML = {
-    "entrypoint": "relfam:train", "family": "relfam", "description": "logistic regression, temperature as an eval axis",
-    "objective": {"metric": "val/logreg/acc", "mode": "max"}, "default_study": "headline",
-    "defaults": {"dataset": "digits", "C": 0.05}, "report": {"headline_metrics": ["acc", "ece"]},
-    "studies": {"headline": {"description": "two seeds", "seeds": 2, "eval": {"temperature": [0.5, 2.0]}}},
-}
+def test_a_diagram_is_the_mean_over_seeds_with_a_t_band_against_numpy_and_scipy():
+    raw = {f"run{s}": predictions(s) for s in range(3)}
+    artifacts = {run: {"bins": ECE_BINS, "splits": {"test": {"m": reliability_bins(p, y)}}} for run, (p, y) in raw.items()}
+    logged = {(run, "test/m/ece"): expected_calibration_error(p, y) for run, (p, y) in raw.items()}
+    (d,) = diagrams(artifacts, logged, {f"run{s}": str(s) for s in range(3)})
+    assert (d.method, d.bins, d.runs, d.mismatched) == ("m", ECE_BINS, 3, [])
+    per_seed = [numpy_bins(p, y) for p, y in raw.values()]
+    bands = 0
+    for b in range(ECE_BINS):
+        filled = [(conf[b], acc[b]) for count, conf, acc in per_seed if count[b]]
+        assert d.count[b] == pytest.approx(np.mean([count[b] for count, _, _ in per_seed]))  # empty seeds count 0
+        if not filled:
+            assert d.confidence[b] is d.accuracy[b] is d.accuracy_low[b] is d.accuracy_high[b] is None
+            continue
+        conf, acc = np.array(filled).T
+        assert d.confidence[b] == pytest.approx(conf.mean()) and d.accuracy[b] == pytest.approx(acc.mean())
+        if len(acc) < 2:
+            assert d.accuracy_low[b] is None and d.accuracy_high[b] is None
+        elif np.ptp(acc) > 0:
+            bands += 1
+            assert (d.accuracy_low[b], d.accuracy_high[b]) == pytest.approx(scipy_band(acc))
+    assert bands >= 3  # the data exercise the band, not only its edge cases
+    eces = [numpy_ece(p, y) for p, y in raw.values()]
+    mean = np.mean(eces)
+    low, high = stats.t.interval(0.95, 2, loc=mean, scale=stats.sem(eces))
+    assert (d.ece.n, d.ece.mean) == (3, pytest.approx(mean))
+    assert d.ece.low == pytest.approx(max(low, 0.0)) and d.ece.high == pytest.approx(min(high, 1.0))
 
 
-def test_a_sweep_through_ray_logs_the_bins_and_its_report_draws_them(tmp_path, monkeypatch):
-    """The whole path: the family writes artifacts/reliability.json into config["artifact_dir"],
-    Tune copies it to the trial's storage folder, the MLflow callback logs it, the sweep's report
-    draws the diagrams beside its other plots."""
-    import ray
-    import yaml
-    from click.testing import CliRunner
+def test_bins_empty_in_every_seed_or_filled_in_one_and_a_band_clipped_at_one():
+    artifacts = {
+        "a": artifact({"m": entry([0, 4, 0, 10], [None, 0.5, None, 0.95], [None, 0.25, None, 1.0])}, bins=4),
+        "b": artifact({"m": entry([0, 2, 2, 10], [None, 0.4, 0.7, 0.9], [None, 0.5, 1.0, 0.9])}, bins=4),
+        "c": artifact({"m": entry([0, 0, 0, 4], [None, None, None, 0.98], [None, None, None, 1.0])}, bins=4),
+    }
+    (d,) = diagrams(artifacts, {}, {})
+    assert d.count == pytest.approx([0.0, 2.0, 2 / 3, 8.0])
+    assert d.confidence[0] is d.accuracy[0] is d.accuracy_low[0] is d.accuracy_high[0] is None
+    # bin 1: two seeds; bin 2: only seed b, a mean without a band
+    assert d.confidence[1] == pytest.approx(0.45) and d.accuracy[1] == pytest.approx(0.375)
+    assert (d.accuracy_low[1], d.accuracy_high[1]) == pytest.approx(scipy_band([0.25, 0.5]))
+    assert (d.confidence[2], d.accuracy[2], d.accuracy_low[2], d.accuracy_high[2]) == (0.7, 1.0, None, None)
+    # bin 3: accuracy 1.0, 0.9, 1.0: the t-band reaches past 1 and is clipped there
+    low, high = stats.t.interval(0.95, 2, loc=np.mean([1.0, 0.9, 1.0]), scale=stats.sem([1.0, 0.9, 1.0]))
+    assert high > 1 and d.accuracy_high[3] == 1.0 and d.accuracy_low[3] == pytest.approx(low)
+    assert d.accuracy[3] == pytest.approx(2.9 / 3) and d.confidence[3] == pytest.approx((0.95 + 0.9 + 0.98) / 3)
+    # each seed's ECE by hand from its bins
+    eces = [(4 * 0.25 + 10 * 0.05) / 14, (2 * 0.1 + 2 * 0.3 + 0) / 14, 0.02]
+    assert d.ece.n == 3 and d.ece.mean == pytest.approx(np.mean(eces))
+    same = diagrams({"a": artifacts["a"], "b": artifact({"m": entry([0, 4, 0, 10], [None, 0.5, None, 0.95],
+                                                                    [None, 0.25, None, 1.0])}, bins=4)}, {}, {})[0]
+    assert same.accuracy_low[1] == same.accuracy_high[1] == 0.25  # equal seeds: a band of width 0
 
-    from orchestrator.cli import main
 
-    spaces = tmp_path / "spaces"
-    spaces.mkdir()
-    (spaces / "relfam.py").write_text(FAMILY_PY)
-    (spaces / "relfam.yaml").write_text(yaml.safe_dump(FAMILY_YAML, sort_keys=False))
-    monkeypatch.setenv("ORCHESTRATE_SPACES_DIR", str(spaces))
-    monkeypatch.chdir(tmp_path)
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    ray.init(num_cpus=2, include_dashboard=False, configure_logging=False)
-    try:
-        result = CliRunner().invoke(main, ["sweep", "relfam", "--tracking-uri", uri, "--storage", str(tmp_path / "runs")])
-    finally:
-        ray.shutdown()
-    assert result.exit_code == 0, result.output
-    reports = list((tmp_path / "runs").glob("relfam-headline-*/report.md"))
-    assert len(reports) == 1, result.output
-    report = reports[0]
-    md = report.read_text()
-    assert "Reliability diagrams: 2 of 2 trials logged per-bin data" in md and "differs from the logged ECE" not in md
-    for name in ("relfam-headline-reliability-logreg.png", "relfam-headline-reliability-logreg-temperature.png"):
-        png = report.parent / "plots" / name
-        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f"](plots/{name})" in md
+def test_runs_whose_logged_ece_differs_from_their_bins_are_named():
+    good = entry([3, 1], [0.6, 0.9], [2 / 3, 1.0])  # ECE (3 * 1/15 + 0.1) / 4 = 0.075
+    artifacts = {"r0": artifact({"m": good}), "r1": artifact({"m": dict(good, ece=0.2)}),
+                 "r2": artifact({"m": good}), "r3": artifact({"m": {k: v for k, v in good.items() if k != "ece"}})}
+    logged = {("r0", "test/m/ece"): 0.075 + 1e-12,  # rounding: agrees
+              ("r2", "test/m/ece"): 0.085, ("r2", "val/m/ece"): 0.075,
+              ("r1", "test/m/acc"): 0.5}
+    (d,) = diagrams(artifacts, logged, {"r0": "0", "r1": "1"})
+    assert d.mismatched == ["seed 1: bins give 0.075000, its own 'ece' 0.200000",
+                            "seed ?: bins give 0.075000, the logged metric 0.085000"]
+    assert d.ece.mean == pytest.approx(0.075) and d.ece.n == 4
+    both = diagrams({"r1": artifact({"m": dict(good, ece=0.2)})}, {("r1", "test/m/ece"): 0.1}, {"r1": "1"})[0]
+    assert both.mismatched == ["seed 1: bins give 0.075000, its own 'ece' 0.200000",
+                               "seed 1: bins give 0.075000, the logged metric 0.100000"]
+    assert diagrams({"r": artifact({"m": dict(good, ece=0.075 + 5e-10)})}, {}, {})[0].mismatched == []
+    assert diagrams({"r": artifact({"m": dict(good, ece=0.075 + 2e-9)})}, {}, {})[0].mismatched != []
+
+
+def test_methods_come_plain_first_then_their_axis_variants_in_value_order():
+    e = entry([1, 1], [0.5, 0.9], [0.0, 1.0])
+    names = ["b", "a:t:10", "a:mode:x", "a:t:2", "a", "a:k:1:t:1", "a:t:0.5", "a:mode:10"]
+    found = diagrams({"r": artifact({name: e for name in names})}, {}, {})
+    assert [d.method for d in found] == ["a", "a:mode:10", "a:mode:x", "a:t:0.5", "a:t:2", "a:t:10", "a:k:1:t:1", "b"]
+
+
+def test_one_split_is_read_and_only_runs_that_logged_a_method_count_for_it():
+    e = entry([2, 2], [0.5, 0.8], [0.5, 1.0])
+    val_only = entry([1, 3], [0.4, 0.9], [0.0, 1.0])
+    artifacts = {"r0": {"bins": 2, "splits": {"test": {"m": e, "n": e}, "val": {"m": val_only}}},
+                 "r1": {"bins": 2, "splits": {"test": {"m": e}}},
+                 "r2": {"bins": 2},  # no splits at all
+                 "r3": {"bins": 2, "splits": {"val": {"m": val_only}}}}
+    test = {d.method: d for d in diagrams(artifacts, {}, {})}
+    assert sorted(test) == ["m", "n"] and (test["m"].runs, test["n"].runs) == (2, 1)
+    val = diagrams(artifacts, {("r0", "val/m/ece"): 0.5, ("r0", "test/m/ece"): 0.1}, {"r0": "0"}, split="val")
+    assert [(d.method, d.runs, d.count) for d in val] == [("m", 2, [1.0, 3.0])]
+    assert val[0].mismatched == [f"seed 0: bins give {(1 * 0.4 + 3 * 0.1) / 4:.6f}, the logged metric 0.500000"]
+    assert diagrams(artifacts, {}, {}, split="train") == []
+
+
+def test_the_bin_count_comes_from_the_artifact_or_else_from_the_bins():
+    e = entry([1, 0, 1], [0.4, None, 0.9], [0.0, None, 1.0])
+    assert diagrams({"r": artifact({"m": e}, bins=7)}, {}, {})[0].bins == 7
+    assert diagrams({"r": artifact({"m": e}, bins=None)}, {}, {})[0].bins == 3
+    # the first run that states it
+    assert diagrams({"r": artifact({"m": e}, bins=None), "s": artifact({"m": e}, bins=5)}, {}, {})[0].bins == 5
+
+
+def diagram(method: str) -> Diagram:
+    return Diagram(method, 3, 1, [], [], [], [], [], Interval(0.1, math.nan, math.nan, 1))
+
+
+def test_a_diagram_names_its_method_and_axes():
+    assert diagram("attn_knn:k:20:tta_views:5").base == "attn_knn"
+    assert diagram("attn_knn:k:20:tta_views:5").axes == {"k": "20", "tta_views": "5"}
+    assert diagram("attn_knn").axes == {} and diagram("attn_knn").base == "attn_knn"
+    assert diagram("attn_knn:k").axes == {}  # not a key of the contract
+
+
+def test_pairs_are_the_smallest_and_largest_value_of_each_axis_with_the_others_held():
+    found = [diagram(m) for m in ("m", "m:t:2", "m:t:10", "m:t:0.5", "other:t:1")]
+    assert [(axis, a.method, b.method) for axis, a, b in pairs(found)] == [("t", "m:t:0.5", "m:t:10")]
+    grid = [diagram(m) for m in ("m:k:5:t:1", "m:k:1:t:2", "m:k:1:t:1", "m:k:5:t:2", "m:k:1:t:3")]
+    # k: from 1 to 5 at t=2, the t of the first k=1 variant; t: from 1 to 2 at k=5, the k of the
+    # first t=1 variant (t=3 exists only at k=1)
+    assert [(axis, a.method, b.method) for axis, a, b in pairs(grid)] == [("k", "m:k:1:t:2", "m:k:5:t:2"),
+                                                                         ("t", "m:k:5:t:1", "m:k:5:t:2")]
+
+
+def test_no_pair_without_two_values_of_an_axis_in_one_method():
+    two = [diagram("m:t:1"), diagram("m:t:2")]
+    assert [(axis, a.method, b.method) for axis, a, b in pairs(two)] == [("t", "m:t:1", "m:t:2")]
+    assert pairs([diagram("m"), diagram("m:t:1")]) == []
+    assert pairs([diagram("a:t:1"), diagram("b:t:2")]) == []  # different methods are no before/after
+    # two values of k, but never with the other axis held
+    assert [p[0] for p in pairs([diagram("m:k:1:t:1"), diagram("m:k:2:t:2")])] == []
+    assert pairs([]) == []
+
+
+def test_read_artifacts_returns_the_runs_that_logged_reliability_json(tmp_path, monkeypatch):
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # a file-backed store: no SQLite migrations
+    uri = (tmp_path / "mlruns").as_uri()
     client = MlflowClient(uri)
-    children = client.search_runs([client.get_experiment_by_name("relfam").experiment_id], "tags.role = 'trial'")
-    assert len(children) == 2
-    for run in children:
-        assert "artifacts/reliability.json" in {a.path for a in client.list_artifacts(run.info.run_id, "artifacts")}
+    exp = client.create_experiment("rel")
+    doc = artifact({"m": entry([1, 1], [0.5, 0.9], [0.0, 1.0])})
+    folder = tmp_path / "artifacts"
+    folder.mkdir()
+    (folder / "reliability.json").write_text(json.dumps(doc))
+    (folder / "other.json").write_text("{}")
+    with_bins, without, elsewhere = (client.create_run(exp).info.run_id for _ in range(3))
+    client.log_artifact(with_bins, str(folder / "reliability.json"), "artifacts")
+    client.log_artifact(without, str(folder / "other.json"), "artifacts")
+    client.log_artifact(elsewhere, str(folder / "reliability.json"), "plots")
+    assert ARTIFACT == "artifacts/reliability.json"
+    assert read_artifacts(uri, [with_bins, without, elsewhere]) == {with_bins: doc}
+    assert read_artifacts(uri, []) == {}
