@@ -151,9 +151,10 @@ def parse_claims(doc: dict, family: str, source: str | None = None) -> list[Clai
     source = source or f"{family}.yaml"
     if not isinstance(raw, list):
         raise UsageError(f"{source}: claims: expected a list")
-    studies = set(doc.get("studies") or {})
-    known = set(doc.get("defaults") or {})
-    default_study = doc.get("default_study") or next(iter(studies), None)
+    specs = doc.get("studies") or {}
+    studies, known = set(specs), set(doc.get("defaults") or {})
+    # the YAML's first study, as a sweep's default (spaces.py) and the report's headline (a set has no order)
+    default_study = doc.get("default_study") or next(iter(specs), None)
     return [_parse_one(entry, f"{source}: claims[{i}]", studies, known, default_study) for i, entry in enumerate(raw)]
 
 
