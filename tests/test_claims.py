@@ -10,13 +10,12 @@ import math
 import numpy as np
 import pytest
 from scipy import stats
-from statsmodels.stats.multitest import multipletests
 from statsmodels.stats.power import TTestPower
 
 from orchestrator.claims import (INCONCLUSIVE, INVALIDATED, VALIDATED, Claim, Side, cell_sides, check_claims,
                                  lower_is_better, paired_values, parse_claims, rows_of, same_value, validate_claims)
 from orchestrator.errors import UsageError
-from report_frames import tidy_frame
+from report_frames import holm, tidy_frame
 
 SEEDS = range(6)
 BASE = np.array([0.80, 0.82, 0.81, 0.79, 0.83, 0.80])
@@ -355,7 +354,7 @@ def test_statuses_p_values_and_holm_across_claims():
     raw = [stats.ttest_rel(BASE + GAIN, BASE).pvalue, stats.ttest_rel(BASE - LOSS, BASE).pvalue,
            stats.ttest_rel(BASE + NOISE, BASE).pvalue, stats.ttest_rel(BASE_ECE - ECE_CUT, BASE_ECE).pvalue,
            stats.ttest_1samp(PERF, 0.5).pvalue, stats.ttest_1samp(PERF, 0.1).pvalue]
-    adjusted = multipletests(raw, method="holm")[1]
+    adjusted = holm(raw)
     assert [r.status for r in results] == [VALIDATED, INVALIDATED, INCONCLUSIVE, VALIDATED, VALIDATED, INVALIDATED,
                                            INCONCLUSIVE]
     for r, p, p_adj in zip(results, raw, adjusted):
@@ -468,7 +467,7 @@ def test_evidence_leaves_out_wilcoxon_below_six_seeds_and_p_a_gt_b_for_threshold
     d = x - 0.5
     lo, hi = stats.t.interval(0.95, 4, loc=d.mean(), scale=stats.sem(d))
     p = stats.ttest_1samp(x, 0.5).pvalue
-    p_adj = multipletests([stats.ttest_rel(BASE[:5] + GAIN[:5], BASE[:5]).pvalue, p], method="holm")[1][1]
+    p_adj = holm([stats.ttest_rel(BASE[:5] + GAIN[:5], BASE[:5]).pvalue, p])[1]
     assert thr.evidence == (f"perf/x_ms = {x.mean():.4f} (mean of n=5), claimed below 0.5000; "
                             f"Δ = {d.mean():+.4f} [{lo:+.4f}, {hi:+.4f}]; t-test {p_text(p)}, Holm {p_text(p_adj)}; "
                             f"d_z = {d.mean() / d.std(ddof=1):.2f} → significant (Holm p < 0.05) in the claimed direction")
