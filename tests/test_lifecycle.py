@@ -123,3 +123,232 @@ def test_reliability_bins_reproduce_ece(seed):
     if in_last.any():
         assert bins["confidence"][-1] == pytest.approx(conf[in_last].mean())
         assert bins["accuracy"][-1] == pytest.approx((probs.argmax(1) == labels)[in_last].mean())
+
+
+# ---------------------------------------------------------------- every RNG, seeding, checkpoint contents
+# (bench/mutation.py: each check below stands for a class of wiring bug in the lifecycle)
+
+
+def draws():
+    """One draw from every process-wide RNG."""
+    return random.random(), float(np.random.rand()), float(torch.rand(1))
+
+
+class FakeCuda:
+    """torch.cuda as a node with (or without) an initialised GPU: a per-device RNG state list."""
+
+    def __init__(self, monkeypatch, available=True, initialized=True):
+        self.state, self.restored = [torch.tensor([1, 2], dtype=torch.uint8)], []
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: available)
+        monkeypatch.setattr(torch.cuda, "is_initialized", lambda: initialized)
+        monkeypatch.setattr(torch.cuda, "get_rng_state_all", lambda: self.state)
+        monkeypatch.setattr(torch.cuda, "set_rng_state_all", self.restored.append)
+
+
+def test_cuda_rng_is_captured_and_restored_only_where_cuda_is_in_use(monkeypatch):
+    cuda = FakeCuda(monkeypatch)
+    state = capture_rng()
+    assert state["cuda"] is cuda.state
+    restore_rng(state)
+    assert cuda.restored == [cuda.state]
+    # a process that never touched CUDA: capturing must not initialise it
+    FakeCuda(monkeypatch, initialized=False)
+    assert "cuda" not in capture_rng()
+    # a GPU checkpoint resumed on a CPU node, and a CPU checkpoint on a GPU node: nothing to set
+    cpu_node = FakeCuda(monkeypatch, available=False)
+    restore_rng(state)
+    restore_rng({key: value for key, value in state.items() if key != "cuda"})
+    assert cpu_node.restored == []
+    gpu_node = FakeCuda(monkeypatch)
+    restore_rng({key: value for key, value in state.items() if key != "cuda"})
+    assert gpu_node.restored == []
+
+
+def test_restore_rng_rewinds_every_rng_after_draws_from_each():
+    state = capture_rng()
+    before = [draws() for _ in range(3)]
+    restore_rng(state)
+    assert [draws() for _ in range(3)] == before
+
+
+@pytest.mark.parametrize("seed", [0, 7, 2**32 + 5, 2**40 + 3])
+def test_seed_all_seeds_each_rng_as_its_own_seeding_does(seed):
+    from trainables.common.lifecycle import seed_all
+
+    seed_all(seed)
+    got = draws()
+    # numpy's legacy seed takes 32 bits: the seed modulo 2**32
+    expected = (random.Random(seed).random(), float(np.random.RandomState(seed % 2**32).rand()),
+                float(torch.rand(1, generator=torch.Generator().manual_seed(seed))))
+    assert got == expected
+
+
+def test_numpy_streams_are_tracked_apart():
+    """Two numpy streams resume each from its own state (one shared checkpoint name would
+    restore one stream's state into both)."""
+    def family(restore=None, stop_after=None):
+        out = []
+
+        def report(metrics, checkpoint=None):
+            out.append((metrics, checkpoint))
+            if metrics["epoch"] == stop_after:
+                raise KeyboardInterrupt
+
+        trial = Trial({"seed": 1}, report, restore)
+        a, b = trial.numpy_rng(1), trial.numpy_rng(2)
+        try:
+            for epoch in trial.epochs(4):
+                trial.report(epoch, {"a": float(a.random()), "b": float(b.random())}, done=epoch == 4)
+        except KeyboardInterrupt:
+            pass
+        return out
+
+    full = family()
+    assert full[0][0]["a"] == np.random.default_rng([1, 1]).random()  # seeded with [seed, *stream]
+    assert full[0][0]["b"] == np.random.default_rng([1, 2]).random()
+    cut = family(stop_after=2)
+    assert [m for m, _ in cut] + [m for m, _ in family(restore=cut[-1][1])] == [m for m, _ in full]
+
+
+def reports_of(config, body, restore=None):
+    """Run ``body(trial)`` in a Trial and return what it reported."""
+    out = []
+    trial = Trial(config, lambda metrics, checkpoint=None: out.append((metrics, checkpoint)), restore)
+    body(trial)
+    return out
+
+
+def test_a_trial_finished_early_does_not_resume():
+    """A trial that stopped early (done before its last epoch) stays finished on resume."""
+    def body(trial):
+        for epoch in trial.epochs(10):
+            trial.report(epoch, {}, done=epoch == 3)
+            if epoch == 3:
+                return
+
+    final = reports_of({"seed": 0}, body)[-1][1]
+    assert final["done"] is True and final["epoch"] == 3
+    assert reports_of({"seed": 0}, body, restore=final) == []
+    assert Trial({"seed": 0}, print, restore=final).finished is True
+
+
+def test_reports_are_not_final_unless_done_and_resume_after_their_epoch():
+    def body(trial):
+        for epoch in trial.epochs(3, first=2):
+            trial.report(epoch, {"x": epoch})
+
+    reports = reports_of({"seed": 0}, body)
+    assert [m for m, _ in reports] == [{"epoch": 2, "x": 2}, {"epoch": 3, "x": 3}]
+    assert [c["done"] for _, c in reports] == [False, False]
+    mid = reports[0][1]
+    assert Trial({"seed": 0}, print, restore=mid).finished is False
+    assert [m for m, _ in reports_of({"seed": 0}, body, restore=mid)] == [{"epoch": 3, "x": 3}]
+
+
+def test_diverged_reports_no_checkpoint():
+    out = reports_of({"seed": 0}, lambda trial: trial.diverged(4))
+    assert out == [({"epoch": 4, "diverged": 1.0}, None)]
+
+
+def test_values_are_restored_on_resume_and_defaults_otherwise():
+    def body(trial):
+        best = trial.value("best", {"w": torch.zeros(2)})
+        count = trial.value("count", 0)
+        for epoch in trial.epochs(2):
+            best["w"] += 1
+            trial.values["count"] = count = count + 1
+            trial.report(epoch, {"w": best["w"].tolist(), "count": count})
+
+    first = reports_of({"seed": 0}, body)
+    assert [m["w"] for m, _ in first] == [[1.0, 1.0], [2.0, 2.0]]  # each checkpoint a snapshot, not the live tensor
+    assert first[0][1]["values"]["best"]["w"].tolist() == [1.0, 1.0]
+    restore = {**first[0][1], "values": {"count": 1}}  # a value missing from the checkpoint falls back to its default
+    assert [m for m, _ in reports_of({"seed": 0}, body, restore=restore)] == [{"epoch": 2, "w": [1.0, 1.0], "count": 2}]
+
+
+def test_checkpoint_values_are_deep_copies():
+    class Holder:
+        def __init__(self):
+            self.items = [1]
+
+    holder = Holder()
+    snap = cpu_copy({"h": holder, "t": (torch.ones(1, requires_grad=True),)})
+    holder.items.append(2)
+    assert snap["h"].items == [1] and isinstance(snap["t"], tuple) and not snap["t"][0].requires_grad
+
+
+# ---------------------------------------------------------------- timing and the reliability artifact
+
+
+class Clock:
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self):
+        return self.now
+
+
+def test_timed_adds_each_blocks_wall_time_and_survives_resume(monkeypatch):
+    from trainables.common import lifecycle
+
+    clock = Clock()
+    monkeypatch.setattr(lifecycle.time, "perf_counter", clock)
+
+    def body(trial):
+        for epoch in trial.epochs(2):
+            with trial.timed("epoch"):
+                clock.now += 0.25
+            with pytest.raises(ValueError), trial.timed("eval"):  # a block that raises still counts
+                clock.now += 0.5
+                raise ValueError
+            trial.report(epoch, {"epoch_ms": trial.ms("epoch"), "never_ms": trial.ms("never"), **trial.perf()})
+
+    first = reports_of({"seed": 0}, body)
+    assert first[-1][0] == {"epoch": 2, "epoch_ms": 500.0, "never_ms": 0.0, "perf/epoch_ms": 500.0, "perf/eval_ms": 1000.0}
+    resumed = reports_of({"seed": 0}, body, restore=first[0][1])
+    assert resumed[-1][0] == first[-1][0]
+
+
+def softmax_rows(seed, n=200, classes=4):
+    rng = np.random.default_rng(seed)
+    logits = rng.normal(size=(n, classes)) * 2
+    probs = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+    return probs, rng.integers(0, classes, n)
+
+
+def test_reliability_artifact_is_written_with_the_final_report_only(tmp_path):
+    import json
+
+    directory = tmp_path / "nested" / "artifacts"
+    (val, val_y), (test, test_y) = softmax_rows(0), softmax_rows(1)
+
+    def body(trial):
+        for epoch in trial.epochs(2):
+            trial.reliability("val", "m:k:5", val, val_y)
+            trial.reliability("test", "m:k:5", test, test_y)
+            trial.report(epoch, {}, done=epoch == 2)
+            assert (directory / "reliability.json").exists() == (epoch == 2)
+
+    reports_of({"seed": 0, "artifact_dir": str(directory)}, body)
+    written = json.loads((directory / "reliability.json").read_text())
+    assert written == json.loads(json.dumps({"bins": ECE_BINS, "splits": {
+        "val": {"m:k:5": reliability_bins(val, val_y)}, "test": {"m:k:5": reliability_bins(test, test_y)}}}))
+    assert written["splits"]["test"]["m:k:5"]["ece"] == pytest.approx(expected_calibration_error(test, test_y))
+    assert sorted(p.name for p in directory.iterdir()) == ["reliability.json"]  # no temporary file left
+
+
+def test_no_artifact_without_reliability_or_without_a_directory(tmp_path):
+    def final(trial):
+        for epoch in trial.epochs(1):
+            trial.report(epoch, {}, done=True)
+
+    reports_of({"seed": 0, "artifact_dir": str(tmp_path)}, final)
+    assert list(tmp_path.iterdir()) == []  # nothing to write: no reliability was kept
+
+    def with_bins(trial):
+        trial.reliability("val", "m", *softmax_rows(2))
+        final(trial)
+
+    reports_of({"seed": 0}, with_bins)  # outside the orchestrator: no directory, no file, no error
+    reports_of({"seed": 0, "artifact_dir": ""}, with_bins)
+    assert list(tmp_path.iterdir()) == []
