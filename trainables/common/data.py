@@ -265,7 +265,8 @@ def _load_imagefolder(path: Path, cache_dir):
             decoded[split] = arrays
     if "train" in decoded and "test" in decoded:
         (xi, yi, classes), (xt, yt, classes_t) = decoded["train"], decoded["test"]
-        if classes != classes_t:
+        # one source lists its classes over both splits: compare the classes each split holds
+        if classes != classes_t or set(np.unique(yi)) != set(np.unique(yt)):
             raise DataError(f"train and test class folders differ in {path}")
         train, test = Split(xi, yi), Split(xt, yt)
     else:
@@ -283,8 +284,7 @@ def _load_imagefolder(path: Path, cache_dir):
 
 def _decode_cached(src: Path, cache_dir) -> dict[str, tuple[np.ndarray, np.ndarray, list[str]]]:
     """Decode every image of ``src`` once; later calls read the cached arrays."""
-    stat = src.stat()
-    key = hashlib.sha256(f"{src.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|v1".encode()).hexdigest()[:16]
+    key = hashlib.sha256(f"{src.resolve()}|{_source_version(src)}|v1".encode()).hexdigest()[:16]
     cache = Path(cache_dir or default_cache_dir()) / "imagefolder" / f"{src.stem}-{key}.npz"
     cached = _load_decoded(cache)
     if cached is not None:
@@ -292,6 +292,17 @@ def _decode_cached(src: Path, cache_dir) -> dict[str, tuple[np.ndarray, np.ndarr
     with build_lock(cache, f"decoded images of {src.name}"):  # one process decodes, the others wait
         cached = _load_decoded(cache)
         return cached if cached is not None else _decode_all(src, cache)
+
+
+def _source_version(src: Path) -> str:
+    """Size and mtime of a zip, or of every image file of a folder: a folder's own mtime changes
+    only when its direct entries do, so an image added or replaced in a class folder would
+    otherwise be served stale from the cache."""
+    if src.is_file():
+        stat = src.stat()
+        return f"{stat.st_size}|{stat.st_mtime_ns}"
+    stats = ((rel, (src / rel).stat()) for rel in _list_image_files(src))
+    return hashlib.sha256("|".join(f"{rel}:{st.st_size}:{st.st_mtime_ns}" for rel, st in stats).encode()).hexdigest()
 
 
 def _load_decoded(cache: Path) -> dict | None:
