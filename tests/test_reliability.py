@@ -143,9 +143,12 @@ def test_runs_whose_logged_ece_differs_from_their_bins_are_named():
 
 def test_methods_come_plain_first_then_their_axis_variants_in_value_order():
     e = entry([1, 1], [0.5, 0.9], [0.0, 1.0])
-    names = ["b", "a:t:10", "a:mode:x", "a:t:2", "a", "a:k:1:t:1", "a:t:0.5", "a:mode:10"]
+    names = ["b", "a:t:10", "a:mode:x", "a:t:2", "a", "a:k:1:t:10", "a:k:10:t:1", "a:k:1:t:2", "a:k:2:t:1",
+             "a:k:1:t:1", "a:t:0.5", "a:mode:10"]
     found = diagrams({"r": artifact({name: e for name in names})}, {}, {})
-    assert [d.method for d in found] == ["a", "a:mode:10", "a:mode:x", "a:t:0.5", "a:t:2", "a:t:10", "a:k:1:t:1", "b"]
+    # with two axes: by their names, then by each value in numeric order
+    assert [d.method for d in found] == ["a", "a:mode:10", "a:mode:x", "a:t:0.5", "a:t:2", "a:t:10", "a:k:1:t:1",
+                                         "a:k:1:t:2", "a:k:1:t:10", "a:k:2:t:1", "a:k:10:t:1", "b"]
 
 
 def test_one_split_is_read_and_only_runs_that_logged_a_method_count_for_it():
@@ -196,10 +199,17 @@ def test_no_pair_without_two_values_of_an_axis_in_one_method():
     two = [diagram("m:t:1"), diagram("m:t:2")]
     assert [(axis, a.method, b.method) for axis, a, b in pairs(two)] == [("t", "m:t:1", "m:t:2")]
     assert pairs([diagram("m"), diagram("m:t:1")]) == []
+    # an axis with one variant does not stop the next axis from pairing
+    one_then_two = [diagram("m:a:1"), diagram("m:t:1"), diagram("m:t:2")]
+    assert [(axis, a.method, b.method) for axis, a, b in pairs(one_then_two)] == [("t", "m:t:1", "m:t:2")]
     assert pairs([diagram("a:t:1"), diagram("b:t:2")]) == []  # different methods are no before/after
     # two values of k, but never with the other axis held
     assert [p[0] for p in pairs([diagram("m:k:1:t:1"), diagram("m:k:2:t:2")])] == []
     assert pairs([]) == []
+    # the same axes in another order are one value, not a before/after (a pair needs two values)
+    assert pairs([diagram("m:k:1:t:1"), diagram("m:t:1:k:1")]) == []
+    reordered = [diagram("m:k:1:t:1"), diagram("m:t:1:k:1"), diagram("m:k:1:t:2")]
+    assert [(axis, a.method, b.method) for axis, a, b in pairs(reordered)] == [("t", "m:k:1:t:1", "m:k:1:t:2")]
 
 
 def test_read_artifacts_returns_the_runs_that_logged_reliability_json(tmp_path, monkeypatch):
