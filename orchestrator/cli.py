@@ -122,7 +122,7 @@ def sweep(family, study, dataset, sets, address, tracking_uri, storage, cpus_per
 
     opts = SweepOptions(address=address, tracking_uri=tracking_uri, storage=storage, cpus_per_trial=cpus_per_trial,
                         gpus_per_trial=gpus_per_trial, max_concurrent=max_concurrent, resume=resume,
-                        verbose=verbose, seeds=seeds)
+                        verbose=verbose, seeds=seeds, no_report=no_report)
     if until_decided:
         from orchestrator.until_decided import sweep_until_decided
 

@@ -37,11 +37,11 @@ from orchestrator.mlflow_callback import MlflowCallback
 from orchestrator.progress import LiveView, catch_sigterm
 from orchestrator.spaces import Study, load_family_file
 from orchestrator.study_record import STUDY_FILE, log_record, study_record
-from orchestrator.sweep_summary import log_summary
 from orchestrator.sync import SWEEP_META, finish_parent, storage_fs, storage_location, sync_sweep, write_sweep_meta
 from orchestrator.tracking import (SweepTracker, check_tracking_uri, configure_client, default_artifact_root,
                                    default_tracking_uri, git_commit, warn)
 from orchestrator.trainable import make_trainable
+from orchestrator.warmup import REPORT_MODULES, SUMMARY_MODULES, Warmup
 from trainables.common.data import DataError, validate_spec
 
 MLFLOW_RETRY_ENV = "ORCHESTRATE_MLFLOW_RETRY_S"
@@ -62,6 +62,7 @@ class SweepOptions:
     seeds: list[int] | None = None  # what --seeds gave (already in the study); a resume must match
     name: str | None = None  # a new sweep's Tune experiment name (default: the sweep id)
     sweep_id: str | None = None  # log under this sweep's MLflow parent (--until-decided rounds); default: the name
+    no_report: bool = False  # no report follows the sweep (its modules are not imported ahead)
 
 
 @dataclass
@@ -288,11 +289,16 @@ def run_sweep(study: Study, opts: SweepOptions) -> SweepOutcome:
     if opts.gpus_per_trial and not address and not _cuda_here():
         raise UsageError(f"--gpus-per-trial {opts.gpus_per_trial} asks for GPUs but this machine has none")
 
-    started = start_ray(address, opts.verbose)
-    catch_sigterm()
+    # the MLflow store opens (and what the sweep's end needs is imported) while Ray starts
+    warmup = Warmup(tracking_uri, SUMMARY_MODULES + (() if opts.no_report else REPORT_MODULES))
+    started = False
     try:
+        started = start_ray(address, opts.verbose)
+        catch_sigterm()
         check_trial_resources(opts.cpus_per_trial, opts.gpus_per_trial)
-    except UsageError:
+        warmup.wait()
+    except BaseException:
+        warmup.discard()
         if started:
             ray.shutdown()
         raise
@@ -348,6 +354,8 @@ def run_sweep(study: Study, opts: SweepOptions) -> SweepOutcome:
             sync_sweep(experiment, tracking_uri, workdir)
         else:  # the callback logged every result and ended every run: a sync would re-read all to add nothing
             finish_parent(tracker, len(results), errored, diverged)
+        from orchestrator.sweep_summary import log_summary  # scipy: imported by the warmup, not before Ray starts
+
         # a round of --until-decided holds only its own trials: the parent's summary reads them all from the store
         log_summary(tracker, study, [(r.config, r.metrics or {}) for r in results] if sweep_id == name else None)
     except Exception as exc:  # noqa: BLE001 - Tune's results on disk are complete; MLflow can catch up later
