@@ -7,12 +7,14 @@ import re
 import shlex
 import signal
 
+import numpy as np
 import pytest
 from mlflow.tracking import MlflowClient
 
 from fault_helpers import finish, results_on_disk, start, wait_for
 from orchestrator.cli import first_table
-from orchestrator.progress import cell_label, group_by_cell
+from orchestrator.progress import FINISHED_STATES, LiveView, cell_label, group_by_cell
+from orchestrator.spaces import load_study
 
 CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")  # everything but tab and newline, \r and ESC included
 
@@ -21,6 +23,55 @@ def test_cells_and_groups_read_as_the_study_writes_them():
     assert cell_label({"lr": 0.1, "batch_size": 64, "seed": 3}, ["batch_size", "lr"]) == "batch_size=64 lr=0.1"
     assert cell_label({"seed": 3}, []) == "defaults"
     assert group_by_cell([("lr=0.1", 1), ("lr=0.2", 0), ("lr=0.1", 0)]) == ["lr=0.1: seeds 0, 1", "lr=0.2: seed 0"]
+
+
+def brute_force(trials: list, status: dict, metric: str) -> tuple:
+    """What the view must say, recomputed from every trial: (done, running, pending, errored), best cell."""
+    cells: dict[str, list[float]] = {}
+    for t in trials:
+        value = t.last_result.get(metric)
+        if status[t.trial_id] == "TERMINATED" and not t.last_result.get("diverged") and value is not None:
+            cells.setdefault(cell_label(t.config, ["lr"]), []).append(value)
+    best = max(cells, key=lambda c: sum(cells[c]) / len(cells[c]), default=None)
+    states = [status[t.trial_id] for t in trials]
+    counts = (states.count("TERMINATED"), states.count("RUNNING"), states.count("PENDING"), states.count("ERROR"))
+    return counts, best and (best, sum(cells[best]) / len(cells[best]), len(cells[best]))
+
+
+def test_live_view_bookkeeping_per_event_equals_a_recount_of_every_trial():
+    """The view keeps counts and the best cell per event (a rescan per step grew with the square of
+    the trial count); over random steps, completions (some diverged), errors and trials appearing
+    late, on Tune's own Trial objects, it says what a recount of every trial says."""
+    from ray.tune.experiment import Trial
+
+    rng = np.random.default_rng(0)
+    study = load_study("busy_loop", "scaling")
+    study.grid, study.space, study.seeds = {"lr": [0.1, 0.2, 0.3]}, {}, list(range(20))
+    assert study.num_trials == 60
+    view, trials, status = LiveView(study), [], {}
+    metric = view.metric
+    for step in range(400):
+        if len(trials) < 60 and rng.random() < 0.3:  # the searcher adds a trial
+            trials.append(Trial("busy_loop", config={"lr": float(rng.choice([0.1, 0.2, 0.3])), "seed": len(trials)}, stub=True))
+        open_trials = [t for t in trials if t.status not in FINISHED_STATES]
+        if open_trials and rng.random() < 0.5:
+            t = open_trials[rng.integers(len(open_trials))]
+            if t.status == "PENDING":
+                t.set_status(Trial.RUNNING)
+            elif rng.random() < 0.15:
+                view._see(trials, t, "ERROR")  # on_trial_error's bookkeeping (its line reads the trial's error file)
+                t.set_status(Trial.ERROR)
+            else:
+                t.update_last_result({metric: float(rng.random()), "diverged": float(rng.random() < 0.1)})
+                view.on_trial_complete(step, trials, t)
+                t.set_status(Trial.TERMINATED)  # Tune sets it after the callbacks
+        view.on_step_end(step, trials)
+        status = {t.trial_id: t.status for t in trials}
+        counts, best = brute_force(trials, status, metric)
+        assert view._state()[:2] == counts[:2] and view._state()[3] == counts[3]
+        assert view._state()[2] == counts[2] + 60 - len(trials)  # never-created trials count as pending
+        assert view.best() == (best and pytest.approx(best))
+    assert sum(t.status in FINISHED_STATES for t in trials) > 20  # the walk finished a good share
 
 
 def test_the_console_takes_the_reports_first_table_with_caption_and_notes():
