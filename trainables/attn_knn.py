@@ -129,19 +129,31 @@ class NeighbourAttention(nn.Module):
         b_q, b_k, b_v = self.attention.in_proj_bias.chunk(3)
         return F.linear(bank, w_k, b_k), F.linear(self.label_embedding.weight, w_v, b_v)
 
-    def attend(self, z: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, neighbours: torch.Tensor,
-               neighbour_labels: torch.Tensor) -> torch.Tensor:
-        """``forward`` on projected keys and values (:meth:`project`): z (B, D), bank indices and
-        labels of the neighbours (B, k) -> logits (B, C). The same function, up to float rounding."""
+    def scores(self, z: torch.Tensor, keys: torch.Tensor, neighbours: torch.Tensor) -> torch.Tensor:
+        """Scaled attention logits of each query over its neighbours (bank indices, (B, k)) on
+        projected keys (:meth:`project`): (B, H, k). Each is a sum over one head's features, the
+        same whatever k is, so the first k columns of the scores at a larger k are exactly the
+        scores at k (one computation serves every k of an eval axis)."""
         mha, (b, k) = self.attention, neighbours.shape
         heads, d = mha.num_heads, mha.head_dim
         w_q, b_q = mha.in_proj_weight.chunk(3)[0], mha.in_proj_bias.chunk(3)[0]
         q = F.linear(z, w_q, b_q).view(b, heads, 1, d)
         key = keys[neighbours].view(b, k, heads, d).transpose(1, 2)  # (B, H, k, d)
-        value = values[neighbour_labels].view(b, k, heads, d).transpose(1, 2)
-        weights = ((q @ key.transpose(-1, -2)) / math.sqrt(d)).softmax(-1)  # (B, H, 1, k)
-        attended = (weights @ value).reshape(b, heads * d)
-        return self.classify(mha.out_proj(attended))
+        return (q * key).sum(-1) / math.sqrt(d)
+
+    def combine(self, scores: torch.Tensor, values: torch.Tensor, neighbour_labels: torch.Tensor) -> torch.Tensor:
+        """Logits (B, C) from :meth:`scores` (B, H, k) and the projected class values of the
+        neighbours' labels (B, k)."""
+        (b, heads, k), d = scores.shape, self.attention.head_dim
+        value = values[neighbour_labels].view(b, k, heads, d).transpose(1, 2)  # (B, H, k, d)
+        attended = (scores.softmax(-1).unsqueeze(-2) @ value).reshape(b, heads * d)
+        return self.classify(self.attention.out_proj(attended))
+
+    def attend(self, z: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, neighbours: torch.Tensor,
+               neighbour_labels: torch.Tensor) -> torch.Tensor:
+        """``forward`` on projected keys and values (:meth:`project`): z (B, D), bank indices and
+        labels of the neighbours (B, k) -> logits (B, C). The same function, up to float rounding."""
+        return self.combine(self.scores(z, keys, neighbours), values, neighbour_labels)
 
 
 class AttnKnnNet(nn.Module):
@@ -199,16 +211,25 @@ def refresh_memory(memory: Memory | None, model: AttnKnnNet, ds: Dataset, device
 
 
 @torch.no_grad()
-def attend_all(model: AttnKnnNet, z: torch.Tensor, memory: Memory, neighbours: torch.Tensor, projected=None) -> torch.Tensor:
-    """attn_knn probabilities of every query, in batches, on the bank's keys and the classes'
-    values projected once (``projected``: :meth:`NeighbourAttention.project` of the bank)."""
+def attend_all(model: AttnKnnNet, z: torch.Tensor, memory: Memory, neighbours: torch.Tensor, projected=None,
+               ks: list[int] | None = None) -> dict[int, torch.Tensor]:
+    """attn_knn probabilities of every query for each k in ``ks`` (default: every neighbour in
+    ``neighbours``, (B, max k) in the search's order), in batches: the bank's keys and the
+    classes' values projected once (``projected``: :meth:`NeighbourAttention.project`), the
+    scores over the widest k computed once and each k attending over its first k (copied to
+    their own tensor, so each k runs the very computation an evaluation at that k alone runs)."""
     model.eval()
+    ks = ks or [neighbours.shape[1]]
+    out: dict[int, list] = {k: [] for k in ks}
     with autocast(z.device):
         keys, values = projected if projected is not None else model.attention.project(memory.bank)
-        out = [model.attention.attend(z[s : s + EVAL_BATCH], keys, values, neighbours[s : s + EVAL_BATCH],
-                                      memory.labels[neighbours[s : s + EVAL_BATCH]]).float().softmax(1)
-               for s in range(0, len(z), EVAL_BATCH)]
-    return torch.cat(out)
+        for s in range(0, len(z), EVAL_BATCH):
+            nbr = neighbours[s : s + EVAL_BATCH, : max(ks)]
+            scores, labels = model.attention.scores(z[s : s + EVAL_BATCH], keys, nbr), memory.labels[nbr]
+            for k in ks:
+                logits = model.attention.combine(scores[..., :k].contiguous(), values, labels[:, :k].contiguous())
+                out[k].append(logits.float().softmax(1))
+    return {k: torch.cat(parts) for k, parts in out.items()}
 
 
 def predict(model, ds, images, memory, ks, views, cfg, device, flip) -> tuple[dict[tuple, np.ndarray], torch.Tensor]:
@@ -226,11 +247,12 @@ def predict(model, ds, images, memory, ks, views, cfg, device, flip) -> tuple[di
         clean = z if v == 0 else clean
         sims, nbr = memory.index.search(z, max(ks))
         per_view = {("cnn", None): cnn_probs}
+        attended = attend_all(model, z, memory, nbr, projected, ks)
         for k in ks:
-            s, i, y = sims[:, :k], nbr[:, :k], memory.labels[nbr[:, :k]]
+            s, y = sims[:, :k], memory.labels[nbr[:, :k]]
             per_view["uniform_knn", k] = uniform_vote(s, y, ds.num_classes)
             per_view["distance_knn", k] = softmax_vote(s, y, ds.num_classes, cfg["temperature"])
-            per_view["attn_knn", k] = attend_all(model, z, memory, i, projected)
+            per_view["attn_knn", k] = attended[k]
         for key, p in per_view.items():
             sums[key] = sums.get(key, 0) + p.double()
         if v + 1 in views:
