@@ -11,9 +11,8 @@ import torch
 from scipy.optimize import brentq
 from scipy.special import softmax
 
+from one_thread import one_thread  # noqa: F401  (one torch and one BLAS/OpenMP thread: tiny models)
 from trainables.common.calibration import TEMPERATURE_BOUNDS, fit_temperature, temperature_nll
-
-torch.set_num_threads(1)
 
 
 def sampled(n=400, classes=5, scale=1.0, seed=0):

@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 from sklearn.datasets import load_digits
 
+from one_thread import one_thread  # noqa: F401  (one torch and one BLAS/OpenMP thread: tiny models)
 from trainables.common.data import (
     DataError,
     Dataset,

@@ -11,6 +11,7 @@ import pytest
 import torch
 from torch import nn
 
+from one_thread import one_thread  # noqa: F401  (one torch and one BLAS/OpenMP thread: tiny models)
 from trainables.common.lifecycle import Trial, capture_rng, cpu_copy, restore_rng
 from trainables.common.metrics import ECE_BINS, ece_from_bins, expected_calibration_error, reliability_bins
 from trainables.common.training import EarlyStopping
@@ -266,6 +267,24 @@ def test_values_are_restored_on_resume_and_defaults_otherwise():
     assert [m for m, _ in reports_of({"seed": 0}, body, restore=restore)] == [{"epoch": 2, "w": [1.0, 1.0], "count": 2}]
 
 
+class DeviceSpy(torch.Tensor):
+    """A tensor that records the arguments of every ``.to`` call (no GPU here to move from)."""
+
+    moves: list = []
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        if func is torch.Tensor.to:
+            cls.moves.append((args[1:], kwargs or {}))
+        return super().__torch_function__(func, types, args, kwargs or {})
+
+
+def test_checkpoint_tensors_are_copied_to_the_cpu():
+    DeviceSpy.moves.clear()
+    cpu_copy({"w": torch.ones(2).as_subclass(DeviceSpy)})
+    assert DeviceSpy.moves == [(("cpu",), {"copy": True})]
+
+
 def test_checkpoint_values_are_deep_copies():
     class Holder:
         def __init__(self):
@@ -331,6 +350,9 @@ def test_reliability_artifact_is_written_with_the_final_report_only(tmp_path):
 
     reports_of({"seed": 0, "artifact_dir": str(directory)}, body)
     written = json.loads((directory / "reliability.json").read_text())
+    (directory / "reliability.json").unlink()
+    reports_of({"seed": 0, "artifact_dir": str(directory)}, body)  # into a directory that exists already
+    assert json.loads((directory / "reliability.json").read_text()) == written
     assert written == json.loads(json.dumps({"bins": ECE_BINS, "splits": {
         "val": {"m:k:5": reliability_bins(val, val_y)}, "test": {"m:k:5": reliability_bins(test, test_y)}}}))
     assert written["splits"]["test"]["m:k:5"]["ece"] == pytest.approx(expected_calibration_error(test, test_y))

@@ -12,9 +12,8 @@ import numpy as np
 import pytest
 import torch
 
+from one_thread import one_thread  # noqa: F401  (one torch and one BLAS/OpenMP thread: tiny models)
 from trainables.common.training import EarlyStopping, autocast, forked_rng, is_diverged, minibatches, resolve_device, to_device
-
-torch.set_num_threads(1)
 
 
 # ---------------------------------------------------------------- devices
