@@ -109,24 +109,30 @@ class MlflowCallback(tune.Callback):
                     self._queue.task_done()
 
     def _write(self, ops: list) -> None:
-        """Apply ``ops`` in order; a run of consecutive results becomes one batch per trial."""
+        """Apply ``ops`` in order; a run of consecutive results becomes one batch per trial, and
+        a trial's end rides on its last results' batch where they are in the same pass (its
+        status tag in that batch: one SQLite transaction less per trial, ~30 ms on the VM)."""
         pending: dict[str, list] = {}
         for kind, trial_id, where, payload in ops:
             if kind == "result":
                 pending.setdefault(trial_id, [where]).append(payload)
                 continue
-            self._write_results(pending)
+            end = {"complete": "diverged" if payload else "finished", "error": "error"}.get(kind)
+            tagged = self._write_results(pending, {trial_id: end} if end else {})
             pending = {}
             run_id = self._run_id(trial_id, *where)
             if run_id is None:
                 continue
             if kind == "complete":
-                self._end(trial_id, run_id, "diverged" if payload else "finished", "FINISHED", Path(where[1]) / "artifacts")
+                self._end(trial_id, run_id, end, "FINISHED", Path(where[1]) / "artifacts", tagged)
             elif kind == "error":
-                self._end(trial_id, run_id, "error", "FAILED", None)
+                self._end(trial_id, run_id, end, "FAILED", None, tagged)
         self._write_results(pending)
 
-    def _write_results(self, pending: dict[str, list]) -> None:
+    def _write_results(self, pending: dict[str, list], status: dict[str, str] | None = None) -> bool:
+        """One batch per trial of its queued results; ``status``: trial -> the status tag that
+        goes in its batch. True when a status tag went out that way."""
+        tagged = False
         for trial_id, (where, *reports) in pending.items():
             run_id = self._run_id(trial_id, *where)
             if run_id is None:
@@ -135,6 +141,9 @@ class MlflowCallback(tune.Callback):
             now = int(time.time() * 1000)
             for step, values, report_tags in reports:
                 tags.update(report_tags)
+            if status and trial_id in status:
+                tags["status"] = status[trial_id]
+            for step, values, _ in reports:
                 if self.tracker.is_logged(run_id, step) or step in steps:
                     continue  # a resumed trial re-reporting a step MLflow has
                 values = {k: v for k, v in values.items() if k != STEP_MARKER}
@@ -144,6 +153,8 @@ class MlflowCallback(tune.Callback):
             if self._batches(run_id, metrics, [RunTag(k, str(v)) for k, v in tags.items()]):
                 self.tracker.mark_logged(run_id, max(steps, default=0))
                 self.tracker.stats["steps_logged"] += len(steps)
+                tagged |= bool(status and trial_id in status)
+        return tagged
 
     def _batches(self, run_id: str, metrics: list, tags: list) -> bool:
         for start in range(0, max(len(metrics), 1), MAX_BATCH):
@@ -152,8 +163,9 @@ class MlflowCallback(tune.Callback):
                 return False
         return True
 
-    def _end(self, trial_id: str, run_id: str, status: str, run_status: str, artifacts: Path | None) -> None:
-        ok = self._safe(self.tracker.set_tags, run_id, {"status": status}) is not None
+    def _end(self, trial_id: str, run_id: str, status: str, run_status: str, artifacts: Path | None,
+             tagged: bool = False) -> None:
+        ok = tagged or self._safe(self.tracker.set_tags, run_id, {"status": status}) is not None
         if artifacts is not None and artifacts.is_dir() and any(artifacts.iterdir()):
             ok &= self._safe(self.tracker.log_artifacts, run_id, artifacts, "artifacts") is not None
         ok &= self._safe(self.tracker.finish, run_id, run_status) is not None
