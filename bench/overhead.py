@@ -13,12 +13,16 @@ so project / plain Tune is what the project adds on top of Tune. Cases:
   MLflow store's size;
 - ``--trivial N``: N trials of nothing (0-s epochs) through the sweep, with the time of each
   block of 100 (from the trials' MLflow end times) and the driver's peak RSS: flat blocks
-  mean the per-trial cost does not grow with the sweep.
+  mean the per-trial cost does not grow with the sweep;
+- ``--smoke``: the commands as a user types them, each in a fresh empty folder, timed from
+  process start to exit: ``orchestrate --help`` and ``orchestrate sweep busy_loop --study
+  smoke`` (4 trials of 3 x 0.2-s epochs, 2 at once, a new SQLite store, the report).
 
     python bench/overhead.py --quick     # 4 trials: 0.5-s and 5-s kernels, once (~3 min)
     python bench/overhead.py             # the 1-s and 30-s cases (~20 min)
     python bench/overhead.py --many      # 200 x 0.2-s trials (~10 min)
     python bench/overhead.py --trivial 1000
+    python bench/overhead.py --smoke     # --help and the no-op smoke sweep, 3 repeats (~2 min)
 """
 
 from __future__ import annotations
@@ -43,6 +47,7 @@ from trainables import busy_loop  # noqa: E402
 
 FAMILY = "busy_loop"
 TARGETS = {"1-s": 1.3, "30-s": 1.05, "many": 1.5}  # project / plain Tune (issue 13)
+SMOKE_TARGETS = {"help": 1.0, "smoke sweep": 15.0}  # wall seconds on 2 cores (issue 13)
 
 
 def trial_configs(trials: int, epochs: int, seconds_per_epoch: float) -> list[dict]:
@@ -182,21 +187,47 @@ def trivial(args, tmp: Path) -> None:
               "(flat: about 1)")
 
 
+def smoke(args, tmp: Path) -> None:
+    """``orchestrate --help`` and the smoke study as typed, each repeat in a fresh empty folder."""
+    repeats = args.repeats or 3
+    commands = {"help": ["--help"], "smoke sweep": ["sweep", FAMILY, "--study", "smoke"]}
+    print(f"{FAMILY} smoke: {', '.join(' '.join(['orchestrate', *c]) for c in commands.values())}; {repeats} repeats")
+    print(machine_line())
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI", "ORCHESTRATE_SPACES_DIR")}
+    walls: dict[str, list[float]] = {name: [] for name in commands}
+    for rep in range(repeats):
+        for name, words in commands.items():
+            work = tmp / f"smoke-{rep}-{name.replace(' ', '-')}"
+            work.mkdir()
+            run = run_measured([sys.executable, "-m", "orchestrator.cli", *words], work, env)
+            if run.code != 0:
+                raise RuntimeError(f"orchestrate {' '.join(words)} failed (exit {run.code}):\n{run.output[-3000:]}")
+            walls[name].append(run.wall)
+        print(f"  repeat {rep + 1}: " + ", ".join(f"{name} {w[-1]:.2f} s" for name, w in walls.items()), flush=True)
+    print(table(["command", "wall s (min / median)"], [[name, min_median(w)] for name, w in walls.items()]))
+    for name, target in SMOKE_TARGETS.items():
+        median = statistics.median(walls[name])
+        print(f"{name}: median {median:.2f} s (target < {target:g} s: {verdict(median < target)})")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="4 trials of 0.5-s and 5-s kernels, once")
     parser.add_argument("--many", action="store_true", help="200 trials of 0.2 s: sweep vs plain Tune")
     parser.add_argument("--trivial", type=int, metavar="N", help="N trials of nothing through the sweep")
     parser.add_argument("--block", type=int, default=100, help="trials per timed block of --trivial (default 100)")
+    parser.add_argument("--smoke", action="store_true", help="orchestrate --help and the smoke sweep, as typed")
     parser.add_argument("--trials", type=int, help="trials per case (default 8; quick 4; many 200)")
     parser.add_argument("--workers", type=int, default=os.cpu_count(), help="trials at once, every way (default: CPUs)")
-    parser.add_argument("--repeats", type=int, help="runs of each case (default 2; quick 1)")
+    parser.add_argument("--repeats", type=int, help="runs of each case (default 2; quick 1; smoke 3)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="bench_overhead_") as tmp:
         if args.trivial:
             trivial(args, Path(tmp))
         elif args.many:
             many(args, Path(tmp))
+        elif args.smoke:
+            smoke(args, Path(tmp))
         else:
             compare(args, Path(tmp))
 
