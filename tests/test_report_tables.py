@@ -15,7 +15,8 @@ from statsmodels.stats.power import TTestPower
 
 from orchestrator.report_config import ReportConfig
 from orchestrator.report_data import StudyRuns, StudyStats
-from orchestrator.report_tables import (RANKED_TRIALS, ab_table, baseline_table, best_configuration, column, drop_table,
+from orchestrator.stats import paired_test
+from orchestrator.report_tables import (RANKED_TRIALS, _verdict, ab_table, baseline_table, best_configuration, column, drop_table,
                                         eval_signatures, eval_tables, grid_tables, headline_table, methods_of, metrics_of,
                                         perf_table, ranking_table)
 from report_frames import holm, tidy_frame
@@ -59,7 +60,7 @@ GAIN = np.array([0.050, 0.040, 0.060])
 BASE_ECE = np.array([0.10, 0.12, 0.11])
 ECE_CUT = np.array([0.020, 0.030, 0.025])
 FIT_MS, EVAL_MS = np.array([0.50, 0.55, 0.60]), np.array([0.20, 0.22, 0.21])
-K_SHIFT = {1: -0.03, 5: 0.0, 20: -0.01}
+K_SHIFT = {1: -0.03, 2: -0.02, 5: 0.0, 10: -0.005, 20: -0.01, 50: -0.04}
 
 
 def headline_frame():
@@ -69,6 +70,7 @@ def headline_frame():
         metrics = {"test/base/acc": base, "test/good/acc": good, "test/same/acc": base, "test/base/ece": BASE_ECE[s],
                    "test/good/ece": BASE_ECE[s] - ECE_CUT[s], "test/same/ece": BASE_ECE[s],
                    "test/other/top5": 0.9, "val/valonly/acc": 0.7, "val/good/acc": good - 0.01,
+                   "val/valonly:k:1/acc": 0.6, "val/valonly:k:5/acc": 0.65,  # eval axes of another split
                    "test/solo:views:2/acc": 0.5, "perf/fit_ms": FIT_MS[s], "perf/eval_ms": EVAL_MS[s]}
         for k, shift in K_SHIFT.items():
             metrics |= {f"test/good:k:{k}/acc": good + shift, f"test/base:k:{k}/acc": base + shift / 2}
@@ -113,11 +115,12 @@ def test_headline_table_cells_are_t_intervals_over_seeds(head):
 
 def test_eval_table_rows_are_axis_values_in_numeric_order(head):
     study, st = head
-    assert eval_signatures(study, cfg()) == {("k",): ["base", "good"]}  # views takes one value: no table
+    # views takes one value: no table; valonly's axes are on val, not this split
+    assert eval_signatures(study, cfg()) == {("k",): ["base", "good"]}
     (table,) = eval_tables(study, st, cfg())  # ECE has no eval-axis values: no table
     assert table.title == "test Accuracy vs k"
     assert list(table.frame.columns) == ["k", "base", "Good"]
-    assert table.frame["k"].tolist() == ["1", "5", "20"]
+    assert table.frame["k"].tolist() == ["1", "2", "5", "10", "20", "50"]
     for _, row in table.frame.iterrows():
         shift = K_SHIFT[int(row["k"])]
         assert row["Good"] == interval(BASE + GAIN + shift) and row["base"] == interval(BASE + shift / 2)
@@ -125,6 +128,17 @@ def test_eval_table_rows_are_axis_values_in_numeric_order(head):
     assert eval_signatures(study, cfg(methods=["good:k:5", "base"])) == {("k",): ["good", "base"]}
     assert eval_signatures(study, cfg(methods=["good"])) == {("k",): ["good"]}
     assert list(eval_tables(study, st, cfg(methods=["good"]))[0].frame.columns) == ["k", "Good"]
+
+
+def test_eval_table_over_two_axes_orders_rows_by_both():
+    acc = {(k, v): 0.5 + k / 100 + v / 1000 for k in (1, 5, 20) for v in (2, 10)}
+    frame = tidy_frame([(s, {}, {f"test/m:k:{k}:views:{v}/acc": a + s / 100 for (k, v), a in acc.items()}) for s in range(2)])
+    study = study_of(frame)
+    (table,) = eval_tables(study, StudyStats(study), cfg())
+    assert table.title == "test Accuracy vs k, views"
+    assert list(table.frame.columns) == ["k", "views", "m"]
+    assert table.frame[["k", "views"]].values.tolist() == [[str(k), str(v)] for k, v in sorted(acc)]
+    assert table.frame["m"].tolist() == [interval([a, a + 0.01]) for _, a in sorted(acc.items())]
 
 
 def test_perf_table_has_every_timing_in_key_order(head):
@@ -174,6 +188,13 @@ def test_baseline_table_pairs_by_seed_and_holm_corrects_the_table(head):
     same_record = table.records[2]
     assert (same_record["p_t"], same_record["p_t_holm"], same_record["d_z"], same_record["note"]) == (
         None, None, None, "identical in every seed")
+
+
+def test_baseline_table_skips_only_the_metrics_a_method_lacks():
+    frame = tidy_frame([(s, {}, {"test/base/acc": 0.8 + s / 100, "test/base/ece": 0.1, "test/a/ece": 0.05 + s / 100})
+                        for s in range(3)])
+    table = baseline_table(study_of(frame), cfg())
+    assert table.frame[["Method", "Metric"]].values.tolist() == [["a", "ECE"]]
 
 
 def test_no_baseline_table_without_a_baseline_or_its_values(head):
@@ -279,6 +300,7 @@ def test_a_method_named_like_a_param_gets_its_own_column():
     assert column(cfg(), "good", ["Good"]) == "Good (method)"
     (table,) = grid_tables(study, StudyStats(study), cfg(headline_metrics=["acc"]))
     assert list(table.frame.columns) == ["scenario", "attention", "base", "attention (method)"]
+    assert table.title == "test Accuracy vs scenario, attention"
     row = table.frame[(table.frame["scenario"] == "a") & (table.frame["attention"] == "True")].iloc[0]
     assert row["attention (method)"] == interval(values["a", True]) and row["base"] == "—"
 
@@ -377,9 +399,34 @@ def test_ab_verdicts_without_a_test():
         "**batch_size=256** vs reference (Good): Accuracy: n/a (n=1: no test)" + needs.format(n=1),
         "**batch_size=512** vs reference (Good): Accuracy: no difference (identical in every seed)"]
     rows = table.frame.set_index("Cell")
+    assert table.records[0] == {"cell": "batch_size=64", "reference": "batch_size=128", "method": "good", "metric": "acc",
+                                "n": 0, "p_t_holm": None, "p_wilcoxon_holm": None}
     assert rows.loc["batch_size=64", "Δ Accuracy"] == "n/a (no paired seeds)"
     assert rows.loc["batch_size=256", "Δ Accuracy"] == "+0.0500 (n=1, no interval)"
     assert rows.loc["batch_size=512", "p Accuracy t (Holm)"] == "n/a"
+
+
+def test_two_seeds_get_a_verdict():
+    study = ab_study(seeds=2)
+    table = ab_table(study, StudyStats(study), cfg(headline_metrics=["acc"]))
+    acc = {b: 0.9 + AB_SEED[:2] + AB_ACC[b][:2] for b in AB_ACC}
+    d, p = acc[64] - acc[128], holm([stats.ttest_rel(acc[b], acc[128]).pvalue for b in (64, 256)])[0]
+    assert p >= 0.05
+    assert table.notes[0].startswith("**batch_size=64 (lr=0.05)** vs reference (Good): Accuracy: no significant difference "
+                                     f"(Δ = {d.mean():+.4f}, p = {p:.4f} after Holm); seeds for 80% power: ")
+
+
+def test_verdict_words_follow_the_metric_direction_and_alpha_is_strict():
+    up, down = paired_test([0.62, 0.64, 0.63], [0.60, 0.61, 0.62]), paired_test([0.60, 0.61, 0.62], [0.62, 0.64, 0.63])
+    assert _verdict("acc", up, 0.01, 0.05) == f"Accuracy higher (better), Δ = {up.diff:+.4f}, p = 0.0100 after Holm"
+    assert _verdict("ece", up, 0.01, 0.05) == f"ECE higher (worse), Δ = {up.diff:+.4f}, p = 0.0100 after Holm"
+    assert _verdict("acc", down, 0.01, 0.05) == f"Accuracy lower (worse), Δ = {down.diff:+.4f}, p = 0.0100 after Holm"
+    assert _verdict("perf/fit_ms", down, 1e-5, 0.05) == (f"perf/fit_ms lower (better), Δ = {down.diff:+.4f}, "
+                                                        "p < 0.0001 after Holm")
+    assert up.diff > 0 > down.diff and f"{up.diff:+.4f}".startswith("+")
+    at_alpha = _verdict("acc", up, 0.05, 0.05)  # significant means p < alpha
+    assert at_alpha.startswith(f"Accuracy: no significant difference (Δ = {up.diff:+.4f}, p = 0.0500 after Holm); "
+                               "seeds for 80% power: ")
 
 
 def test_ab_table_without_or_with_a_missing_reference():
@@ -496,6 +543,12 @@ def test_best_configuration_is_the_best_mean_across_studies():
     assert best_configuration([h, g], cfg(objective={"metric": "val/zz/acc", "mode": "max"})) is None
 
 
+def test_best_configuration_tie_goes_to_the_first_in_order():
+    first, second = (StudyStats(study_of(tidy_frame([(0, {}, {"val/good/acc": 0.7})], study=n), n)) for n in ("p", "q"))
+    for mode in ("max", "min"):
+        assert best_configuration([first, second], cfg(objective={"metric": "val/good/acc", "mode": mode}))["Study"] == "p"
+
+
 def test_best_configuration_names_defaults_and_an_unknown_dataset():
     h, _ = best_studies(dataset="")
     plain = StudyStats(study_of(h.study.frame, "h"))
@@ -506,6 +559,6 @@ def test_best_configuration_names_defaults_and_an_unknown_dataset():
     row = best_configuration([changed], cfg())
     assert row["Configuration"] == "lr=0.1; epochs=2, noise=0.1"
     mixed = pd.concat([tidy_frame([(0, {}, {"val/good/acc": 0.7})], sweep=sweep, dataset=dataset)
-                       for sweep, dataset in (("a", "digits"), ("b", "cifar10"))], ignore_index=True)
+                       for sweep, dataset in (("a", "digits"), ("b", "cifar10"), ("c", ""))], ignore_index=True)
     mixed = StudyStats(study_of(mixed, "m"))
     assert best_configuration([mixed], cfg())["Dataset"] == "cifar10, digits"
