@@ -469,6 +469,17 @@ def test_imagefolder_path_may_hold_a_colon(tmp_path):
     write_tree(tmp_path / "a:b", [""], per_class=5)
     ds = load_dataset(f"imagefolder:{tmp_path / 'a:b'}", cache_dir=tmp_path / "cache")
     assert ds.classes == ["ant", "bee", "cat"]
+    assert train_class_counts(f"imagefolder:{tmp_path / 'a:b'}").tolist() == np.bincount(ds.train.labels).tolist()
+
+
+def test_a_zip_with_a_broken_directory_is_a_data_error(tmp_path):
+    write_tree(tmp_path / "tree", [""], per_class=2)
+    raw = zip_tree(tmp_path / "tree", tmp_path / "set.zip").read_bytes()
+    broken = tmp_path / "broken.zip"  # its end record is intact, so it still looks like a zip
+    broken.write_bytes(raw.replace(b"PK\x01\x02", b"XX\x01\x02"))
+    assert zipfile.is_zipfile(broken)
+    with pytest.raises(DataError, match=f"cannot read {broken}: Bad magic number for central directory"):
+        validate_spec(f"imagefolder:{broken}")
 
 
 # ---------------------------------------------------------------- torchvision CIFAR, without the download
@@ -541,6 +552,8 @@ def test_cifar_download_is_asked_for_and_failures_are_data_errors(tmp_path, monk
     fake_cifar(monkeypatch, [], fail=RuntimeError("Dataset not found or corrupted."))
     with pytest.raises(DataError, match=r"cifar100 is not available under .*\(load it with download=True; needs network access\): Dataset not found"):
         load_dataset("cifar100")
+    with pytest.raises(DataError, match=r"cifar100 is not available under \S+: Dataset not found"):  # no hint to download
+        load_dataset("cifar100", download=True)
     fake_cifar(monkeypatch, [], fail=OSError("no route"))
     with pytest.raises(DataError, match=r"cifar10 download failed \(no network\?\): no route"):
         load_dataset("cifar10", download=True, data_root=tmp_path)
@@ -549,7 +562,7 @@ def test_cifar_download_is_asked_for_and_failures_are_data_errors(tmp_path, monk
 # ---------------------------------------------------------------- train_class_counts against the loaded split
 
 
-@pytest.mark.parametrize("val_fraction,max_train,imbalance", [(0.1, None, 1.0), (0.2, 300, 1.0), (0.1, None, 10.0), (0.05, 500, 4.0)])
+@pytest.mark.parametrize("val_fraction,max_train,imbalance", [(0.1, None, 1.0), (0.2, 300, 1.0), (0.1, None, 10.0), (0.05, 500, 4.0), (0.1, None, 2.0)])
 def test_train_class_counts_are_the_loaded_training_split(val_fraction, max_train, imbalance):
     ds = load_dataset("digits", val_fraction=val_fraction, max_train=max_train)
     ds = with_imbalance(ds, imbalance, seed=0) if imbalance != 1 else ds
