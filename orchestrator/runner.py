@@ -296,13 +296,13 @@ def run_sweep(study: Study, opts: SweepOptions) -> SweepOutcome:
         started = start_ray(address, opts.verbose)
         catch_sigterm()
         check_trial_resources(opts.cpus_per_trial, opts.gpus_per_trial)
+        check_shared_storage(storage)
         warmup.wait()
     except BaseException:
         warmup.discard()
         if started:
             ray.shutdown()
         raise
-    check_shared_storage(storage)
     tags = {"family": study.family, "study": study.name, "dataset": study.base.get("dataset"), "git_commit": git_commit()}
     tracker = SweepTracker(tracking_uri, study.family, sweep_id, tags,
                            artifact_root=default_artifact_root(tracking_uri, workdir))
