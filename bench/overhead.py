@@ -117,6 +117,7 @@ def compare(args, tmp: Path) -> None:
     trials = args.trials or (4 if args.quick else 8)
     repeats = args.repeats or (1 if args.quick else 2)
     cases = [("0.5-s", 1, 0.5), ("5-s", 5, 1.0)] if args.quick else [("1-s", 1, 1.0), ("30-s", 10, 3.0)]
+    cases = [case for case in cases if not args.case or case[0] in args.case]
     print(f"{FAMILY}: {trials} trials per case, {args.workers} at once, {repeats} repeat(s)")
     print(machine_line())
     rows, ratios = [], {}
@@ -216,6 +217,8 @@ def main() -> None:
     parser.add_argument("--many", action="store_true", help="200 trials of 0.2 s: sweep vs plain Tune")
     parser.add_argument("--trivial", type=int, metavar="N", help="N trials of nothing through the sweep")
     parser.add_argument("--block", type=int, default=100, help="trials per timed block of --trivial (default 100)")
+    parser.add_argument("--case", action="append", choices=["1-s", "30-s", "0.5-s", "5-s"],
+                        help="run only this case of the default comparison (repeatable)")
     parser.add_argument("--smoke", action="store_true", help="orchestrate --help and the smoke sweep, as typed")
     parser.add_argument("--trials", type=int, help="trials per case (default 8; quick 4; many 200)")
     parser.add_argument("--workers", type=int, default=os.cpu_count(), help="trials at once, every way (default: CPUs)")
