@@ -1,5 +1,6 @@
 """trainables.common.data: splits, training-split transforms, augmentation, ImageFolder loading."""
 
+import os
 import re
 import zipfile
 from collections import Counter
@@ -465,6 +466,20 @@ def test_validate_spec_class_counts_and_messages(tmp_path):
         validate_spec("mnist")
 
 
+def test_an_unreadable_path_is_a_data_error(tmp_path, monkeypatch):
+    # root reads everything, so the permission check is seen through a stand-in for os.access
+    from trainables.common import data
+
+    write_tree(tmp_path / "tree", [""], per_class=2)
+    zipped = zip_tree(tmp_path / "tree", tmp_path / "set.zip")
+    asked = []
+    monkeypatch.setattr(data.os, "access", lambda path, mode: asked.append(mode) and False)
+    for path in (tmp_path / "tree", zipped):
+        with pytest.raises(DataError, match=f"dataset path is not readable: {path}$"):
+            validate_spec(f"imagefolder:{path}")
+    assert asked == [os.R_OK | os.X_OK, os.R_OK]  # a folder must be searchable too
+
+
 def test_imagefolder_path_may_hold_a_colon(tmp_path):
     write_tree(tmp_path / "a:b", [""], per_class=5)
     ds = load_dataset(f"imagefolder:{tmp_path / 'a:b'}", cache_dir=tmp_path / "cache")
@@ -552,7 +567,8 @@ def test_cifar_download_is_asked_for_and_failures_are_data_errors(tmp_path, monk
     fake_cifar(monkeypatch, [], fail=RuntimeError("Dataset not found or corrupted."))
     with pytest.raises(DataError, match=r"cifar100 is not available under .*\(load it with download=True; needs network access\): Dataset not found"):
         load_dataset("cifar100")
-    with pytest.raises(DataError, match=r"cifar100 is not available under \S+: Dataset not found"):  # no hint to download
+    root = tmp_path / "default" / "torchvision"
+    with pytest.raises(DataError, match=re.escape(f"cifar100 is not available under {root}: Dataset not found")):  # no hint to download
         load_dataset("cifar100", download=True)
     fake_cifar(monkeypatch, [], fail=OSError("no route"))
     with pytest.raises(DataError, match=r"cifar10 download failed \(no network\?\): no route"):
