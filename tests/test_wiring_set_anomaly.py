@@ -330,6 +330,15 @@ def test_patience_stops_each_net_on_its_own_val_curve(long_run):
                 assert metrics[f"train/{net}/loss"] == long_run[e - 1][0][f"train/{net}/loss"]
 
 
+def test_max_train_and_max_test_0_mean_the_whole_split():
+    """0 is the YAML's 'the whole split' for both caps. Mutations caught: 0 handed to
+    load_dataset as a size."""
+    whole = load_dataset("digits")
+    assert len(sa.load_data(config(max_train=0)).train.labels) == len(whole.train.labels)
+    assert len(sa.load_data(config(max_test=0)).test.labels) == len(whole.test.labels)
+    assert len(sa.load_data(config(max_test=200)).test.labels) == 200
+
+
 def test_test_split_changes_only_test_metrics(base_run):
     """max_test changes only the test split (val and train are carved first): every train, val
     and info figure of every report must stay the same. Mutations caught: standardising with
