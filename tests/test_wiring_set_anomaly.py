@@ -277,14 +277,17 @@ def test_early_stopping_selects_on_val_and_reports_the_val_best_model(long_run):
     assert checked  # the config keeps at least one net's best epoch before the last
 
 
-def test_reported_net_metrics_are_the_val_best_weights_on_train_standardised_sets(long_run):
+def test_reported_net_metrics_are_the_val_best_weights_on_train_standardised_sets():
     """Every net's final val and test acc, top5 and loss, recomputed from the final checkpoint's
     best weights on the raw cached features standardised here with the train split's mean and
     std (numpy, float64), softmax and cross-entropy by scipy. Mutations caught: another
     split's statistics, scores softmaxed over the wrong axis, a top-k other than 5, the loss of
     one batch only or not averaged over sets (that the best weights are the val-best epoch's:
-    test_early_stopping_selects_on_val_and_reports_the_val_best_model)."""
-    cfg, (metrics, checkpoint) = config(epochs=LONG), long_run[-1]
+    test_early_stopping_selects_on_val_and_reports_the_val_best_model). Its own run, not a
+    shared fixture: mutmut runs for a mutant only the tests that themselves reach the mutated
+    code, and a fixture's run counts for the first test that uses it."""
+    cfg = config(epochs=3)
+    metrics, checkpoint = run(cfg)[-1]
     ds, fs = features(cfg)
     raw = {s: np.asarray(fs.split(s), dtype=np.float64) for s in ("train", "val", "test")}
     mean, std = raw["train"].mean(0), raw["train"].std(0)
