@@ -16,8 +16,6 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from scipy import stats
-
 POWER = 0.8
 MAX_SEEDS = 10_000  # beyond this the answer is "not with seeds": report it as such
 
@@ -56,6 +54,8 @@ class SeedsNeeded:
 def power(effect_size: float, n: int, alpha: float) -> float:
     """Power of a two-sided one-sample (paired) t-test with ``n`` pairs at standardised effect
     ``effect_size`` (mean / sd of the differences)."""
+    from scipy import stats  # where it is used: see orchestrator/stats.py
+
     df = n - 1
     crit = stats.t.ppf(1 - alpha / 2, df)
     nc = effect_size * math.sqrt(n)

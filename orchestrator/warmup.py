@@ -23,7 +23,7 @@ from pathlib import Path
 
 from trainables.common.cache import atomic_write, default_cache_dir
 
-SUMMARY_MODULES = ("orchestrator.sweep_summary",)
+SUMMARY_MODULES = ("orchestrator.sweep_summary", "scipy.stats")
 REPORT_MODULES = ("orchestrator.report_build", "orchestrator.plots")
 
 
