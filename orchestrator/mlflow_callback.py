@@ -141,15 +141,14 @@ class MlflowCallback(tune.Callback):
             now = int(time.time() * 1000)
             for step, values, report_tags in reports:
                 tags.update(report_tags)
-            if status and trial_id in status:
-                tags["status"] = status[trial_id]
-            for step, values, _ in reports:
                 if self.tracker.is_logged(run_id, step) or step in steps:
                     continue  # a resumed trial re-reporting a step MLflow has
                 values = {k: v for k, v in values.items() if k != STEP_MARKER}
                 # the marker last: a step whose marker is in the store was logged whole
                 metrics += [Metric(k, v, now, step) for k, v in values.items()] + [Metric(STEP_MARKER, float(step), now, step)]
                 steps.append(step)
+            if status and trial_id in status:
+                tags["status"] = status[trial_id]
             if self._batches(run_id, metrics, [RunTag(k, str(v)) for k, v in tags.items()]):
                 self.tracker.mark_logged(run_id, max(steps, default=0))
                 self.tracker.stats["steps_logged"] += len(steps)
