@@ -50,6 +50,7 @@ MODULES: dict[str, list[str]] = {
     "trainables/clip_fusion.py": ["tests/test_clip_fusion.py", "tests/test_wiring_clip_fusion.py"],
     "trainables/subtask_meta.py": ["tests/test_subtask_meta.py", "tests/test_wiring_subtask_meta.py"],
     "trainables/wm_attention.py": ["tests/test_wm_attention.py", "tests/test_wiring_wm_attention.py"],
+    "trainables/wm_tasks.py": ["tests/test_wm_attention.py", "tests/test_wiring_wm_attention.py"],
 }
 COPY_IGNORE = shutil.ignore_patterns(".git", "runs", "mutants", "mlruns", "mlartifacts", "*.db", "__pycache__",
                                      "*.egg-info", ".pytest_cache")
@@ -66,7 +67,8 @@ def configure(copy: Path, module: str, tests: list[str]) -> None:
         "source_paths": [module.split("/")[0]],
         "only_mutate": [module],
         "pytest_add_cli_args_test_selection": tests,
-        "pytest_add_cli_args": ["-p", "no:cacheprovider", "-x", "-q"],
+        # bench/mutmut_fixture_credit.py: a shared fixture's work counts for every test using it
+        "pytest_add_cli_args": ["-p", "no:cacheprovider", "-p", "bench.mutmut_fixture_credit", "-x", "-q"],
         "also_copy": ["search_spaces", "bench", "trainables" if module.startswith("orchestrator") else "orchestrator"],
     }
     lines = ["", "[tool.mutmut]"] + [f"{key} = {json.dumps(value)}" for key, value in settings.items()]

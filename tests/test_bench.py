@@ -119,3 +119,52 @@ def test_attn_knn_bf16_path_runs(monkeypatch):
     reports = []
     attn_knn.train(config, lambda metrics, checkpoint=None: reports.append(metrics))
     assert "diverged" not in reports[-1] and reports[-1]["test/distance_knn/acc"] > 0.5
+
+
+def test_mutmut_fixture_credit_gives_a_shared_fixtures_hits_to_every_test_that_uses_it(tmp_path):
+    """mutmut gathers the functions hit since the last teardown into the test ending there; a
+    module fixture runs in its first user's setup. With the plugin, every user of the fixture
+    (and no other test) is mapped to what the fixture reached. Run in-process with a stand-in
+    for mutmut's hit set and its teardown hook (mutmut is not a project dependency)."""
+    from bench.mutmut_fixture_credit import FixtureCredit
+
+    hits, by_test = set(), {}
+
+    class Mutmut:  # mutmut's StatsCollector.pytest_runtest_teardown, as it is in mutmut 3.8
+        def pytest_runtest_teardown(self, item, nextitem):
+            by_test[item.name] = set(hits)
+            hits.clear()
+
+    (tmp_path / "test_shared.py").write_text(
+        "import pytest\n"
+        "import builtins\n"
+        "@pytest.fixture(scope='module')\n"
+        "def trained():\n"
+        "    builtins.HITS.add('train')\n"
+        "    return 1\n"
+        "@pytest.fixture\n"
+        "def uses_trained(trained):\n"
+        "    return trained\n"
+        "def test_first(trained):\n"
+        "    builtins.HITS.add('evaluate')\n"
+        "def test_reads_only(trained):\n"
+        "    pass\n"
+        "def test_through_another_fixture(uses_trained):\n"
+        "    pass\n"
+        "def test_unrelated():\n"
+        "    builtins.HITS.add('other')\n")
+    import builtins
+
+    builtins.HITS = hits
+    try:
+        for active, expected in ((True, {"test_first": {"train", "evaluate"}, "test_reads_only": {"train"},
+                                         "test_through_another_fixture": {"train"}, "test_unrelated": {"other"}}),
+                                 (False, {"test_first": {"train", "evaluate"}, "test_reads_only": set(),
+                                          "test_through_another_fixture": set(), "test_unrelated": {"other"}})):
+            by_test.clear()
+            code = pytest.main(["-q", "-p", "no:cacheprovider", str(tmp_path / "test_shared.py")],
+                               plugins=[FixtureCredit(lambda: hits, lambda: active), Mutmut()])
+            assert code == 0
+            assert by_test == expected, active
+    finally:
+        del builtins.HITS
