@@ -11,9 +11,10 @@ so project / plain Tune is what the project adds on top of Tune. Cases:
 - default: 1-s and 30-s trials (10 epochs x 3 s), 8 trials each, 2 repeats, min / median;
 - ``--many``: 200 trials of 0.2 s, sweep vs plain Tune: trials/s, the driver's peak RSS, the
   MLflow store's size;
-- ``--trivial N``: N trials of nothing (0-s epochs) through the sweep, with the time of each
-  block of 100 (from the trials' MLflow end times) and the driver's peak RSS: flat blocks
-  mean the per-trial cost does not grow with the sweep;
+- ``--trivial N``: N trials of nothing (0-s epochs) through the sweep and through plain Tune,
+  with the time of each block of 100 and each driver's resident memory at the block's end:
+  flat blocks mean the per-trial cost does not grow with the sweep, and plain Tune's memory
+  column is what Ray and Tune hold by themselves;
 - ``--smoke``: the commands as a user types them, each in a fresh empty folder, timed from
   process start to exit: ``orchestrate --help`` and ``orchestrate sweep busy_loop --study
   smoke`` (4 trials of 3 x 0.2-s epochs, 2 at once, a new SQLite store, the report).
@@ -78,6 +79,13 @@ def pool_wall(configs: list[dict], workers: int) -> float:
 
 def tune_wall(work: Path, trials: int, epochs: int, seconds: float, workers: int, reuse: bool) -> tuple[float, float]:
     """(wall seconds, driver peak RSS MiB) of plain Ray Tune running the same trials."""
+    run = tune_run(work, trials, epochs, seconds, workers, reuse)
+    return run["wall"], run["peak_mib"]
+
+
+def tune_run(work: Path, trials: int, epochs: int, seconds: float, workers: int, reuse: bool) -> dict:
+    """Plain Ray Tune running the same trials: wall, driver peak RSS, the trials' end times
+    (seconds from the first trial's start, as :func:`sweep_run`'s) and the driver's resident MiB at each."""
     work.mkdir(parents=True, exist_ok=True)
     cmd = [sys.executable, str(ROOT / "bench" / "plain_tune.py"), "--trials", str(trials), "--epochs", str(epochs),
            "--seconds", str(seconds), "--cpus-per-trial", str(os.cpu_count() / workers), "--storage", str(work / "runs"),
@@ -87,7 +95,10 @@ def tune_wall(work: Path, trials: int, epochs: int, seconds: float, workers: int
     lines = [line for line in run.output.splitlines() if line.startswith("{")]
     if run.code != 0 or not lines or json.loads(lines[-1])["trials"] != trials:
         raise RuntimeError(f"plain Tune run failed (exit {run.code}):\n{run.output[-3000:]}")
-    return run.wall, run.peak_mib
+    reported = json.loads(lines[-1])
+    ends, began = sorted(reported["ends"]), min(reported["starts"], default=0.0)
+    return {"wall": run.wall, "peak_mib": run.peak_mib, "ends": [end - began for end in ends],
+            "rss": [run.rss_at(end) for end in ends]}
 
 
 def sweep_run(work: Path, trials: int, epochs: int, seconds_per_epoch: float, workers: int) -> dict:
@@ -171,21 +182,32 @@ def block_times(ends: list[float], block: int) -> list[float]:
 
 
 def trivial(args, tmp: Path) -> None:
-    """N trials that do nothing, through the sweep; the time of each block of ``--block`` trials."""
+    """N trials that do nothing, through the sweep and through plain Tune (reuse on); the time of
+    each block of ``--block`` trials and each driver's resident memory as the block ended: plain
+    Tune's column is what Ray and Tune themselves hold, the sweep's what the project adds to it."""
     trials, block = args.trivial, args.block
     print(f"{FAMILY} trivial: {trials} trials of 0 s, {args.workers} at once, blocks of {block}")
     print(machine_line())
-    run = sweep_run(tmp / "trivial", trials, 1, 0.0, args.workers)
-    blocks = block_times(run["ends"], block)
-    rss = [run["rss"][(i + 1) * block - 1] for i in range(len(blocks))]  # the driver's, as each block's last trial ended
-    rows = [[f"{i * block + 1}-{(i + 1) * block}", s, block / s, "—" if m is None else f"{m:.0f}"]
-            for i, (s, m) in enumerate(zip(blocks, rss))]
-    print(table(["trials", "block s", "trials / s", "driver RSS MiB at block end"], rows))
-    print(f"sweep wall {run['wall']:.1f} s, driver peak RSS {run['peak_mib']:.0f} MiB, MLflow store {run['store_mib']:.1f} MiB")
-    if len(blocks) > 2:
-        later, first = statistics.median(blocks[1:]), blocks[0]
-        print(f"later blocks / first block (median): {later / first:.2f}; last / first: {blocks[-1] / first:.2f} "
-              "(flat: about 1)")
+    runs = {"sweep": sweep_run(tmp / "trivial", trials, 1, 0.0, args.workers),
+            "plain Tune": tune_run(tmp / "trivial-tune", trials, 1, 0.0, args.workers, True)}
+    blocks = {name: block_times(run["ends"], block) for name, run in runs.items()}
+    # each driver's resident MiB as the block's last trial ended
+    rss = {name: [run["rss"][(i + 1) * block - 1] for i in range(len(blocks[name]))] for name, run in runs.items()}
+    mib = lambda m: "—" if m is None else f"{m:.0f}"  # noqa: E731
+    rows = [[f"{i * block + 1}-{(i + 1) * block}", blocks["sweep"][i], mib(rss["sweep"][i]),
+             blocks["plain Tune"][i], mib(rss["plain Tune"][i])] for i in range(len(blocks["sweep"]))]
+    print(table(["trials", "sweep block s", "sweep driver RSS MiB", "plain Tune block s", "plain Tune driver RSS MiB"], rows))
+    for name, run in runs.items():
+        store = f", MLflow store {run['store_mib']:.1f} MiB" if "store_mib" in run else ""
+        print(f"{name}: wall {run['wall']:.1f} s, driver peak RSS {run['peak_mib']:.0f} MiB{store}")
+        if len(blocks[name]) > 2:
+            later, first = statistics.median(blocks[name][1:]), blocks[name][0]
+            print(f"  later blocks / first block (median): {later / first:.2f}; last / first: "
+                  f"{blocks[name][-1] / first:.2f} (flat: about 1)")
+        grown = [m for m in rss[name] if m is not None]
+        if len(grown) > 1:
+            print(f"  driver RSS, first block's end to last's: {grown[0]:.0f} -> {grown[-1]:.0f} MiB "
+                  f"(+{(grown[-1] - grown[0]) * 1024 / (trials - block):.1f} KiB a trial)")
 
 
 def smoke(args, tmp: Path) -> None:

@@ -71,8 +71,11 @@ def test_trivial_blocks_are_the_gaps_between_every_hundredth_end():
 @pytest.mark.slow
 def test_plain_tune_baseline_runs_every_trial(tmp_path):
     """The baseline a Tune user would write: checks itself that each trial reported every epoch."""
-    wall, peak = overhead.tune_wall(tmp_path, trials=2, epochs=2, seconds=0.05, workers=2, reuse=True)
-    assert 0.1 < wall < 300 and peak > 50
+    run = overhead.tune_run(tmp_path, trials=2, epochs=2, seconds=0.05, workers=2, reuse=True)
+    assert 0.1 < run["wall"] < 300 and run["peak_mib"] > 50
+    # each trial's end, from the first start, with the driver's memory then (what --trivial tabulates)
+    assert len(run["ends"]) == 2 and 0 < run["ends"][0] <= run["ends"][1] < run["wall"]
+    assert all(mib is not None and 50 < mib <= run["peak_mib"] for mib in run["rss"])
 
 
 def test_knn_bench_quick_agrees_and_prints_the_ratio():
