@@ -18,6 +18,7 @@ import pyarrow.fs
 
 from orchestrator.errors import UsageError
 from orchestrator.spaces import derive_params
+from orchestrator.study_record import log_record
 from orchestrator.tracking import SweepTracker, default_artifact_root, node_tags, result_step, trial_tags
 
 SWEEP_META = "orchestrate.json"
@@ -144,6 +145,8 @@ def sync_sweep(experiment: str, tracking_uri: str, workdir: Path | None = None) 
     meta = json.loads(meta_text)
     tracker = SweepTracker(tracking_uri, meta["family"], meta["sweep_id"], meta["tags"],
                            artifact_root=default_artifact_root(tracking_uri, workdir or Path.cwd()))
+    if meta.get("record"):  # a parent made here (a store that never saw the sweep) gets what the sweep ran
+        log_record(tracking_uri, tracker.parent_id, meta["record"])
     statuses = _trial_statuses(experiment)
     infos = fs.get_file_info(pyarrow.fs.FileSelector(path))
     trials = diverged = 0

@@ -2,6 +2,7 @@
 is a clear exit 2; stopped and restarted mid-sweep, the trials go on and every trial's metrics
 end up in MLflow once; `orchestrate sync` rebuilds a store from Tune's results, idempotently."""
 
+import json
 import os
 import signal
 import socket
@@ -12,6 +13,8 @@ from click.testing import CliRunner
 from fault_helpers import finish, results_on_disk, start, steps, trial_runs, wait_for
 
 from orchestrator.cli import main
+from orchestrator.study_record import load_records
+from orchestrator.sync import SWEEP_META
 from trainables.busy_loop import expected_acc
 
 EPOCHS = 6
@@ -105,5 +108,9 @@ def test_server_restarted_mid_sweep_then_sync_logs_everything_once(tmp_path):
     first = CliRunner().invoke(main, ["sync", "--storage", str(storage), "--tracking-uri", fresh])
     assert first.exit_code == 0 and f"4 trials; 5 runs closed, 5 runs created, {4 * EPOCHS} steps logged" in first.output, first.output
     check_every_trial_once(fresh, trial_ids)
+    # and the rebuilt parent holds the record of what the sweep ran (the report reads it, not today's YAML)
+    meta = json.loads(next(storage.glob(f"*/{SWEEP_META}")).read_text())
+    record = load_records(fresh, "busy_loop", [meta["sweep_id"]]).get(meta["sweep_id"])
+    assert record == json.loads(json.dumps(meta["record"])) and record["study"] == "smoke"
     second = CliRunner().invoke(main, ["sync", "--storage", str(storage), "--tracking-uri", fresh])
     assert second.exit_code == 0 and "4 trials; nothing added" in second.output, second.output
