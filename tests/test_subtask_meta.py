@@ -253,7 +253,10 @@ def test_family_end_to_end_on_digits(tmp_path):
     assert final["val/meta_ts/nll"] <= final["val/meta/nll"] + 1e-9
     assert final["test/meta_mc:mc_samples:1/pred_std"] == 0 < final["test/meta_mc:mc_samples:5/pred_std"]
     assert final["test/meta_mc/acc"] == final["test/meta_mc:mc_samples:5/acc"]  # plain name: 25 absent -> largest
-    assert all(final[f"perf/{k}_ms"] > 0 for k in ("features", "subtask_heads", "train", "mc_dropout", "total"))
+    # every phase under its own name in the report's timings table, and no other
+    phases = ("features", "subtask_labels", "subtask_heads", "train", "ts_fit", "mc_dropout", "total")
+    assert {k for k in final if k.startswith("perf/")} == {f"perf/{k}_ms" for k in phases}
+    assert all(final[f"perf/{k}_ms"] > 0 for k in phases)
     outside = [k for k in final if parse_metric_key(k) is None and not k.startswith(("perf/", "info/")) and k != "epoch"]
     assert not outside, outside  # every name follows the metric contract
     bins = json.loads((tmp_path / RELIABILITY_FILE).read_text())["splits"]["test"]

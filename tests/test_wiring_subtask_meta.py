@@ -12,6 +12,7 @@ choice on val, and the learning rate each lr-scaling rule derives for the optimi
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,6 +22,7 @@ import torch
 import yaml
 from scipy import ndimage
 from scipy.optimize import minimize, minimize_scalar
+from sklearn.metrics import balanced_accuracy_score
 from torch import nn
 from torch.nn import functional as F
 
@@ -243,16 +245,25 @@ def test_subtask_labels_are_computed_as_declared(thresholds, edge_threshold):
 
 
 def test_heads_are_fit_on_train_and_reported_against_the_declared_labels(run, rebuilt):
-    cfg = run.config
-    expected = subtask_labels(cfg, rebuilt.ds)
-    wd = cfg["head_weight_decay"]
+    expected = subtask_labels(run.config, rebuilt.ds)
     for name, head in rebuilt.heads.items():
         with torch.no_grad():
             for split in ("val", "test"):
                 probs = F.softmax(head(rebuilt.x[split]), 1).numpy()
-                assert run.final[f"{split}/subtask_{name}/acc"] == pytest.approx(np.mean(probs.argmax(1) == expected[name][split]))
-        # the head minimises the L2-regularised cross-entropy of the TRAIN split (scipy's optimum)
-        x, y = rebuilt.x["train"].double().numpy(), expected[name]["train"]
+                truth = expected[name][split]
+                key = f"{split}/subtask_{name}"
+                # a head reports its own accuracy and calibration only (top5 of 2 or 3 classes means nothing)
+                assert {k.split("/")[2] for k in run.final if k.startswith(key + "/")} == {"acc", "balanced_acc", "nll", "ece"}
+                assert run.final[f"{key}/acc"] == pytest.approx(np.mean(probs.argmax(1) == truth))
+                assert run.final[f"{key}/balanced_acc"] == pytest.approx(balanced_accuracy_score(truth, probs.argmax(1)))
+                assert run.final[f"{key}/nll"] == pytest.approx(reported_nll(probs, truth), rel=1e-5)
+    assert_heads_are_the_regularised_train_optimum(rebuilt, expected, run.config["head_weight_decay"])
+
+
+def assert_heads_are_the_regularised_train_optimum(rb: Rebuilt, expected: dict, wd: float) -> None:
+    """Each head minimises the L2-regularised cross-entropy of the TRAIN split (scipy's optimum)."""
+    for name, head in rb.heads.items():
+        x, y = rb.x["train"].double().numpy(), expected[name]["train"]
         w = head.weight.detach().double().numpy()
         ours = regularised_cross_entropy(np.concatenate([w.ravel(), head.bias.detach().double().numpy()]), x, y, w.shape[0], wd)[0]
         optimum = minimize(regularised_cross_entropy, np.zeros(w.size + w.shape[0]), args=(x, y, w.shape[0], wd), jac=True,
@@ -321,12 +332,17 @@ def test_mc_dropout_samples_dropout_with_batchnorm_in_eval_mode_from_the_best_mo
 
 
 def test_mc_samples_is_an_eval_axis_of_one_trained_model(run):
-    other = trace(eval={"mc_samples": [5]})
+    other = trace(eval={"mc_samples": [5, 25, 26]})
     for key, value in other.final.items():
-        if key.startswith(("perf/", "info/")) or key.startswith(("val/meta_mc/", "test/meta_mc/")):
-            continue  # timings; the plain meta_mc name follows the largest count asked for
+        if key.startswith(("perf/", "info/")) or key.startswith(("val/meta_mc/", "test/meta_mc/")) or key not in run.final:
+            continue  # timings; the plain meta_mc name and the counts only one run asked for
         assert value == pytest.approx(run.final[key], rel=1e-9, abs=1e-12), key
-    assert {k for k in other.final if ":mc_samples:" in k} < {k for k in run.final if ":mc_samples:" in k}
+    assert {k for k in other.final if ":mc_samples:5/" in k} == {k for k in run.final if ":mc_samples:5/" in k}
+    # the plain name is the module's default count when it is evaluated (25), not the largest
+    # (26); in `run`, without 25, it is the largest (10)
+    for final, n in ((other.final, 25), (run.final, 10)):
+        plain = {k: v for k, v in final.items() if k.startswith(("val/meta_mc/", "test/meta_mc/"))}
+        assert plain and plain == {k: final[k.replace("meta_mc/", f"meta_mc:mc_samples:{n}/")] for k in plain}
 
 
 # ---------------------------------------------------------------- early stopping
@@ -384,6 +400,70 @@ def test_lr_scaling_rules_reach_the_optimiser(batch_size, rule, factor):
     run = Run({**derived, "max_train": 150, "epochs": 1, "device": "cpu", "eval": {"mc_samples": [1]}})
     sm.train(run.config, lambda metrics, checkpoint=None: (run.reports.append(metrics), run.checkpoints.append(checkpoint)))
     assert optimizer_lr(run.checkpoints[-1]) == pytest.approx(expected)
+
+
+def adam_l2_step(w: np.ndarray, g: np.ndarray, state: dict, lr: float, weight_decay: float,
+                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8) -> np.ndarray:
+    """One step of Adam (Kingma & Ba, bias-corrected) with L2 weight decay added to the gradient,
+    as the module declares (Adam, not AdamW's decoupled decay); ``state`` (step, exp_avg,
+    exp_avg_sq as numpy) is updated in place."""
+    g = g + weight_decay * w
+    state["step"] += 1
+    state["exp_avg"] = betas[0] * state["exp_avg"] + (1 - betas[0]) * g
+    state["exp_avg_sq"] = betas[1] * state["exp_avg_sq"] + (1 - betas[1]) * g * g
+    m_hat = state["exp_avg"] / (1 - betas[0] ** state["step"])
+    v_hat = state["exp_avg_sq"] / (1 - betas[1] ** state["step"])
+    return w - lr * m_hat / (np.sqrt(v_hat) + eps)
+
+
+def test_an_epoch_is_adam_steps_on_its_batches_with_the_configured_weight_decay_and_max_test_caps_test():
+    """No dropout, 149 train images in batches of 100 and 49: epoch 2's weights are epoch 1's
+    after two hand-computed Adam steps on the batches the trial's generator orders, with the meta-learner's and the heads' own weight decay
+    (neither at its default), and the reported test figures are those of a ``max_test``-capped
+    test split."""
+    began = time.perf_counter()
+    run = trace(batch_size=100, dropout=0.0, weight_decay=0.05, head_weight_decay=0.05, epochs=2, patience=5,
+                max_test=60, eval={"mc_samples": [1]})
+    wall_ms = 1e3 * (time.perf_counter() - began)
+    cfg, (first, second) = run.config, run.checkpoints
+    phases = {k: v for k, v in run.final.items() if k.startswith("perf/") and k != "perf/total_ms"}
+    assert 0 < sum(phases.values()) <= run.final["perf/total_ms"] <= wall_ms  # the phases are parts of the call
+    rb = rebuild(run, weights(first, "model"))
+    assert len(rb.ds.train) == 149 and len(rb.ds.test) == 60
+    assert_heads_are_the_regularised_train_optimum(rb, subtask_labels(cfg, rb.ds), cfg["head_weight_decay"])
+
+    generator = torch.Generator()
+    generator.set_state(first["tracked"]["generator"])
+    order = torch.randperm(len(rb.ds.train), generator=generator)
+    saved = first["tracked"]["optimizer"]["state"]  # Adam's moments after epoch 1, in parameter order
+    moments = {name: {"step": float(saved[i]["step"]), "exp_avg": saved[i]["exp_avg"].double().numpy(),
+                      "exp_avg_sq": saved[i]["exp_avg_sq"].double().numpy()}
+               for i, (name, _) in enumerate(rb.model.named_parameters())}
+    decay_matters, losses = [], []
+    labels = torch.as_tensor(rb.ds.train.labels)
+    rb.model.train()  # BatchNorm on each batch's statistics; dropout 0
+    for idx in order.split(cfg["batch_size"]):
+        assert len(idx) >= 2
+        rb.model.zero_grad()
+        loss = F.cross_entropy(rb.model(rb.inputs["train"][idx]), labels[idx])
+        loss.backward()
+        losses.append((loss.item(), len(idx)))
+        with torch.no_grad():
+            for name, p in rb.model.named_parameters():
+                w, g = p.double().numpy(), p.grad.double().numpy()
+                no_decay = adam_l2_step(w, g, dict(moments[name]), cfg["lr"], 0.0)
+                p.copy_(torch.from_numpy(adam_l2_step(w, g, moments[name], cfg["lr"], cfg["weight_decay"])))
+                decay_matters.append(np.abs(no_decay - p.double().numpy()).max())
+    assert [n for _, n in losses] == [100, 49]
+    assert run.reports[1]["train/meta/loss"] == pytest.approx(sum(l * n for l, n in losses) / 149, rel=1e-5)
+    after = weights(second, "model")
+    for name, value in rb.model.state_dict().items():  # the weights and BatchNorm's running statistics
+        np.testing.assert_allclose(after[name].double().numpy(), value.double().numpy(), rtol=1e-4, atol=1e-6, err_msg=name)
+    assert max(decay_matters) > 1e-3  # visible at this tolerance: without the decay the steps differ
+
+    best = rebuild(run)
+    assert run.final["test/meta/nll"] == pytest.approx(reported_nll(logits(best, "test"), best.ds.test.labels), rel=1e-6)
+    assert run.final["test/meta/acc"] == pytest.approx(accuracy(logits(best, "test"), best.ds.test.labels))
 
 
 # ---------------------------------------------------------------- reproducibility
