@@ -3,6 +3,7 @@ then the family end to end on digits with a list collector."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +15,7 @@ from scipy.special import softmax
 from trainables import clip_fusion as cf
 from trainables.common.data import load_dataset
 from trainables.common.calibration import fit_temperature, temperature_nll
+from trainables.common.checks import ConfigError
 from trainables.common.metrics import metric_key, negative_log_likelihood
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -210,7 +212,8 @@ def test_family_end_to_end_on_digits(digits_run):
     for method in METHODS:
         assert last[f"test/{method}/acc"] > 0.9
     assert last["info/zeroshot_available"] == 0.0 and "test/zeroshot/acc" not in last
-    assert last["perf/supervised_train_ms"] > 0 and last["perf/stacker_ms"] > 0
+    for phase in ("features", "supervised_train", "eval", "stacker"):
+        assert last[f"perf/{phase}_ms"] > 0, phase
     # the alpha endpoints are the single sources; the plain fusion name is the val-chosen alpha
     for name in METRICS:
         assert last[metric_key("test", "fusion", name, alpha=1.0)] == pytest.approx(last[f"test/prototype/{name}"], abs=1e-12)
@@ -256,7 +259,7 @@ def test_supervised_head_from_checkpoint_path(digits_run, tmp_path):
 @pytest.mark.slow
 def test_divergence_is_reported():
     reports = _run(_config(lr=1e30, stacker=False))
-    assert reports[-1][0] == {"diverged": 1.0, "epoch": reports[-1][0]["epoch"]}
+    assert reports == [({"diverged": 1.0, "epoch": 1}, None)]  # lr 1e30: the first epoch's loss is not finite
 
 
 @pytest.mark.slow
@@ -278,6 +281,7 @@ def test_shots_change_only_the_prototypes():
     ({"supervised_checkpoint": "/nonexistent/head.pt"}, "supervised_checkpoint '/nonexistent/head.pt' cannot be read"),
     ({"stacker_holdout": 0.001}, "stacker_holdout 0.001 of the 399 training images of digits"),
     ({"max_train": 15}, "needs 2 training images per class"),
+    ({"dataset": "nosuch"}, "unknown dataset 'nosuch': use one of digits"),
 ])
 def test_check_refuses_what_train_cannot_run(overrides, message):
     from trainables.common.checks import ConfigError
@@ -310,3 +314,214 @@ def test_reliability_bins_reproduce_every_logged_test_ece(tmp_path):
     for method, entry in bins.items():
         assert ece_from_bins(entry) == pytest.approx(last[f"test/{method}/ece"], abs=1e-12), method
         assert sum(entry["count"]) == len(load_dataset("digits").test)
+
+
+# ---------------------------------------------------------------- bench/mutation.py's survivors (2026-12-02)
+
+
+@pytest.mark.parametrize("metric,lower", [("nll", True), ("ece", True), ("brier", True), ("acc", False),
+                                          ("top5", False), ("balanced_acc", False), ("macro_f1", False)])
+def test_select_alpha_minimises_the_losses_and_maximises_the_scores(metric, lower):
+    """The YAML's alpha_metric choices: nll, ece, brier are losses; every other metric a score."""
+    val = {a: {"nll": 0.5, metric: v} for a, v in ((0.0, 0.2), (0.5, 0.3), (1.0, 0.1))}  # nll ties unless it is the metric
+    assert cf.select_alpha(val, metric) == (1.0 if lower else 0.5)
+
+
+def test_select_alpha_full_tie_goes_to_the_smallest_alpha_whatever_the_order():
+    tie = {"acc": 0.9, "nll": 0.4}
+    for order in ([0.7, 0.2, 0.5], [0.2, 0.5, 0.7], [0.5, 0.7, 0.2]):
+        assert cf.select_alpha({a: dict(tie) for a in order}, "acc") == 0.2
+
+
+def test_linear_head_standardises_with_train_mean_and_unbiased_std_floored():
+    """Against numpy: mean, std with ddof 1 (a constant feature gets the 1e-6 floor, not a
+    division by zero), then the linear layer on the standardised features."""
+    rng = np.random.default_rng(7)
+    x = rng.normal(3.0, 2.0, size=(40, 6)).astype(np.float32)
+    x[:, 2] = 5.0  # constant: std 0
+    head = cf.LinearHead(6, 3)
+    head.set_statistics(torch.as_tensor(x))
+    std = np.maximum(x.astype(np.float64).std(0, ddof=1), 1e-6)
+    np.testing.assert_allclose(head.mean.numpy(), x.mean(0), rtol=1e-6)
+    np.testing.assert_allclose(head.std.numpy(), std, rtol=1e-5)
+    assert head.std[2].item() == pytest.approx(1e-6, rel=1e-6)
+    w, b = head.linear.weight.detach().double().numpy(), head.linear.bias.detach().double().numpy()
+    x_new = rng.normal(3.0, 2.0, size=(5, 6))
+    ref = (x_new - x.mean(0)) / std @ w.T + b
+    got = cf.head_logits(head, x_new.astype(np.float32))
+    assert got.dtype == np.float64
+    np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4)
+
+
+def test_single_thread_on_cpu_restores_the_thread_count():
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        with cf.single_thread_on_cpu(torch.device("cpu")):
+            assert torch.get_num_threads() == 1
+        assert torch.get_num_threads() == 2
+        with pytest.raises(KeyError), cf.single_thread_on_cpu(torch.device("cpu")):
+            raise KeyError("a failing trial")
+        assert torch.get_num_threads() == 2
+        with cf.single_thread_on_cpu(torch.device("cuda")):  # the device object needs no GPU
+            assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_checkpoint_heads_reads_tracked_heads_and_the_older_heads_entry():
+    a, b = {"linear.weight": torch.zeros(2, 3)}, {"linear.weight": torch.ones(2, 3)}
+    tracked = {"tracked": {"head:supervised": a, "head:stacker_supervised": b, "optimizer:supervised": {},
+                           "generator": torch.zeros(3), "heads_note": {}}}
+    assert cf.checkpoint_heads(tracked) == {"supervised": a, "stacker_supervised": b}
+    assert cf.checkpoint_heads({"heads": {"supervised": a}, "tracked": {"head:other": b}}) == {"supervised": a}
+
+
+def _save(path, obj):
+    torch.save(obj, path)
+    return str(path)
+
+
+def test_load_supervised_head_reads_a_bare_state_dict_and_refuses_what_is_not_one(tmp_path):
+    from fractions import Fraction
+
+    head = cf.LinearHead(4, 3)
+    head.set_statistics(torch.randn(10, 4))
+    loaded = cf.load_supervised_head(_save(tmp_path / "bare.pt", head.state_dict()), 4, 3, torch.device("cpu"))
+    for name, value in head.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name], value), name
+    x = np.random.default_rng(0).normal(size=(5, 4)).astype(np.float32)
+    np.testing.assert_array_equal(cf.head_logits(loaded, x), cf.head_logits(head, x))
+    older = cf.load_supervised_head(_save(tmp_path / "older.pt", {"heads": {"supervised": head.state_dict()}}), 4, 3, torch.device("cpu"))
+    np.testing.assert_array_equal(cf.head_logits(older, x), cf.head_logits(head, x))  # checkpoints from before Trial
+    # a family checkpoint whose heads hold no supervised one (the stacker's only)
+    only_stacker = _save(tmp_path / "stacker.pt", {"tracked": {"head:stacker_supervised": head.state_dict()}})
+    with pytest.raises(ValueError, match=r"expected a linear head for 3 classes x 4 features, found no linear head"):
+        cf.load_supervised_head(only_stacker, 4, 3, torch.device("cpu"))
+    with pytest.raises(ValueError, match="found no linear head"):
+        cf.load_supervised_head(_save(tmp_path / "empty.pt", {}), 4, 3, torch.device("cpu"))
+    # weights_only: a pickled object that is not a tensor, container or allow-listed numpy type is refused
+    unsafe = _save(tmp_path / "unsafe.pt", {**head.state_dict(), "note": Fraction(1, 3)})
+    with pytest.raises(ValueError, match="cannot be read"):
+        cf.load_supervised_head(unsafe, 4, 3, torch.device("cpu"))
+
+
+def test_load_prompts_refuses_an_empty_pool_and_templates_without_exactly_one_slot(tmp_path):
+    def pool(templates):
+        path = tmp_path / "pool.json"
+        path.write_text(json.dumps({"templates": templates}))
+        return path
+
+    assert cf.load_prompts(pool(["a {}.", "the {} here"])) == ["a {}.", "the {} here"]
+    assert cf.load_prompts("") == cf.load_prompts(cf.PROMPTS_PATH)
+    for bad in ([], ["a photo."], ["a {} and a {}."], ["ok {}", "no slot"]):
+        with pytest.raises(ValueError, match="exactly one"):
+            cf.load_prompts(pool(bad))
+
+
+class _FakeClip:
+    """A stand-in for open_clip (not installed here): text embeddings from letter counts."""
+
+    def __init__(self):
+        self.calls = []
+
+    def encode_text(self, prompts):
+        return np.array([[p.count(ch) + 0.5 for ch in "abcdefghijklmnopqrstuvwxyz"] for p in prompts], float)
+
+    def get_encoder(self, name, dataset, device, cache_dir=None, progress=True):
+        self.calls.append((name, dataset, device, cache_dir, progress))
+        return self
+
+
+def test_zeroshot_classifier_uses_the_clip_text_tower_and_the_configured_prompts(monkeypatch, tmp_path):
+    from types import SimpleNamespace
+
+    from trainables.common import encoders
+
+    fake = _FakeClip()
+    monkeypatch.setattr(encoders, "get_encoder", fake.get_encoder)
+    ds = SimpleNamespace(classes=["cat", "dog", "emu"])
+    pool = tmp_path / "pool.json"
+    pool.write_text(json.dumps({"templates": ["a {}.", "my {} again"]}))
+    cfg = {"encoder": "clip-vit-b32", "cache_dir": str(tmp_path), "prompts": str(pool)}
+    device = torch.device("cpu")
+    w = cf.zeroshot_classifier(ds, cfg, device)
+    assert len(fake.calls) == 1 and fake.calls[0][0] == "clip-vit-b32" and fake.calls[0][1] is ds
+    assert fake.calls[0][2] is device and fake.calls[0][3] == str(tmp_path) and fake.calls[0][4] is False
+    for c, name in enumerate(ds.classes):
+        z = fake.encode_text([f"a {name}.", f"my {name} again"])
+        ref = (z / np.linalg.norm(z, axis=1, keepdims=True)).mean(0)
+        np.testing.assert_allclose(w[c], ref / np.linalg.norm(ref))
+    assert cf.zeroshot_classifier(ds, {**cfg, "cache_dir": ""}, torch.device("cpu")) is not None
+    assert fake.calls[-1][3] is None  # "" = the default cache
+    assert cf.zeroshot_classifier(ds, {**cfg, "encoder": "own-cnn"}, torch.device("cpu")) is None
+    assert len(fake.calls) == 2  # another encoder never builds CLIP
+
+    def unavailable(*args, **kwargs):
+        raise encoders.EncoderUnavailable("open_clip is not installed")
+
+    monkeypatch.setattr(encoders, "get_encoder", unavailable)
+    assert cf.zeroshot_classifier(ds, cfg, torch.device("cpu")) is None
+
+
+def test_zeroshot_logits_are_clip_scaled_cosines_and_auto_fuses_them_with_clip():
+    rng = np.random.default_rng(8)
+    x, y = _blobs(rng, n_per_class=10, num_classes=3, dim=5)
+    x = x.astype(np.float32)  # as train() hands the head its features
+    text = rng.normal(size=(3, 5))
+    text /= np.linalg.norm(text, axis=1, keepdims=True)
+    head = cf.LinearHead(5, 3)
+    out = cf.source_logits(x, y, np.arange(len(y)), head, {"val": x[:7]}, {"proto_temperature": 0.1}, 3, text)
+    cos = torch.nn.functional.cosine_similarity(torch.as_tensor(x[:7, None], dtype=torch.float64), torch.as_tensor(text[None]), dim=-1).numpy()
+    np.testing.assert_allclose(out["zeroshot"]["val"], 100.0 * cos, rtol=1e-9)
+    assert "zeroshot" not in cf.source_logits(x, y, np.arange(len(y)), head, {"val": x}, {"proto_temperature": 0.1}, 3, None)
+    assert cf.fusion_pair({"fusion_a": "auto", "fusion_b": "supervised", "encoder": "clip-vit-b32"}) == ("zeroshot", "supervised")
+    assert cf.fusion_pair({"fusion_a": "auto", "fusion_b": "supervised", "encoder": "resnet18"}) == ("prototype", "supervised")
+    assert cf.fusion_pair({"fusion_a": "supervised", "fusion_b": "prototype", "encoder": "clip-vit-b32"}) == ("supervised", "prototype")
+
+
+def test_check_accepts_the_smallest_stacker_split_and_refuses_one_image_less():
+    """max_train 20 of digits: 2 images per class, 20 in all. A holdout of 0.5 leaves exactly
+    one image per class on each side (accepted); 0.4 and 0.6 leave one side short."""
+    cf.check(_config(max_train=20, stacker_holdout=0.5))
+    for frac in (0.4, 0.6):
+        with pytest.raises(ConfigError, match="the holdout and the rest must each hold one image of each of the 10 classes"):
+            cf.check(_config(max_train=20, stacker_holdout=frac))
+    cf.check(_config(max_train=20, stacker=False, stacker_holdout=0.6))  # no stacker: no holdout to check
+    cf.check(_config(max_train=15, stacker=False))
+
+
+def test_check_reads_the_prompt_pool_with_the_clip_encoder(tmp_path):
+    bad = tmp_path / "pool.json"
+    bad.write_text(json.dumps({"templates": ["no slot"]}))
+    clip = _config(encoder="clip-vit-b32", fusion_a="zeroshot")
+    cf.check(clip)
+    for prompts in (str(bad), str(tmp_path / "missing.json")):
+        with pytest.raises(ConfigError, match=f"prompts '{prompts}'"):
+            cf.check({**clip, "prompts": prompts})
+    bad.write_text(json.dumps({"prompts": []}))
+    with pytest.raises(ConfigError, match="prompts"):
+        cf.check({**clip, "prompts": str(bad)})
+    cf.check(_config(prompts=str(bad)))  # another encoder never reads the pool
+    with pytest.raises(ConfigError, match="fusion_a 'auto' and fusion_b 'zeroshot' are both the zeroshot source"):
+        cf.check({**clip, "fusion_a": "auto", "fusion_b": "zeroshot"})
+    with pytest.raises(ConfigError, match="fusion_a zeroshot needs encoder clip-vit-b32"):
+        cf.check(_config(fusion_a="zeroshot"))
+
+
+def test_fit_stacker_weights_each_class_by_its_inverse_frequency():
+    """On imbalanced classes (120 / 30 / 10 rows) the stacker is the logistic regression whose
+    rows weigh n / (k n_c) (scikit-learn's sample weights here, not class_weight), and differs
+    from the unweighted one."""
+    from sklearn.linear_model import LogisticRegression
+
+    rng = np.random.default_rng(9)
+    labels = np.repeat([0, 1, 2], [120, 30, 10])
+    inputs = [softmax(1.5 * np.eye(3)[labels] + rng.normal(size=(160, 3)), axis=1), rng.random((160, 2))]
+    x = np.hstack(inputs)
+    got = cf.fit_stacker(inputs, labels, C=1.0, seed=0)
+    weights = len(labels) / (3 * np.bincount(labels))[labels]
+    ref = LogisticRegression(C=1.0, max_iter=5000, tol=1e-10).fit(x, labels, sample_weight=weights)
+    np.testing.assert_allclose(got.predict_proba(x), ref.predict_proba(x), atol=1e-3)
+    unweighted = LogisticRegression(C=1.0, max_iter=5000, tol=1e-10).fit(x, labels)
+    assert np.abs(unweighted.predict_proba(x) - ref.predict_proba(x)).max() > 0.05

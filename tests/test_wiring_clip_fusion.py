@@ -6,6 +6,7 @@ names and nothing else. Each test fails when that choice is broken."""
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +18,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import train_test_split
 
 from trainables import clip_fusion as cf
+from trainables.common.cache import default_cache_dir
 from trainables.common.calibration import fit_temperature
 from trainables.common.data import load_dataset
 from trainables.common.features import extract_features
@@ -99,7 +101,7 @@ def test_prototypes_are_train_centroids_and_shots_are_drawn_per_seed_from_train(
         assert np.all(np.bincount(y["train"][rows]) == shots)
     for split in ("val", "test"):
         probs = softmax(proto_logits(x["train"][rows], y["train"][rows], x[split], BASE["proto_temperature"]), axis=1)
-        assert_reported(got, split, "prototype", probs, y[split])
+        assert_reported(got, split, "prototype", probs, y[split], rel=1e-10)  # float64 throughout, as here
     other_seed = run(config(shots=shots, calibrate=False, stacker=False, epochs=1, seed=1))[-1][0]
     same = pick(got, "test/prototype/") == pick(other_seed, "test/prototype/")
     assert same == (shots == 0)  # all of train: no seed in the centroids; few-shot: a draw per seed
@@ -178,21 +180,24 @@ def test_alpha_metric_changes_the_choice_in_this_config():
 # ---------------------------------------------------------------- stacker
 
 
-def test_stacker_learns_on_a_stratified_train_holdout_from_sources_refit_on_the_rest(base_run, arrays):
-    """Against scikit-learn: the holdout is sklearn's stratified split of train, the stacker's
-    own head saw only the rest (its statistics are the rest's), its prototypes are the rest's,
-    its sources are calibrated on val, and a LogisticRegression on the holdout's source
-    probabilities reproduces the reported stacker. Mutations caught: a random (unstratified)
-    holdout, the stacker fit on val, its sources fit on all of train or on the holdout."""
-    x, y = arrays
-    cfg, got, heads = config(), base_run[-1][0], cf.checkpoint_heads(base_run[-1][1])
-    fit, hold = train_test_split(np.arange(len(y["train"])), test_size=cfg["stacker_holdout"], stratify=y["train"], random_state=0)
+def expected_stacker(cfg: dict, state: dict, x: dict, y: dict, text: np.ndarray | None = None) -> dict:
+    """split -> the stacker's probabilities, from scikit-learn: the holdout is sklearn's
+    stratified split of train, the sources are fit on the rest (prototypes of the rest, or of
+    ``shots`` per class drawn from it with the trial's stream ``[seed, 1]``; ``state`` is the
+    stacker's own head), calibrated on val and concatenated in name order, and a balanced
+    LogisticRegression learns on the holdout's."""
+    fit, hold = train_test_split(np.arange(len(y["train"])), test_size=cfg["stacker_holdout"], stratify=y["train"],
+                                 random_state=cfg["seed"])
     fit, hold = np.sort(fit), np.sort(hold)
-    state = heads["stacker_supervised"]
-    np.testing.assert_allclose(state["mean"].numpy(), x["train"][fit].mean(0), rtol=1e-5, atol=1e-5)
+    protos = cf.sample_shots(y["train"][fit], cfg["shots"], np.random.default_rng([cfg["seed"], 1]))
+    if cfg["shots"]:
+        assert np.all(np.bincount(y["train"][fit][protos]) == cfg["shots"])
     evals = {"holdout": x["train"][hold], "val": x["val"], "test": x["test"]}
-    sources = {"prototype": {s: proto_logits(x["train"][fit], y["train"][fit], v, cfg["proto_temperature"]) for s, v in evals.items()},
+    x_fit, y_fit = x["train"][fit][protos], y["train"][fit][protos]
+    sources = {"prototype": {s: proto_logits(x_fit, y_fit, v, cfg["proto_temperature"]) for s, v in evals.items()},
                "supervised": {s: head_logits(state, v) for s, v in evals.items()}}
+    if text is not None:
+        sources["zeroshot"] = {s: 100.0 * unit(v) @ text.T for s, v in evals.items()}
     probs = {}
     for src, z in sources.items():
         t = fit_temperature(z["val"], y["val"])
@@ -200,17 +205,36 @@ def test_stacker_learns_on_a_stratified_train_holdout_from_sources_refit_on_the_
     inputs = {s: np.hstack([probs[src][s] for src in sorted(probs)]) for s in evals}
     model = LogisticRegression(C=cfg["stacker_C"], class_weight="balanced", max_iter=5000, random_state=0)
     model.fit(inputs["holdout"], y["train"][hold])
-    for split in ("val", "test"):
-        assert_reported(got, split, "stacker", model.predict_proba(inputs[split]), y[split], rel=1e-4)
+    return {split: model.predict_proba(inputs[split]) for split in ("val", "test")}
+
+
+@pytest.fixture(scope="module")
+def few_shot_run():
+    return run(config(shots=2))
+
+
+@pytest.mark.parametrize("shots", [0, 2])
+def test_stacker_learns_on_a_stratified_train_holdout_from_sources_refit_on_the_rest(base_run, few_shot_run, arrays, shots):
+    """Against scikit-learn (:func:`expected_stacker`); the stacker's own head saw only the rest
+    of train (its statistics are the rest's). Mutations caught: a random (unstratified)
+    holdout, the stacker fit on val, its sources fit on all of train or on the holdout, its
+    few-shot prototypes not drawn from the rest with the trial's stream."""
+    x, y = arrays
+    cfg, reports = config(shots=shots), (few_shot_run if shots else base_run)
+    got, state = reports[-1][0], cf.checkpoint_heads(reports[-1][1])["stacker_supervised"]
+    fit, _ = train_test_split(np.arange(len(y["train"])), test_size=cfg["stacker_holdout"], stratify=y["train"], random_state=0)
+    np.testing.assert_allclose(state["mean"].numpy(), x["train"][np.sort(fit)].mean(0), rtol=1e-5, atol=1e-5)
+    for split, probs in expected_stacker(cfg, state, x, y).items():
+        assert_reported(got, split, "stacker", probs, y[split], rel=1e-4)
 
 
 # ---------------------------------------------------------------- knobs and split isolation
 
 
-def test_shots_change_only_the_prototype_side(base_run):
+def test_shots_change_only_the_prototype_side(base_run, few_shot_run):
     """The supervised heads (main and the stacker's), their losses and temperatures do not move
     with shots; the prototypes and what reads them do."""
-    few = run(config(shots=2))
+    few = few_shot_run
     full = base_run
     for (a, _), (b, _) in zip(few, full):
         assert pick(a, "train/") == pick(b, "train/")
@@ -267,3 +291,116 @@ def test_val_split_only_calibrates_and_chooses(monkeypatch):
     assert pick(a, "val/prototype/") != pick(b, "val/prototype/")
     keep = [k for k in a if k.startswith("test/") and not k.startswith("test/fusion/")]
     assert {k: a[k] for k in keep} == {k: b[k] for k in keep}
+
+
+# ---------------------------------------------------------------- bench/mutation.py's survivors (2026-12-02)
+
+
+def reference_head(x: np.ndarray, y: np.ndarray, cfg: dict, seed: int, epochs: int, x_val: np.ndarray):
+    """The linear head in plain torch: nn.Linear initialised right after torch.manual_seed(seed)
+    on the features standardised with their mean and unbiased std (floored at 1e-6), Adam with
+    the config's lr and weight decay, batch_size minibatches in torch.randperm order from a
+    generator seeded with ``seed``. Per epoch: (weight, bias, mean train loss, val argmax)."""
+    xt = torch.as_tensor(x, dtype=torch.float32)
+    z = (xt - xt.mean(0)) / xt.std(0).clamp_min(1e-6)
+    z_val = (torch.as_tensor(x_val, dtype=torch.float32) - xt.mean(0)) / xt.std(0).clamp_min(1e-6)
+    yt = torch.as_tensor(y)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        linear = torch.nn.Linear(x.shape[1], 10)  # digits: 10 classes
+    adam = torch.optim.Adam(linear.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"])
+    order_rng, out = torch.Generator().manual_seed(seed), []
+    for _ in range(epochs):
+        order, total = torch.randperm(len(yt), generator=order_rng), 0.0
+        for start in range(0, len(yt), cfg["batch_size"]):
+            rows = order[start:start + cfg["batch_size"]]
+            loss = torch.nn.functional.cross_entropy(linear(z[rows]), yt[rows])
+            adam.zero_grad()
+            loss.backward()
+            adam.step()
+            total += loss.item() * len(rows)
+        with torch.no_grad():
+            out.append((linear.weight.detach().clone(), linear.bias.detach().clone(), total / len(yt),
+                        linear(z_val).argmax(1).numpy()))
+    return out
+
+
+def test_both_heads_are_adam_on_their_train_rows_with_the_configured_settings(base_run, arrays):
+    """Each epoch's checkpointed heads, train losses and val accuracy against the plain-torch
+    reference: the supervised head on all of train from the trial's seed, the stacker's on the
+    rest of its holdout split from its own seed. Mutations caught: lr, weight decay or batch
+    size not reaching the head, gradients accumulated across steps, the loss summed wrongly
+    over batches, a head initialised or ordered from another stream, val accuracy inverted."""
+    x, y = arrays
+    cfg = config()
+    fit, _ = train_test_split(np.arange(len(y["train"])), test_size=cfg["stacker_holdout"], stratify=y["train"], random_state=0)
+    fit = np.sort(fit)
+    rows = {"supervised": (np.arange(len(y["train"])), 0), "stacker_supervised": (fit, cf.STACKER_SEED_OFFSET)}
+    for name, (r, seed) in rows.items():
+        ref = reference_head(x["train"][r], y["train"][r], cfg, seed, cfg["epochs"], x["val"])
+        assert len(base_run) == len(ref) == cfg["epochs"]
+        for (metrics, checkpoint), (w, b, loss, val_pred) in zip(base_run, ref):
+            state = cf.checkpoint_heads(checkpoint)[name]
+            torch.testing.assert_close(state["linear.weight"], w, rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(state["linear.bias"], b, rtol=1e-5, atol=1e-6)
+            assert metrics[f"train/{name}/loss"] == pytest.approx(loss, rel=1e-6), (name, metrics["epoch"])
+            if name == "supervised":
+                assert metrics["val/supervised/acc"] == pytest.approx(np.mean(val_pred == y["val"]), abs=1e-12)
+
+
+def test_without_an_eval_axis_every_alpha_of_the_yaml_grid_is_reported():
+    """A config without ``eval`` (train() called outside a study) fuses at the 21 alphas of the
+    YAML's grid, 0 to 1 in steps of 0.05."""
+    cfg = {k: v for k, v in config(epochs=1, stacker=False).items() if k != "eval"}
+    got = run(cfg)[-1][0]
+    reported = sorted({float(k.split("/")[1].split(":")[2]) for k in got if k.startswith("test/fusion:alpha:")})
+    assert reported == DOC["eval"]["alpha"] == [round(0.05 * i, 2) for i in range(21)]
+    assert got["info/fusion_alpha"] in reported
+
+
+def test_a_text_classifier_is_a_calibrated_source_auto_fusion_and_the_stacker_read(arrays, monkeypatch):
+    """open_clip is not installed here, so the zeroshot source gets a stand-in text tower: one
+    unit vector per class (noisy train centroids) over the run's features, handed to train()
+    in place of CLIP's. Against numpy/scikit-learn: zeroshot = softmax(100 cos / T), T fit on
+    val; the stacker reads it beside the other two sources; and ``auto`` with the CLIP encoder
+    fuses it (alpha 1) with the supervised head (alpha 0), through the same evaluation."""
+    x, y = arrays
+    rng = np.random.default_rng(3)
+    text = unit(np.stack([unit(x["train"][y["train"] == c]).mean(0) for c in range(10)]) + 0.05 * rng.normal(size=(10, x["train"].shape[1])))
+    cfg = config(epochs=1)
+
+    def clip_text_tower(ds, config_seen, device):
+        assert ds.classes == [str(c) for c in range(10)] and config_seen is cfg and device == torch.device("cpu")
+        return text
+
+    monkeypatch.setattr(cf, "zeroshot_classifier", clip_text_tower)
+    reports = run(cfg)
+    got, heads = reports[-1][0], cf.checkpoint_heads(reports[-1][1])
+    assert got["info/zeroshot_available"] == 1.0
+    z = {s: 100.0 * unit(x[s]) @ text.T for s in ("val", "test")}
+    t = fit_temperature(z["val"], y["val"])
+    assert got["info/zeroshot_temperature"] == pytest.approx(t, rel=1e-4) and t != 1.0
+    for split in ("val", "test"):
+        assert_reported(got, split, "zeroshot", softmax(z[split] / t, axis=1), y[split], rel=1e-5)
+    for split, probs in expected_stacker(cfg, heads["stacker_supervised"], x, y, text).items():
+        assert_reported(got, split, "stacker", probs, y[split], rel=1e-4)
+
+    x32 = {s: v.astype(np.float32) for s, v in x.items()}  # as train() hands them over
+    head = cf.LinearHead(x["train"].shape[1], 10)
+    head.load_state_dict(heads["supervised"])
+    fused, test_probs = cf.source_and_fusion_metrics(config(encoder="clip-vit-b32"), x32, y, 10, head, text, ALPHAS)
+    assert pick(fused, "test/zeroshot/") == pick(got, "test/zeroshot/")
+    np.testing.assert_allclose(test_probs["zeroshot"], softmax(z["test"] / t, axis=1), rtol=1e-4, atol=1e-9)
+    for src, alpha in (("zeroshot", 1.0), ("supervised", 0.0)):
+        assert pick(fused, f"test/fusion:alpha:{alpha:g}/") == {k.replace(src, f"fusion:alpha:{alpha:g}"): v for k, v in pick(fused, f"test/{src}/").items()}
+
+
+def test_cache_dir_is_where_the_features_come_from(arrays, tmp_path, monkeypatch):
+    """A config's cache_dir is the cache train() reads: with a copy of the session's cache there
+    (``arrays`` filled it) and an empty default cache, nothing is built in the default one.
+    Mutations caught: the cache_dir key ignored (the default cache used)."""
+    shutil.copytree(default_cache_dir(), tmp_path / "cache")
+    monkeypatch.setenv("ORCHESTRATE_CACHE_DIR", str(tmp_path / "default"))
+    reports = run(config(epochs=1, stacker=False, cache_dir=str(tmp_path / "cache")))
+    assert "test/prototype/acc" in reports[-1][0]
+    assert not (tmp_path / "default").exists()
