@@ -2,6 +2,7 @@
 reliability bins, backbones and their weights."""
 
 import json
+import math
 import urllib.request
 from pathlib import Path
 
@@ -10,8 +11,9 @@ import pytest
 import torch
 import yaml
 
-from trainables.attn_knn import NeighbourAttention, build_backbone, check, train
+from trainables.attn_knn import AttnKnnNet, NeighbourAttention, build_backbone, check, train
 from trainables.common.checks import ConfigError
+from trainables.common.data import load_dataset
 from trainables.common.encoders import EncoderUnavailable
 from trainables.common.metrics import ece_from_bins, parse_metric_key
 
@@ -45,6 +47,8 @@ def test_reports_the_contract(two_epochs):
     first, (last, _) = two_epochs[0][0], two_epochs[-1]
     for name in ("train/cnn/loss", "train/attn_knn/loss", "train/distance_knn/loss", "val/cnn/acc", "val/attn_knn/acc"):
         assert name in first and name in last
+    # eval axes and TTA only at the end: an earlier epoch's val has the plain names alone
+    assert all(not parse_metric_key(k)["axes"] and "_tta" not in k for k in first if parse_metric_key(k))
     for split in ("val", "test"):
         for method in METHODS:
             for metric in METRICS:
@@ -83,6 +87,10 @@ def test_resume_continues_at_the_next_epoch_exactly(two_epochs):
     for name in full:
         if not name.startswith("perf/"):
             assert again[name] == full[name], name  # same state -> the same epoch 2, to the bit
+    # and the same state after it, the learning-rate schedule included (a 3rd epoch would train at its lr)
+    full_state, again_state = two_epochs[1][1]["tracked"], resumed[0][1]["tracked"]
+    assert again_state["scheduler"] == full_state["scheduler"]
+    assert again_state["optimizer"]["param_groups"] == full_state["optimizer"]["param_groups"]
     assert run(config(epochs=2), restore=two_epochs[1][1]) == []  # a finished trial does not rerun
 
 
@@ -106,6 +114,7 @@ def test_divergence_is_reported():
     ({"max_train": 20, "k_train": 19, "mixup_alpha": 0.2}, r"k_train 19 \+ 2 own image"),
     ({"max_train": 0, "imbalance": 100.0, "k_eval": 700}, r"k_eval 700 is more than the \d+ training images .*imbalance 100"),
     ({"pretrained": "imagenet"}, "backbone small_cnn has no pretrained weights"),
+    ({"dataset": "nosuch"}, "unknown dataset 'nosuch': use one of digits"),  # the data layer's own message
 ])
 def test_check_refuses_what_train_cannot_run(overrides, message):
     with pytest.raises(ConfigError, match=message):
@@ -136,7 +145,7 @@ def test_check_sizes_are_the_sizes_train_sees():
 def test_training_size_of_an_image_folder_without_decoding(tmp_path, layout):
     from PIL import Image
 
-    from trainables.common.data import load_dataset, train_class_counts
+    from trainables.common.data import train_class_counts
 
     rng = np.random.default_rng(0)
     for split, sizes in (("train", (13, 7, 22)), ("test", (3, 4, 5))):
@@ -221,5 +230,81 @@ def test_one_weights_resolver_for_every_family(tmp_path, monkeypatch):
     torch.save(state, path)
     net, _ = build_backbone("resnet18", 3, 32, "imagenet")
     assert torch.equal(net.layer4[1].conv2.weight, state["layer4.1.conv2.weight"])
+    ds = load_dataset("digits", max_train=20, max_test=10)
+    model = AttnKnnNet(config(backbone="resnet18", pretrained="imagenet"), ds)  # the family's model asks for them too
+    assert torch.equal(model.backbone.layer4[1].conv2.weight, state["layer4.1.conv2.weight"])
     assert net.conv1.weight.shape == (64, 3, 3, 3)  # the CIFAR stem is new
     check(config(backbone="resnet18", pretrained="imagenet"))  # present: offline is fine
+
+
+def test_adamw_and_its_cosine_schedule_are_the_configs(two_epochs):
+    """The checkpointed optimizer is AdamW (decoupled decay) over every parameter at the config's lr
+    and weight decay, decayed by a cosine over ``epochs``: lr * (1 + cos(pi e / epochs)) / 2 after epoch e."""
+    cfg = config(epochs=2)
+    for metrics, ckpt in two_epochs:
+        (group,) = ckpt["tracked"]["optimizer"]["param_groups"]
+        e = metrics["epoch"]
+        assert group["decoupled_weight_decay"] and group["weight_decay"] == cfg["weight_decay"]
+        assert group["initial_lr"] == cfg["lr"]
+        assert group["lr"] == pytest.approx(cfg["lr"] * (1 + math.cos(math.pi * e / cfg["epochs"])) / 2, abs=1e-12)
+        assert ckpt["tracked"]["scheduler"]["T_max"] == cfg["epochs"] and ckpt["tracked"]["scheduler"]["last_epoch"] == e
+        state = ckpt["tracked"]["model"]  # every entry is a parameter but BatchNorm's statistics
+        assert len(group["params"]) == len(state) - sum(name.endswith(BN_BUFFERS) for name in state)
+
+
+BN_BUFFERS = ("running_mean", "running_var", "num_batches_tracked")
+
+
+def reference_small_cnn(channels: int, pools: int) -> torch.nn.Sequential:
+    """The module doc's small_cnn written out: conv3x3(no bias)-BN-ReLU at 32, 64, 128 channels,
+    a 2x2 max-pool after each of the first ``pools`` blocks, global average pooling."""
+    from torch import nn
+
+    layers, width_in = [], channels
+    for i, width in enumerate((32, 64, 128)):
+        layers += [nn.Conv2d(width_in, width, 3, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU()]
+        layers += [nn.MaxPool2d(2)] if i < pools else []
+        width_in = width
+    return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten())
+
+
+@pytest.mark.parametrize("channels,size,pools", [(1, 8, 2), (3, 32, 2), (3, 4, 1), (1, 2, 0)])
+def test_small_cnn_is_the_documented_architecture(channels, size, pools):
+    """Pooled while the map is at least 4 wide, at most twice: 8 -> 4 -> 2, 32 -> 16 -> 8, 4 -> 2, 2 stays."""
+    torch.manual_seed(0)
+    net, features = build_backbone("small_cnn", channels, size, "none")
+    ref = reference_small_cnn(channels, pools)
+    ref.load_state_dict(net.state_dict())  # strict: the same layers at the same places, no conv bias
+    x = torch.randn(4, channels, size, size)
+    for mode in (True, False):
+        net.train(mode), ref.train(mode)
+        with torch.no_grad():
+            torch.testing.assert_close(net(x), ref(x))
+    assert features == 128
+
+
+def test_resnet_backbones_have_the_cifar_stem():
+    """3x3 stride-1 conv1 without bias and no max-pool: a 16x16 image reaches layer4 at 2x2 (stride
+    8; torchvision's ImageNet stem gives 1x1 there); no fc, so the output is the pooled features.
+    (resnet50 goes through the same function; test_backbones checks its output size.)"""
+    net, n = build_backbone("resnet18", 1, 16, "none")
+    seen = {}
+    net.layer4.register_forward_hook(lambda module, args, out: seen.update(shape=tuple(out.shape[1:])))
+    conv = net.conv1
+    assert (conv.in_channels, conv.kernel_size, conv.stride, conv.padding, conv.bias) == (1, (3, 3), (1, 1), (1, 1), None)
+    with torch.no_grad():
+        out = net.eval()(torch.randn(1, 1, 16, 16))
+    assert seen["shape"] == (512, 2, 2) and out.shape == (1, 512) and n == 512
+    assert isinstance(net.maxpool, torch.nn.Identity) and isinstance(net.fc, torch.nn.Identity)
+
+
+def test_eval_axes_default_to_k_eval_and_one_or_tta_eval_views():
+    """A config without ``eval`` (or with one axis only) still gets the plain and ``_tta`` names'
+    cells: k = k_eval, views 1 and tta_eval."""
+    from trainables.attn_knn import _eval_axes
+
+    base = {"k_eval": 7, "tta_eval": 3}
+    for axes in ({}, {"eval": None}, {"eval": {}}):
+        assert _eval_axes({**base, **axes}) == ([7], [1, 3])
+    assert _eval_axes({**base, "eval": {"k": (2, 9)}}) == ([2, 9], [1, 3])
+    assert _eval_axes({**base, "eval": {"tta_views": [4]}}) == ([7], [4])

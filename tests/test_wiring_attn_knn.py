@@ -10,6 +10,10 @@ training batch with the retrieval made for it.
 
 from __future__ import annotations
 
+import copy
+import time
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 import torch
@@ -19,6 +23,7 @@ from sklearn.neighbors import KNeighborsClassifier
 import trainables.attn_knn as attn_knn
 from trainables.common.data import augment, load_dataset
 from trainables.common.knn import KnnIndex
+from trainables.common.lifecycle import Trial
 from trainables.common.metrics import classification_metrics
 
 from one_thread import one_thread  # noqa: F401  (one torch and one BLAS/OpenMP thread: tiny models)
@@ -38,8 +43,9 @@ class Recorder:
     """Runs train() with spies on the family's own functions."""
 
     def __init__(self, monkeypatch):
-        self.memories, self.events = [], []
+        self.memories, self.events, self.ms, self.wall_s = [], [], [], None
         real_refresh, real_batches, real_search = attn_knn.refresh_memory, attn_knn.minibatches, KnnIndex.search
+        real_ms = Trial.ms
 
         def refresh(memory, model, ds, *args, **kwargs):
             out = real_refresh(memory, model, ds, *args, **kwargs)
@@ -57,13 +63,20 @@ class Recorder:
                                 torch.as_tensor(idx).clone()))
             return sims, idx
 
+        def ms(trial, phase):
+            value = real_ms(trial, phase)
+            self.ms.append((phase, value))
+            return value
+
         monkeypatch.setattr(attn_knn, "refresh_memory", refresh)
+        monkeypatch.setattr(Trial, "ms", ms)
         monkeypatch.setattr(attn_knn, "minibatches", batches)
         monkeypatch.setattr(KnnIndex, "search", search)
 
     def run(self, cfg):
-        reports = []
+        reports, began = [], time.perf_counter()
         attn_knn.train(cfg, lambda metrics, checkpoint=None: reports.append(metrics))
+        self.wall_s = time.perf_counter() - began
         return reports
 
     @property
@@ -100,7 +113,9 @@ def clean_embeddings(model, ds, images):
     with torch.no_grad():
         features = model.backbone(ds.to_float(images))
         cnn_logits = features @ model.cnn_head.weight.T + model.cnn_head.bias  # a linear head on the backbone
-        z = torch.nn.functional.normalize(model.projector(features), dim=1)
+        first, second = model.projector[0], model.projector[2]  # the MLP written out: linear, ReLU, linear
+        hidden = torch.relu(features @ first.weight.T + first.bias)
+        z = torch.nn.functional.normalize(hidden @ second.weight.T + second.bias, dim=1)
     return softmax(cnn_logits.double().numpy(), axis=1), z.double().numpy()
 
 
@@ -213,6 +228,15 @@ def test_tta_views_average_the_clean_view_and_seeded_translations(recorded):
     assert last["test/cnn_tta/nll"] == last["test/cnn:tta_views:2/nll"]
 
 
+def test_predict_hands_back_the_clean_views_embeddings(recorded):
+    """The embeddings the perf figures time the search with are the clean view's, not the last TTA view's."""
+    rec, _ = recorded
+    memory, model, ds = rec.final
+    _, clean = attn_knn.predict(model, ds, ds.test.images, memory, [5], [1, 2], config(epochs=2), torch.device("cpu"), False)
+    _, z = clean_embeddings(model, ds, ds.test.images)
+    np.testing.assert_allclose(clean.double().numpy(), z, atol=1e-5)
+
+
 # ---------------------------------------------------------------- splits: fit, select, report
 
 
@@ -304,3 +328,200 @@ def test_eval_axis_values_come_from_one_model_and_equal_the_naive_runs(recorded,
         for method in ("uniform_knn", "distance_knn", "attn_knn"):
             for metric in ("acc", "nll", "ece"):
                 assert naive[f"test/{method}_tta/{metric}"] == last[f"test/{method}:k:{k}:tta_views:{n}/{metric}"]
+
+
+# ---------------------------------------------------------------- training: the documented loss, AdamW, every batch
+
+
+class TrainingSpy:
+    """Records, without replacing anything, what one epoch of train() did: the model and memory
+    bank it started from (copied at the first refresh, before any step), each batch's indices,
+    augmented images, the images the model was fed (after mixup), and the total loss it stepped on."""
+
+    def __init__(self, monkeypatch):
+        self.start, self.final, self.recording = None, None, True
+        self.batches, self.augmented, self.fed, self.excluded, self.totals = [], [], [], [], []
+        real_refresh, real_batches, real_augment = attn_knn.refresh_memory, attn_knn.minibatches, attn_knn.augment
+        real_forward, real_diverged, real_search = attn_knn.AttnKnnNet.forward, attn_knn.is_diverged, KnnIndex.search
+
+        def refresh(memory, model, ds, *args, **kwargs):
+            out = real_refresh(memory, model, ds, *args, **kwargs)
+            if self.start is None:
+                self.start = (copy.deepcopy(model.state_dict()), out.bank.clone(), out.labels.clone())
+            self.final = (model, ds)
+            return out
+
+        def batches(*args, **kwargs):
+            for idx in real_batches(*args, **kwargs):
+                self.batches.append(idx.clone())
+                yield idx
+
+        def augment(x, generator, **kwargs):
+            out = real_augment(x, generator, **kwargs)
+            self.augmented.append(out.clone())
+            return out
+
+        def forward(model, x):
+            if model.training and self.recording:
+                self.fed.append(x.detach().clone())
+            return real_forward(model, x)
+
+        def search(index, q, k, exclude=None):
+            if exclude is not None:  # training's searches: evaluation excludes nothing
+                self.excluded.append(torch.as_tensor(exclude).clone())
+            return real_search(index, q, k, exclude=exclude)
+
+        def diverged(loss):
+            self.totals.append(float(loss.detach()))
+            return real_diverged(loss)
+
+        for name, spy in (("refresh_memory", refresh), ("minibatches", batches), ("augment", augment), ("is_diverged", diverged)):
+            monkeypatch.setattr(attn_knn, name, spy)
+        monkeypatch.setattr(attn_knn.AttnKnnNet, "forward", forward)
+        monkeypatch.setattr(KnnIndex, "search", search)
+
+    def run(self, cfg):
+        reports = []
+        attn_knn.train(cfg, lambda metrics, checkpoint=None: reports.append(metrics))
+        self.recording = False
+        return reports
+
+
+def smoothed_ce(logits, y, eps):
+    """Cross-entropy against (1 - eps) one-hot + eps uniform, written out."""
+    logp = torch.log_softmax(logits, 1)
+    return -((1 - eps) * logp.gather(1, y.view(-1, 1)).squeeze(1) + eps * logp.mean(1)).mean()
+
+
+def nearest_excluding(z, bank, own, k):
+    """The k most similar bank rows of each query, its own row(s) ``own`` (B, m) left out (numpy)."""
+    sims = z @ bank.T
+    np.put_along_axis(sims, own, -np.inf, 1)
+    order = np.lexsort((np.broadcast_to(np.arange(len(bank)), sims.shape), -sims), axis=1)
+    return order[:, :k]
+
+
+def mixing_weight(fed, a, b):
+    """(w_a, w_b) of fed = w_a * a + w_b * b, by least squares over every pixel."""
+    design = np.stack([a.double().numpy().ravel(), b.double().numpy().ravel()], 1)
+    (w_a, w_b), *_ = np.linalg.lstsq(design, fed.double().numpy().ravel(), rcond=None)
+    return w_a, w_b
+
+
+def assert_same_weights(trained, ref, embed_dim):
+    """Every weight and BatchNorm statistic the same, up to Adam's view of float noise: it scales
+    each gradient by its own running size, so a gradient that is zero in exact arithmetic (the
+    attention's key bias: softmax ignores a shift shared by all scores) takes a full-size step
+    from rounding alone. Those entries are left out, and at most 0.5% of a tensor's entries (other
+    near-zero gradients) may differ by more than 1e-5."""
+    expected = ref.state_dict()
+    for name, value in trained.state_dict().items():
+        a, b = value.double().flatten(), expected[name].double().flatten()
+        if name == "attention.attention.in_proj_bias":
+            keep = torch.ones(len(a), dtype=torch.bool)
+            keep[embed_dim : 2 * embed_dim] = False
+            a, b = a[keep], b[keep]
+        off = ((a - b).abs() > 1e-5 + 1e-4 * b.abs()).double().mean()
+        assert off <= 0.005, f"{name}: {float(off):.1%} of the entries differ"
+
+
+@pytest.mark.parametrize("mixup", [0.0, 0.4])
+def test_training_steps_are_the_documented_loss_under_adamw(monkeypatch, mixup):
+    """One epoch of two batches replayed by hand from the recorded start: retrieval of k_train
+    neighbours from the start's bank without the own image(s) (numpy), the loss written out
+    (smoothed CE of the cnn head and of the attention, knn_loss_weight x the NLL of the
+    softmax(sim / T) vote; with mixup each term mixed by the fitted lambda), stepped by torch's
+    AdamW with the config's lr and weight decay. The reported mean losses, each step's total and
+    the trained weights must all match."""
+    cfg = config(max_train=40, max_test=30, batch_size=20, epochs=1, k_train=6, lr=0.01, weight_decay=0.2,
+                 knn_loss_weight=0.5, label_smoothing=0.2, mixup_alpha=mixup, tta_eval=1, eval={"k": [5], "tta_views": [1]})
+    spy = TrainingSpy(monkeypatch)
+    reports = spy.run(cfg)
+    (model, ds), (state, bank, labels) = spy.final, spy.start
+    steps = list(zip(spy.batches, spy.augmented, spy.fed, spy.excluded, spy.totals))
+    assert len(steps) == len(spy.batches) == len(spy.totals) == 2  # 40 images, batches of 20: one step each
+    ref = attn_knn.AttnKnnNet(cfg, ds)
+    ref.load_state_dict(state)
+    ref.train()
+    opt = torch.optim.AdamW(ref.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"])
+    eps, train_labels = cfg["label_smoothing"], torch.as_tensor(ds.train.labels)
+    sums = {"cnn": 0.0, "attn_knn": 0.0, "distance_knn": 0.0}
+    for idx, x, fed, exclude, total in steps:
+        y = train_labels[idx]
+        if mixup:
+            partner = torch.tensor([int((idx == j).nonzero()) for j in exclude[:, 1]])  # position in the batch
+            w_a, w_b = mixing_weight(fed, x, x[partner])
+            assert 0 < w_a < 1 and w_b == pytest.approx(1 - w_a, abs=1e-6)
+            targets, own = [(y, w_a), (y[partner], 1 - w_a)], torch.stack([idx, idx[partner]], 1)
+        else:
+            torch.testing.assert_close(fed, x, rtol=0, atol=0)  # no mixup: the augmented batch itself
+            targets, own = [(y, 1.0)], idx.view(-1, 1)
+        cnn_logits, z = ref(fed)
+        nbr = torch.from_numpy(nearest_excluding(z.detach().double().numpy(), bank.double().numpy(), own.numpy(), cfg["k_train"]))
+        attn_logits = ref.attention(z, bank[nbr], labels[nbr])
+        weights = torch.softmax((z.unsqueeze(1) * bank[nbr]).sum(-1) / cfg["temperature"], 1)
+        vote = torch.zeros(len(z), ds.num_classes).scatter_add(1, labels[nbr], weights)
+        terms = {"cnn": sum(w * smoothed_ce(cnn_logits, t, eps) for t, w in targets),
+                 "attn_knn": sum(w * smoothed_ce(attn_logits, t, eps) for t, w in targets),
+                 "distance_knn": sum(w * -torch.log(vote.gather(1, t.view(-1, 1)).clamp_min(1e-8)).mean() for t, w in targets)}
+        loss = terms["cnn"] + terms["attn_knn"] + cfg["knn_loss_weight"] * terms["distance_knn"]
+        assert total == pytest.approx(loss.item(), rel=1e-5)
+        for name, term in terms.items():
+            sums[name] += term.item()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    for name, value in sums.items():
+        assert reports[-1][f"train/{name}/loss"] == pytest.approx(value / 2, rel=1e-5), name
+    for name, value in ref.state_dict().items():
+        assert_same_weights(model, ref, cfg["embed_dim"])
+
+
+
+# ---------------------------------------------------------------- perf figures: what is timed, per what
+
+
+def test_timings_are_per_query_and_the_attention_net_of_the_distance_vote(recorded, monkeypatch):
+    """On a fake clock that each timed call advances by a known amount (the calls themselves run
+    for real): search ms per query, and attention ms minus distance-vote ms per query, both on the
+    k_eval neighbours of the given queries."""
+    rec, _ = recorded
+    memory, model, ds = rec.final
+    cfg, clock, calls = config(epochs=2), [100.0], []
+    z = torch.nn.functional.normalize(torch.randn(40, memory.bank.shape[1], generator=torch.Generator().manual_seed(1)), dim=1)
+
+    def ticking(name, fn, seconds):
+        def timed(*args, **kwargs):
+            clock[0] += seconds
+            calls.append((name, args, kwargs))
+            return fn(*args, **kwargs)
+        return timed
+
+    monkeypatch.setattr(attn_knn, "time", SimpleNamespace(perf_counter=lambda: clock[0]))
+    monkeypatch.setattr(memory.index, "search", ticking("search", memory.index.search, 0.003))
+    monkeypatch.setattr(attn_knn, "softmax_vote", ticking("vote", attn_knn.softmax_vote, 0.002))
+    monkeypatch.setattr(attn_knn, "attend_all", ticking("attend", attn_knn.attend_all, 0.007))
+    out = attn_knn.timings(model, ds, memory, z, cfg, torch.device("cpu"))
+    assert out["perf/search_ms_per_query"] == pytest.approx(3.0 / 40)
+    assert out["perf/attention_ms_per_query"] == pytest.approx((7.0 - 2.0) / 40)
+    (_, (q, k), _), nbr = calls[0], calls[-1][1][3]
+    assert q is z and k == cfg["k_eval"] and nbr.shape == (40, cfg["k_eval"])
+    assert calls[2][1][3] == cfg["temperature"]  # the vote timed is the distance-weighted one
+
+
+def test_epoch_ms_is_the_timed_epochs_over_their_count(recorded):
+    rec, reports = recorded
+    assert [phase for phase, _ in rec.ms] == ["epoch"]  # read once, for the final report
+    total = rec.ms[0][1]
+    assert reports[-1]["perf/epoch_ms"] == total / 2 and 0 < total < 1000 * rec.wall_s
+
+
+# ---------------------------------------------------------------- hflip reaches training and the TTA views
+
+
+@pytest.mark.parametrize("hflip,flip", [("always", True), ("never", False)])
+def test_hflip_reaches_the_training_batches_and_the_tta_views(monkeypatch, hflip, flip):
+    seen, real = [], attn_knn.augment
+    monkeypatch.setattr(attn_knn, "augment", lambda x, generator, **kw: seen.append(kw) or real(x, generator, **kw))
+    Recorder(monkeypatch).run(config(max_train=30, max_test=20, epochs=1, hflip=hflip))
+    assert seen == [{"flip": flip}] * 3  # one training batch, then view 2 of val and of test
