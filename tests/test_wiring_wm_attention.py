@@ -10,7 +10,10 @@ analyses of the best-val model's hidden states, and which identities each split 
 
 from __future__ import annotations
 
+import json
 import math
+import time
+from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,6 +21,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from scipy.special import log_softmax
 from scipy.stats import binomtest
 
 from one_thread import one_thread  # noqa: F401
@@ -43,6 +47,7 @@ class Trace:
     reports: list = field(default_factory=list)
     checkpoints: list = field(default_factory=list)
     generated: list = field(default_factory=list)  # (n_sequences, tasks, pool, match_prob, Sequences)
+    wall_ms: float = 0.0  # of the whole train() call
 
     def sets(self, n: int) -> list:
         return [seqs for size, *_, seqs in self.generated if size == n]
@@ -93,7 +98,9 @@ def trace(**overrides) -> Trace:
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(wm, "generate", recording)  # records and calls through: the real generator runs
+        began = time.perf_counter()
         wm.train(run.config, report)
+        run.wall_ms = 1000 * (time.perf_counter() - began)
     return run
 
 
@@ -190,9 +197,9 @@ def entropy(weights: np.ndarray) -> float:
 
 
 @pytest.fixture(scope="module")
-def stmf():
-    """Attention model, three tasks, one epoch."""
-    return trace(scenario="stmf", epochs=1)
+def stmf(tmp_path_factory):
+    """Attention model, three tasks, one epoch, with its artifacts."""
+    return trace(scenario="stmf", epochs=1, artifact_dir=str(tmp_path_factory.mktemp("stmf")))
 
 
 @pytest.fixture(scope="module")
@@ -376,3 +383,178 @@ def test_the_stimuli_are_the_same_objects_whatever_the_trial_seed():
     a, b = wm.Stimuli(config(seed=0), torch.device("cpu")), wm.Stimuli(config(seed=5), torch.device("cpu"))
     np.testing.assert_array_equal(a.canvas, b.canvas)
     assert len(a.canvas) == a.n_categories * a.n_identities * N_VIEWS * N_LOCATIONS
+
+
+# ---------------------------------------------------------------- mutation-testing additions (bench/mutation.py)
+
+
+def weighted_cross_entropy(logits: np.ndarray, target: np.ndarray, no_action_weight: float) -> float:
+    """The training loss by its definition: cross-entropy per step (scipy), no_action steps
+    weighted ``no_action_weight``, the others 1, normalised by the total weight."""
+    nll = -np.take_along_axis(log_softmax(np.asarray(logits, np.float64), -1), target[..., None], -1)[..., 0]
+    w = np.where(target == NO_ACTION, no_action_weight, 1.0)
+    return float((nll * w).sum() / w.sum())
+
+
+def expected_response_metrics(out: dict, seqs, tasks: list[Task], no_action_weight: float) -> dict:
+    """Accuracy, NLL and Brier on the decision steps (t >= N), the weighted loss over every step,
+    the all-step accuracy and the decision accuracy of each task, recomputed from the outputs."""
+    probs, target = out["probs"].astype(np.float64), seqs.target
+    decision = target != NO_ACTION
+    p, y = probs[decision], target[decision]
+    pred = probs.argmax(-1)
+    m = {"acc": float(np.mean(p.argmax(1) == y)), "nll": float(-np.mean(np.log(p[np.arange(len(y)), y]))),
+         "brier": float(np.mean(((p - np.eye(3)[y]) ** 2).sum(1))),
+         "loss": weighted_cross_entropy(out["logits"], target, no_action_weight),
+         "acc_all_steps": float(np.mean(pred == target))}
+    for k, task in enumerate(tasks):
+        steps = decision & (seqs.task == k)[:, None]
+        m[f"acc_{task.name}"] = float(np.mean(pred[steps] == target[steps]))
+    return m
+
+
+@pytest.fixture(scope="module")
+def still():
+    """lr 0 with a frozen front end and no attention dropout: the model never changes, so val
+    accuracy is constant after epoch 1 (patience 2: stopped at min_epochs 4, not at 3) and every
+    epoch's train figures are those of the one model on that epoch's sequences."""
+    return trace(scenario="stmf", lr=0.0, weight_decay=0.05, freeze_frontend=True, attention_dropout=0.0,
+                 epochs=6, patience=2, min_epochs=4, no_action_weight=0.3, seed=1)
+
+
+def test_train_val_and_test_figures_are_those_of_the_model_on_each_split(still):
+    cfg, tasks = still.config, still.tasks
+    assert [r["epoch"] for r in still.reports] == [1, 2, 3, 4]  # stopped at min_epochs, patience long run out
+    model, stim = rebuild(still, weights(still.checkpoints[0], "model"))
+    for report, seqs in zip(still.reports, still.train):
+        out = outputs(still, model, stim, seqs)
+        rows = np.arange(len(seqs))
+        batches = [rows[i : i + cfg["batch_size"]] for i in range(0, len(seqs), cfg["batch_size"])]
+        step_losses = [weighted_cross_entropy(out["logits"][b], seqs.target[b], cfg["no_action_weight"]) for b in batches]
+        assert report["train/attention/loss"] == pytest.approx(np.mean(step_losses), abs=1e-5)  # mean over steps
+        assert report["train/attention/acc"] == pytest.approx(decision_accuracy(out, seqs))
+    for split, seqs in (("val", still.val), ("test", still.test)):
+        expected = expected_response_metrics(outputs(still, model, stim, seqs), seqs, tasks, cfg["no_action_weight"])
+        for reported in (still.reports if split == "val" else still.reports[-1:]):
+            for name, value in expected.items():
+                assert reported[f"{split}/attention/{name}"] == pytest.approx(value, abs=1e-5), (split, name)
+
+
+def test_the_optimiser_gets_the_config_and_a_frozen_front_end_never_changes(still):
+    first, last = still.checkpoints[0], still.checkpoints[-1]
+    group = last["tracked"]["optimizer"]["param_groups"][0]
+    assert (group["lr"], group["weight_decay"]) == (still.config["lr"], still.config["weight_decay"])
+    model, _ = rebuild(still, weights(last, "model"))
+    trainable = [name for name, _ in model.named_parameters() if not name.startswith("frontend.")]
+    assert len(group["params"]) == len(trainable)  # the frozen front end is not handed to the optimiser
+    for name, value in weights(last, "model").items():
+        if name.startswith("frontend.") and "running_mean" in name:
+            assert not value.any(), name  # BatchNorm kept its initial statistics: the front end stayed in eval mode
+        if name.startswith("frontend.") and "running_var" in name:
+            assert torch.equal(value, torch.ones_like(value)), name
+        assert torch.equal(value, weights(first, "model")[name]), name
+
+
+def test_every_part_of_an_unfrozen_model_trains(stopped):
+    before, after = weights(stopped.checkpoints[0], "model"), weights(stopped.checkpoints[1], "model")
+    for name, value in after.items():
+        if value.is_floating_point():
+            assert not torch.equal(value, before[name]), f"{name} did not change in an epoch of training"
+
+
+def test_train_sets_are_fresh_each_epoch_and_apart_from_val_and_test(stopped):
+    def rows(seqs) -> set:
+        index = seqs.stimulus_index(stopped.config["n_identities"])
+        return {(int(k), *r.tolist()) for k, r in zip(seqs.task, index)}
+
+    sets = [rows(s) for s in [*stopped.train, stopped.val, stopped.test]]
+    for i, a in enumerate(sets):
+        for b in sets[i + 1 :]:
+            assert len(a & b) <= 2, "two sets share their sequences"  # chance repeats only
+
+
+def test_perf_figures_add_up_and_fit_in_the_wall_time_of_the_call(still):
+    final, epochs = still.final, [r["perf/epoch_ms"] for r in still.reports]
+    assert all(0 < ms for ms in epochs) and final["perf/train_ms"] == pytest.approx(sum(epochs))
+    infer_ms = final["perf/infer_per_sequence_ms"] * still.config["test_sequences"]
+    assert 0 < infer_ms and 0 < final["perf/analysis_ms"]
+    assert final["perf/train_ms"] + infer_ms + final["perf/analysis_ms"] < still.wall_ms  # disjoint phases of the call
+
+
+def expected_analysis(run: Trace, model, stim, seqs, out) -> dict:
+    """Every analysis metric by the module doc's definitions, from the test hidden states, with
+    labels taken from the sequences themselves (identity = the (class, image) pair) and the
+    pure components (``decode``, ``orthogonality``, ``procrustes_analysis``, ``attention_stats``)
+    that tests/test_wm_attention.py checks on known data."""
+    cfg, tasks = run.config, run.tasks
+    folds, seed = cfg["decode_folds"], cfg["seed"]
+    pair = np.stack([seqs.category, seqs.identity], -1)
+    labels = {"location": seqs.location, "category": seqs.category,
+              "identity": np.unique(pair.reshape(-1, 2), axis=0, return_inverse=True)[1].reshape(seqs.task.shape[0], -1)}
+    hidden = out["hidden"]
+    draw = np.random.default_rng([seed, 7])  # the decoders' rows: a fixed stream of the trial seed
+    got = defaultdict(list)
+    for k, task in enumerate(tasks):
+        mine = seqs.task == k
+        rows = draw.permutation(np.flatnonzero(mine))[: cfg["decode_max_samples"]]
+        for t in range(hidden.shape[1]):
+            normals = []
+            for f in FEATURES:
+                result = wm.decode(hidden[rows, t], labels[f][rows, t], folds, seed)
+                if result is None:
+                    continue
+                kind = "relevant" if f == task.feature else "irrelevant"
+                got[f"decode_{kind}"].append(result[0])
+                got[f"decode_{f}_{kind}"].append(result[0])
+                normals.append(result[1])
+            if len(normals) >= 2:
+                got["orthogonality_rnn"].append(wm.orthogonality(normals))
+        own_swap = wm.procrustes_analysis(hidden[mine], labels[task.feature][mine])
+        if own_swap is not None:
+            got["procrustes_disparity"].append(own_swap[0])
+            got["swap_disparity"].append(own_swap[1])
+    metrics = {name: float(np.mean(v)) for name, v in got.items()}
+    # the front end's pooled features of each distinct stimulus the test shows, labelled by what it shows
+    index = seqs.stimulus_index(stim.n_identities).ravel()
+    shown, first = np.unique(index, return_index=True)
+    with torch.no_grad():
+        pooled = model.encode(stim.tensor[torch.as_tensor(shown)]).mean((-2, -1)).numpy()
+    cnn = [wm.decode(pooled, labels[f].ravel()[first], folds, seed) for f in FEATURES]
+    metrics["orthogonality_cnn"] = wm.orthogonality([r[1] for r in cnn if r is not None])
+    att = out["attention"]
+    metrics.update(wm.attention_stats(att.reshape(-1, *att.shape[2:]), seqs.location.ravel()))
+    for k, task in enumerate(tasks):
+        mine = seqs.task == k
+        stats = wm.attention_stats(att[mine].reshape(-1, *att.shape[2:]), seqs.location[mine].ravel())
+        metrics.update({f"{name}_{task.name}": value for name, value in stats.items()})
+    return metrics
+
+
+def test_reported_analyses_are_the_documented_ones_of_the_best_model(stmf):
+    model, stim = rebuild(stmf, weights(stmf.checkpoints[-1], "best"))
+    out = outputs(stmf, model, stim, stmf.test)
+    expected = expected_analysis(stmf, model, stim, stmf.test, out)
+    assert {"decode_identity_relevant", "decode_location_irrelevant", "attn_on_stimulus_2back_category"} <= set(expected)
+    reported = {k.removeprefix("test/attention/"): v for k, v in stmf.final.items() if k.startswith("test/attention/")}
+    analysis = {k: v for k, v in reported.items() if not k.startswith(("acc", "ece", "nll", "brier", "balanced_acc",
+                                                                        "macro_f1", "loss"))}
+    assert set(analysis) == set(expected)
+    for name, value in expected.items():
+        assert analysis[name] == pytest.approx(value, abs=1e-9), name
+
+
+def test_analysis_json_holds_every_reported_test_number_and_the_decoding_curves(stmf):
+    saved = json.loads((Path(stmf.config["artifact_dir"]) / "analysis.json").read_text())
+    reported = {k.removeprefix("test/attention/"): v for k, v in stmf.final.items() if k.startswith("test/attention/")}
+    assert saved["method"] == "attention" and saved["metrics"] == pytest.approx(reported, abs=0)
+    curves = saved["decoding_by_step"]
+    assert list(curves) == [t.name for t in stmf.tasks]
+    relevant = []
+    for task in stmf.tasks:
+        assert list(curves[task.name]) == list(FEATURES)
+        for f, accs in curves[task.name].items():
+            assert len(accs) == stmf.config["seq_len"]
+            if f == task.feature:
+                relevant += [a for a in accs if a is not None]
+    assert np.mean(relevant) == pytest.approx(reported["decode_relevant"], abs=1e-12)
+    assert {p.name for p in Path(stmf.config["artifact_dir"]).iterdir()} >= {"decoding.png", "attention_heatmaps.png"}

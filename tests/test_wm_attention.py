@@ -11,11 +11,13 @@ import pytest
 import torch
 import yaml
 from scipy.spatial import procrustes
+from scipy.special import log_softmax
 
 from one_thread import one_thread  # noqa: F401
 from orchestrator.spaces import load_study
 from trainables import wm_attention as wm
 from trainables.common.checks import ConfigError
+from trainables.common.data import train_class_counts
 from trainables.common.encoders import EncoderUnavailable
 from trainables.common.lifecycle import RELIABILITY_FILE
 from trainables.common.metrics import ece_from_bins
@@ -178,6 +180,7 @@ def test_imagenet_weights_missing_is_a_clear_error_before_and_in_the_trial(tmp_p
     wm.check(study_config(frontend="resnet18", pretrained="none"))
     trunk = wm.build_frontend("resnet18", 1, "none", 32)
     assert trunk(torch.randn(2, 1, 64, 64)).shape == (2, 512, 2, 2)
+    assert trunk.out_channels == 512  # the width the attention's keys and the RNN's input are built for
 
 
 @pytest.mark.parametrize("overrides", wm.INVALID_CONFIGS)
@@ -326,3 +329,215 @@ def test_resume_continues_at_the_next_epoch_and_matches_an_uninterrupted_run():
 def test_divergence_is_reported_and_stops_the_trial():
     reports, _ = run(study_config(lr=1e30))
     assert reports[-1]["diverged"] == 1.0 and len(reports) == 1
+
+
+# ---------------------------------------------------------------- mutation-testing additions (bench/mutation.py)
+
+
+def test_small_cnn_is_the_documented_stack():
+    """Three 3x3 conv (padding 1, no bias: BatchNorm follows) - BatchNorm - ReLU blocks with a 2x2
+    max-pool after the first two; channels c/2, c, c."""
+    cnn = wm.SmallCNN(3, 8)
+    layers = list(cnn.net)
+    assert [type(m).__name__ for m in layers] == ["Conv2d", "BatchNorm2d", "ReLU", "MaxPool2d"] * 2 + ["Conv2d", "BatchNorm2d", "ReLU"]
+    convs = [m for m in layers if isinstance(m, torch.nn.Conv2d)]
+    assert [(c.in_channels, c.out_channels) for c in convs] == [(3, 4), (4, 8), (8, 8)]
+    assert all(c.kernel_size == (3, 3) and c.padding == (1, 1) and c.bias is None for c in convs)
+    assert all(m.kernel_size == 2 for m in layers if isinstance(m, torch.nn.MaxPool2d))
+    assert cnn.out_channels == 8 and cnn(torch.randn(2, 3, 16, 12)).shape == (2, 8, 4, 3)
+
+
+def _upsample2x(x: np.ndarray) -> np.ndarray:
+    """Bilinear 2x upsampling with half-pixel centres (align_corners=False), by hand: each output
+    pixel mixes its nearest input pixel (3/4) and the next one towards it (1/4), edges clamped."""
+    def along(a: np.ndarray, axis: int) -> np.ndarray:
+        a = np.moveaxis(a, axis, -1)
+        prev = np.concatenate([a[..., :1], a[..., :-1]], -1)
+        nxt = np.concatenate([a[..., 1:], a[..., -1:]], -1)
+        out = np.empty(a.shape[:-1] + (2 * a.shape[-1],))
+        out[..., 0::2], out[..., 1::2] = 0.75 * a + 0.25 * prev, 0.75 * a + 0.25 * nxt
+        return np.moveaxis(out, -1, axis)
+
+    return along(along(x, -1), -2)
+
+
+def test_input_size_resizes_the_canvases_bilinearly_before_the_front_end():
+    torch.manual_seed(0)
+    stimuli = torch.rand(3, 1, 8, 8)
+    kwargs = dict(attention=True, attention_hidden=4, attention_dropout=0.0, rnn="gru", hidden_size=4, freeze_frontend=False)
+    resized = wm.WorkingMemoryNet(wm.SmallCNN(1, 4), 2, input_size=16, **kwargs).eval()
+    expected = resized.frontend(torch.as_tensor(_upsample2x(stimuli.numpy()), dtype=torch.float32))
+    with torch.no_grad():
+        torch.testing.assert_close(resized.encode(stimuli), expected, rtol=1e-5, atol=1e-5)
+        for size in (0, 8):  # 0, or the canvas's own size: the canvases as they are
+            native = wm.WorkingMemoryNet(resized.frontend, 2, input_size=size, **kwargs).eval()
+            torch.testing.assert_close(native.encode(stimuli), resized.frontend(stimuli), rtol=0, atol=0)
+        out = resized(stimuli, torch.tensor([[0, 1, 2, 0]]), torch.eye(2)[:1])
+    assert out["attention"].shape == (1, 4, 4, 4)  # the map of a 16x16 input, not of the 8x8 canvas
+
+
+def test_a_frozen_front_end_stays_in_eval_mode_and_takes_no_gradient():
+    kwargs = dict(attention=False, attention_hidden=4, attention_dropout=0.0, rnn="rnn", hidden_size=4, input_size=0)
+    frozen = wm.WorkingMemoryNet(wm.SmallCNN(1, 4), 2, freeze_frontend=True, **kwargs).train()
+    assert not frozen.frontend.training and frozen.rnn.training
+    assert not any(p.requires_grad for p in frozen.frontend.parameters())
+    assert all(p.requires_grad for name, p in frozen.named_parameters() if not name.startswith("frontend."))
+    free = wm.WorkingMemoryNet(wm.SmallCNN(1, 4), 2, freeze_frontend=False, **kwargs).train()
+    assert free.frontend.training and all(p.requires_grad for p in free.parameters())
+    stimuli = torch.rand(4, 1, 8, 8)
+    for model, grad in ((frozen, False), (free, True)):
+        out = model(stimuli, torch.tensor([[0, 1, 2], [3, 2, 1]]), torch.eye(2))
+        out["logits"].sum().backward()
+        assert out["pooled"].requires_grad == grad
+        assert all((p.grad is not None) == grad for p in model.frontend.parameters())
+        assert model.head.weight.grad is not None
+
+
+def test_attention_dropout_drops_from_the_weighted_sum_only():
+    torch.manual_seed(0)
+    att = wm.TaskGuidedAttention(task_dim=2, feature_dim=6, hidden=8, dropout=0.5)
+    maps, task = torch.randn(4, 6, 3, 3), torch.eye(2)[[0, 1, 1, 0]]
+    with torch.no_grad():
+        att.eval()
+        _, clean = att(maps, task)
+        att.train()
+        torch.manual_seed(7)
+        context, weights = att(maps, task)
+        torch.manual_seed(7)
+        dropped = torch.nn.functional.dropout(clean, 0.5, training=True)
+    torch.testing.assert_close(weights, clean)  # the reported weights: the softmax, summing to 1
+    feats = maps.flatten(2).transpose(1, 2)
+    torch.testing.assert_close(context, (dropped[..., None] * feats).sum(1))
+    assert not torch.allclose(context, (clean[..., None] * feats).sum(1))
+
+
+def test_weighted_loss_against_scipy():
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(3, 5, 3)).astype(np.float32)
+    target = rng.integers(3, size=(3, 5))
+    target[:, 0] = NO_ACTION
+    for w in (0.0, 0.3, 1.0, 2.0):
+        nll = -np.take_along_axis(log_softmax(logits.astype(np.float64), -1), target[..., None], -1)[..., 0]
+        weight = np.where(target == NO_ACTION, w, 1.0)
+        got = wm._weighted_loss(torch.as_tensor(logits), torch.as_tensor(target), w)
+        assert float(got) == pytest.approx((nll * weight).sum() / weight.sum(), rel=1e-5), w
+
+
+def test_orthogonality_by_hand():
+    x, y, xy = np.array([[2.0, 0.0]]), np.array([[0.0, 3.0]]), np.array([[1.0, 1.0]])
+    assert wm.orthogonality([x, y]) == pytest.approx(1.0)
+    assert wm.orthogonality([x, -x]) == pytest.approx(0.0)  # |cos|: a flipped normal is the same axis
+    assert wm.orthogonality([x, xy]) == pytest.approx(1 - 1 / math.sqrt(2))
+    # three features: mean over the three pairs; a two-row normal matrix: mean over its rows
+    assert wm.orthogonality([x, y, xy]) == pytest.approx(1 - (0 + 2 / math.sqrt(2)) / 3)
+    two_rows = np.array([[3.0, 4.0], [0.0, 2.0]])  # unit rows (0.6, 0.8) and (0, 1)
+    assert wm.orthogonality([two_rows, xy]) == pytest.approx(1 - (1.4 + 1.0) / math.sqrt(2) / 2)
+    assert wm.orthogonality([two_rows, x]) == pytest.approx(1 - 0.3)
+
+
+def test_decoder_keeps_classes_with_at_least_folds_samples_and_needs_two():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(14, 3))
+    y = np.array([0] * 6 + [1] * 5 + [2] * 3)  # class 2: exactly 3 samples, as many as the folds
+    assert wm.decode(x, y, folds=3, seed=0)[1].shape == (3, 3)
+    assert wm.decode(x, y, folds=4, seed=0)[1].shape == (1, 3)  # class 2 left out; two classes: one hyperplane
+    assert wm.decode(x, y, folds=5, seed=0)[1].shape == (1, 3)  # class 1 has exactly 5: still two classes
+    assert wm.decode(x, y, folds=6, seed=0) is None  # one class left
+    # the folds are shuffled with the seed: the same seed gives the same accuracy
+    noisy = rng.integers(2, size=90)
+    xn = rng.normal(size=(90, 4)) + noisy[:, None] * 0.4
+    accs = [wm.decode(xn, noisy, 3, seed)[0] for seed in (0, 0, 1, 2, 3)]
+    assert accs[0] == accs[1] and len(set(accs)) > 1
+
+
+def test_attention_statistics_by_hand_on_random_maps():
+    rng = np.random.default_rng(0)
+    for h, w in ((6, 6), (8, 4), (2, 2)):
+        weights = rng.random((5, h, w))
+        weights /= weights.sum((1, 2), keepdims=True)
+        location = rng.integers(4, size=5)
+        got = wm.attention_stats(weights, location)
+        flat = weights.reshape(5, -1)
+        p = h * w
+        hoyer = (math.sqrt(p) - flat.sum(1) / np.sqrt((flat**2).sum(1))) / (math.sqrt(p) - 1)
+        on = []
+        for n, q in enumerate(location):
+            top, left = q < 2, q % 2 == 0
+            rows = slice(0, h // 2) if top else slice(h // 2, h)
+            cols = slice(0, w // 2) if left else slice(w // 2, w)
+            on.append(weights[n, rows, cols].sum())
+        assert got["attn_entropy"] == pytest.approx(np.mean([-(r * np.log(r)).sum() for r in flat]))
+        assert got["attn_sparsity"] == pytest.approx(hoyer.mean())
+        assert got["attn_on_stimulus"] == pytest.approx(np.mean(on)), (h, w)
+    pair = wm.attention_stats(np.array([[[0.8, 0.2]]]), np.zeros(1, dtype=int))  # two positions: Hoyer is defined
+    assert pair["attn_sparsity"] == pytest.approx((math.sqrt(2) - 1 / math.sqrt(0.68)) / (math.sqrt(2) - 1))
+    single = wm.attention_stats(np.ones((3, 1, 1)), np.zeros(3, dtype=int))  # one position: no quadrants
+    assert single == {"attn_entropy": 0.0, "attn_sparsity": 0.0}
+    assert set(wm.attention_stats(np.full((2, 1, 4), 0.25), np.zeros(2, dtype=int))) == {"attn_entropy", "attn_sparsity"}
+
+
+def _reference_procrustes(hidden: np.ndarray, values: np.ndarray) -> tuple[float, float] | None:
+    """The module doc's definition with scikit-learn's PCA, scipy's procrustes and the SVD
+    solution of the orthogonal Procrustes problem written out."""
+    from sklearn.decomposition import PCA
+
+    b, t_len, dim = hidden.shape
+    rows = sorted(set.intersection(*(set(values[:, s].tolist()) for s in range(t_len))))
+    if len(rows) < 3:
+        return None
+    projected = PCA(len(rows) - 1, svd_solver="full").fit(hidden.reshape(-1, dim)).components_
+    z = hidden @ projected.T
+    cent = {(s, t): np.stack([z[values[:, s] == v, t].mean(0) for v in rows]) for s in range(t_len) for t in range(t_len)}
+    pairs = [(cent[s, t], cent[s, t + 1]) for s in range(t_len - 1) for t in range(s, t_len - 1)]
+
+    def unit(m):
+        m = m - m.mean(0)
+        return m / np.linalg.norm(m)
+
+    def fit(src, dst):  # R, s minimising ||unit(dst) - s unit(src) R^T||
+        u, sig, vt = np.linalg.svd(unit(dst).T @ unit(src))
+        return u @ vt, sig.sum()
+
+    own = [procrustes(dst, src)[2] for src, dst in pairs]
+    fits = [fit(src, dst) for src, dst in pairs]
+    swap = [np.sum((unit(dst) - fits[j][1] * unit(src) @ fits[j][0].T) ** 2)
+            for i, (src, dst) in enumerate(pairs) for j in range(len(pairs)) if j != i]
+    return float(np.mean(own)), float(np.mean(swap))
+
+
+@pytest.mark.parametrize("n_values", [3, 4, 5])
+def test_procrustes_analysis_against_a_reference(n_values):
+    rng = np.random.default_rng(n_values)
+    values = rng.integers(n_values, size=(300, 4))
+    values[values[:, 1] == n_values - 1, 1] = 0  # the last value is never shown at step 1: not a shared row
+    if n_values == 5:
+        values[values[:, 0] == 3, 0] = 1  # nor value 3 at step 0
+    hidden = rng.normal(size=(300, 4, 7)) + 0.5 * values[..., None]
+    got, expected = wm.procrustes_analysis(hidden, values), _reference_procrustes(hidden, values)
+    if n_values == 3:
+        assert got is None and expected is None  # two shared values are too few
+    else:
+        assert got == pytest.approx(expected, rel=1e-6)
+
+
+def test_check_accepts_the_edges_of_every_rule():
+    counts = train_class_counts("digits")
+    for overrides in ({"scenario": "mtmf", "seq_len": 4}, {"scenario": "stsf", "n_back": 3, "seq_len": 4},
+                      {"split": "novel_identity", "heldout_identities": 1}, {"split": "novel_identity", "heldout_identities": 4},
+                      {"n_categories": len(counts), "n_identities": int(counts.min())},
+                      {"n_identities": int(counts[:4].min())}):
+        wm.check(study_config(**overrides))
+    for overrides in ({"split": "novel_identity", "heldout_identities": 0}, {"scenario": "stmf", "n_back": 2, "seq_len": 2},
+                      {"n_identities": int(counts[:4].min()) + 1}):
+        with pytest.raises(ConfigError):
+            wm.check(study_config(**overrides))
+
+
+def test_batch_task_vectors_are_as_wide_as_the_task_list_whatever_tasks_the_batch_holds():
+    seqs = generate(np.random.default_rng(0), 5, [Task(1, "location")], split_pools("random", 3, 1)[0], n_categories=2)
+    seqs.task = np.array([0, 0, 1, 0, 1])  # three tasks in the list, the last one absent from this batch
+    index, task, target = wm._batch_tensors(seqs, 3, 3, "cpu")
+    np.testing.assert_array_equal(task.numpy(), np.eye(3)[seqs.task])
+    np.testing.assert_array_equal(index.numpy(), seqs.stimulus_index(3))
+    np.testing.assert_array_equal(target.numpy(), seqs.target)
+    assert task.dtype == torch.float32 and index.dtype == target.dtype == torch.int64
