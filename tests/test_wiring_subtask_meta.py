@@ -384,6 +384,21 @@ def test_early_stopping_selects_on_val_and_the_report_describes_that_model(monit
     assert stopped.final["test/meta/nll"] == pytest.approx(reported_nll(logits(per_epoch[best_epoch - 1], "test"), y_test), rel=1e-6)
 
 
+def test_a_trial_resumed_after_its_best_epoch_stops_where_and_as_the_uninterrupted_one(run):
+    """Resumed from the checkpoint one epoch after the best one, the trial must carry on with
+    the early-stopping state and best weights it had (a fresh stopper would count the next epoch
+    as an improvement, keep its weights and train to the epoch budget)."""
+    best_epoch = run.final["info/best_epoch"]
+    assert 1 < best_epoch < run.final["epoch"] - 1  # the fixture's run: best 6, stopped at 8 of 9
+    resumed = Run(run.config)
+    sm.train(run.config, lambda metrics, checkpoint=None: (resumed.reports.append(metrics), resumed.checkpoints.append(checkpoint)),
+             restore=run.checkpoints[best_epoch])
+    assert [r["epoch"] for r in resumed.reports] == list(range(best_epoch + 2, run.final["epoch"] + 1))
+    for key, value in run.final.items():
+        if not key.startswith("perf/"):
+            assert resumed.final[key] == pytest.approx(value, rel=1e-6, abs=1e-12), key
+
+
 # ---------------------------------------------------------------- the lr scaling study
 
 
