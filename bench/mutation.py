@@ -8,8 +8,10 @@
 Each module is mutated in its own copy of the working tree (``--workdir``, default a temporary
 folder; the tree itself is never touched, so it is safe beside other work), and every mutant
 runs only that module's own tests (:data:`MODULES`; mutmut narrows them further to the tests
-that reach the mutated function). mutmut runs the tests once unmutated, then each mutant in a forked worker
-(``--max-children``, default 1: one core). Printed per module: mutants, killed, survived, no
+that reach the mutated function). mutmut runs the tests once unmutated, then each mutant in a
+forked worker (``--max-children``, default the CPU count: a release run on a quiet machine;
+pass 1 beside other work), with ``bench/mutmut_fixture_credit.py`` loaded so a shared fixture's
+work counts for every test that uses it. Printed per module: mutants, killed, survived, no
 test reaches it, timeouts, the kill rate (killed / (killed + survived)) and the wall time; then
 each surviving mutant by name, with its diff under ``--diffs``. The exit code is 0 when every
 module ran (a kill rate is a finding to read, not a failure). Not part of CI: run it before a
@@ -134,7 +136,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--module", action="append", choices=sorted(MODULES), help="Mutate only this module (repeatable).")
     parser.add_argument("--workdir", type=Path, help="Where the copies go (default: a temporary folder, removed after).")
-    parser.add_argument("--max-children", type=int, default=1, help="Mutants tested at once (default 1).")
+    parser.add_argument("--max-children", type=int, default=os.cpu_count(),
+                        help="Mutants tested at once (default: the CPU count; 1 on a shared machine).")
     parser.add_argument("--diffs", action="store_true", help="Print each survivor's diff, not only its name.")
     parser.add_argument("--list", action="store_true", help="Print the modules and their tests, run nothing.")
     args = parser.parse_args(argv)
