@@ -143,6 +143,31 @@ def test_build_subtasks_bins_on_train_and_skips_unmapped_superclass(capsys):
     np.testing.assert_array_equal(superclass.labels["train"], np.array([0, 1, 1])[ds.train.labels])
 
 
+def test_each_binning_knob_reaches_the_subtasks_it_names():
+    """subtasks (which and in what order), bin_percentiles, thresholds and the fixed cuts each
+    change the labels as declared: cuts are numpy's percentiles of the TRAIN values at the
+    configured percentiles (not the default tertiles), fixed cuts are the configured ones."""
+    ds = _toy_dataset(["a", "b", "c"])
+    train_bright = mean_brightness(ds.train.images)
+    config = {"subtasks": ["brightness"], "thresholds": "percentile", "bin_percentiles": [10.0, 90.0]}
+    (bright,) = build_subtasks(ds, config)
+    assert bright.name == "brightness" and bright.num_classes == 3
+    cuts = np.percentile(train_bright.astype(np.float64), [10.0, 90.0])
+    for split in ("train", "val", "test"):
+        expected = np.digitize(mean_brightness(getattr(ds, split).images), cuts, right=True)
+        np.testing.assert_array_equal(bright.labels[split], expected)
+    assert np.bincount(bright.labels["train"], minlength=3).tolist() != [17, 17, 17]  # not tertiles
+    assert [s.name for s in build_subtasks(ds, {**config, "subtasks": ["complexity", "brightness"]})] == \
+        ["complexity", "brightness"]
+    fixed = build_subtasks(ds, {**config, "thresholds": "fixed", "brightness_thresholds": [50.0, 60.0]})[0]
+    np.testing.assert_array_equal(fixed.labels["train"], np.digitize(train_bright, [50.0, 60.0]))
+    for bad in ([60.0, 50.0], [50.0], [1.0, 2.0, 3.0]):  # cuts must be two, increasing
+        with pytest.raises(ValueError, match="two increasing cut points"):
+            build_subtasks(ds, {**config, "thresholds": "fixed", "brightness_thresholds": bad})
+    with pytest.raises(ValueError, match="'fixed' or 'percentile'"):
+        build_subtasks(ds, {**config, "thresholds": "adaptive"})
+
+
 # ---------------------------------------------------------------- heads and meta-learner
 
 
