@@ -77,12 +77,6 @@ def pool_wall(configs: list[dict], workers: int) -> float:
     return wall
 
 
-def tune_wall(work: Path, trials: int, epochs: int, seconds: float, workers: int, reuse: bool) -> tuple[float, float]:
-    """(wall seconds, driver peak RSS MiB) of plain Ray Tune running the same trials."""
-    run = tune_run(work, trials, epochs, seconds, workers, reuse)
-    return run["wall"], run["peak_mib"]
-
-
 def tune_run(work: Path, trials: int, epochs: int, seconds: float, workers: int, reuse: bool) -> dict:
     """Plain Ray Tune running the same trials: wall, driver peak RSS, the trials' end times
     (seconds from the first trial's start, as :func:`sweep_run`'s) and the driver's resident MiB at each."""
@@ -93,9 +87,9 @@ def tune_run(work: Path, trials: int, epochs: int, seconds: float, workers: int,
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     run = run_measured(cmd, work, env)
     lines = [line for line in run.output.splitlines() if line.startswith("{")]
-    if run.code != 0 or not lines or json.loads(lines[-1])["trials"] != trials:
+    reported = json.loads(lines[-1]) if lines else {}
+    if run.code != 0 or reported.get("trials") != trials:
         raise RuntimeError(f"plain Tune run failed (exit {run.code}):\n{run.output[-3000:]}")
-    reported = json.loads(lines[-1])
     ends, began = sorted(reported["ends"]), min(reported["starts"], default=0.0)
     return {"wall": run.wall, "peak_mib": run.peak_mib, "ends": [end - began for end in ends],
             "rss": [run.rss_at(end) for end in ends]}
@@ -137,8 +131,8 @@ def compare(args, tmp: Path) -> None:
         pools, tunes, tunes_off, tunes_on, sweeps, inside = [], [], [], [], [], []
         for rep in range(repeats):
             pools.append(pool_wall(configs, args.workers))
-            tunes_off.append(tune_wall(tmp / f"{name}-{rep}-tune-off", trials, epochs, seconds, args.workers, False)[0])
-            tunes_on.append(tune_wall(tmp / f"{name}-{rep}-tune-on", trials, epochs, seconds, args.workers, True)[0])
+            tunes_off.append(tune_run(tmp / f"{name}-{rep}-tune-off", trials, epochs, seconds, args.workers, False)["wall"])
+            tunes_on.append(tune_run(tmp / f"{name}-{rep}-tune-on", trials, epochs, seconds, args.workers, True)["wall"])
             tunes.append(min(tunes_off[-1], tunes_on[-1]))
             run = sweep_run(tmp / f"{name}-{rep}", trials, epochs, seconds, args.workers)
             sweeps.append(run["wall"])
@@ -166,7 +160,8 @@ def many(args, tmp: Path) -> None:
     trials, seconds = args.trials or 200, 0.2
     print(f"{FAMILY} many: {trials} trials of {seconds} s, {args.workers} at once")
     print(machine_line())
-    tune_s, tune_peak = tune_wall(tmp / "many-tune", trials, 1, seconds, args.workers, True)
+    tune = tune_run(tmp / "many-tune", trials, 1, seconds, args.workers, True)
+    tune_s, tune_peak = tune["wall"], tune["peak_mib"]
     run = sweep_run(tmp / "many", trials, 1, seconds, args.workers)
     rows = [["plain Tune", tune_s, trials / tune_s, tune_peak, "—"],
             ["orchestrate sweep", run["wall"], trials / run["wall"], run["peak_mib"], run["store_mib"]]]
