@@ -62,8 +62,7 @@ def boundaries(ns: list[int], times: list[float], alpha: float) -> list[float]:
     return list(_boundaries(tuple(int(n) for n in ns), tuple(float(t) for t in times), float(alpha)))
 
 
-@lru_cache(maxsize=256)  # every claim of a sweep, and every re-decision, looks at the same schedule
-def _boundaries(ns: tuple, times: tuple, alpha: float) -> tuple:
+def _simulated_boundaries(ns: tuple, times: tuple, alpha: float) -> tuple:
     """Monte Carlo of the t statistics' exact joint null law (normal differences; t is pivotal,
     so the sd does not matter): the boundary of look k is the |t| that the paths still inside
     every earlier boundary exceed with probability alpha(t_k) - alpha(t_{k-1})."""
@@ -91,6 +90,11 @@ def _boundaries(ns: tuple, times: tuple, alpha: float) -> tuple:
         out.append(c)
         alive &= stat < c
     return tuple(out)
+
+
+# every claim of a sweep, and every re-decision, looks at the same schedule; cached by wrapping,
+# not with the decorator, which would keep mutmut from mutating the simulation (bench/mutation.py)
+_boundaries = lru_cache(maxsize=256)(_simulated_boundaries)
 
 
 @dataclass(frozen=True)

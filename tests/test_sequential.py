@@ -12,11 +12,19 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from orchestrator.sequential import (INCONCLUSIVE, INVALIDATED, OPEN, VALIDATED, boundaries, decide, decide_all,
-                                     look_of, obf_spending)
+from orchestrator.sequential import (INCONCLUSIVE, INVALIDATED, OPEN, SIM_PATHS, VALIDATED, _boundaries, boundaries,
+                                     decide, decide_all, look_of, obf_spending)
 
 ALPHA, START, BATCH, MAX = 0.05, 2, 2, 10
 SEQUENCES = 2000
+
+
+@pytest.fixture(autouse=True)
+def fresh_boundaries():
+    """Each test computes the boundaries it reads: the cache would otherwise answer with what an
+    earlier test computed (under mutmut, its unmutated pass in the parent of every mutant's
+    fork: all 101 mutants of the simulation survived, `rng = None` included)."""
+    _boundaries.cache_clear()
 
 
 def run_until_decided(d: np.ndarray) -> tuple[str, int]:
@@ -81,6 +89,18 @@ def test_boundaries_spend_alpha_as_the_spending_function_says():
     assert observed == pytest.approx(list(spent), abs=0.0015)
     with pytest.raises(ValueError):
         boundaries([4, 4], [0.5, 1.0], ALPHA)
+
+
+def test_boundaries_are_reproducible_and_a_look_with_almost_nothing_to_spend_cannot_stop():
+    """The same looks give the same boundaries in every process (a resumed sweep decides as the
+    interrupted one would have), and a look whose share of alpha is under half a simulated path
+    (O'Brien-Fleming spends ~1e-20 at t = 0.1) gets no finite boundary rather than the smallest
+    |t| still inside."""
+    first = boundaries([2, 4, 6], [0.3, 0.6, 1.0], ALPHA)
+    _boundaries.cache_clear()
+    assert boundaries([2, 4, 6], [0.3, 0.6, 1.0], ALPHA) == first
+    assert obf_spending(0.1, ALPHA) * SIM_PATHS < 0.5
+    assert boundaries([2, 3, 10], [0.05, 0.1, 1.0], ALPHA)[:2] == [math.inf, math.inf]
 
 
 def test_margin_decides_no_effect_and_frees_no_alpha():
