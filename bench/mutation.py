@@ -4,6 +4,8 @@
     python bench/mutation.py --module orchestrator/stats.py # one module (repeatable)
     python bench/mutation.py                                # every module below (hours on 2 cores: bench/README.md)
     python bench/mutation.py --list                         # the modules and the tests each one runs
+    python bench/mutation.py --module trainables/subtask_meta.py --function check --function 'fit_*'
+                                                            # some functions only (a release run in parts)
 
 Each module is mutated in its own copy of the working tree (``--workdir``, default a temporary
 folder; the tree itself is never touched, so it is safe beside other work), and every mutant
@@ -21,6 +23,7 @@ release and record the figures and the survivors in ``bench/README.md``.
 from __future__ import annotations
 
 import argparse
+import ast
 import json
 import os
 import shutil
@@ -28,6 +31,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from fnmatch import fnmatch
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -78,7 +82,25 @@ def configure(copy: Path, module: str, tests: list[str]) -> None:
         out.write("\n".join(lines) + "\n")
 
 
-def run_module(module: str, workdir: Path, children: int, diffs: bool) -> dict:
+def decorated_functions(source: str) -> list[str]:
+    """The functions and methods in ``source`` mutmut leaves unmutated: it skips every decorated
+    one but a ``@staticmethod`` or ``@classmethod`` (a decorator runs at definition time). Printed
+    with each module's figures, so code out of the tool's sight is named, not silently left out;
+    a family's evaluation runs under ``with torch.no_grad():`` rather than the decorator for this."""
+    return [node.name
+            for node in ast.walk(ast.parse(source))
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.decorator_list
+            and [ast.unparse(d) for d in node.decorator_list] not in (["staticmethod"], ["classmethod"])]
+
+
+def mutant_globs(module: str, functions: list[str]) -> list[str]:
+    """mutmut's names for the mutants of ``functions`` (fnmatch patterns) in ``module``: a
+    function's are ``pkg.mod.x_NAME__mutmut_N``, a method's ``pkg.mod.xǁClassǁNAME__mutmut_N``."""
+    dotted = module.removesuffix(".py").replace("/", ".")
+    return [glob for name in functions for glob in (f"{dotted}.x_{name}__mutmut_*", f"{dotted}.xǁ*ǁ{name}__mutmut_*")]
+
+
+def run_module(module: str, workdir: Path, children: int, diffs: bool, functions: list[str] | None = None) -> dict:
     from mutmut.stats import status_by_exit_code  # what mutmut calls each exit code
 
     copy = workdir / module.replace("/", "_").removesuffix(".py")
@@ -90,20 +112,23 @@ def run_module(module: str, workdir: Path, children: int, diffs: bool) -> dict:
     # finder (appended last); one thread per test process on a shared machine
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     began = time.perf_counter()
-    run = subprocess.run(["mutmut", "run", "--max-children", str(children)], cwd=copy, env=env,
-                         capture_output=True, text=True)
+    run = subprocess.run(["mutmut", "run", "--max-children", str(children), *mutant_globs(module, functions or [])],
+                         cwd=copy, env=env, capture_output=True, text=True)
     wall = time.perf_counter() - began
     meta = copy / "mutants" / f"{module}.meta"
     if run.returncode != 0 or not meta.exists():
         tail = (run.stdout + run.stderr).strip().splitlines()[-5:]
         return {"module": module, "error": " | ".join(tail) or f"mutmut exited {run.returncode}", "wall_s": wall}
     codes = json.loads(meta.read_text())["exit_code_by_key"]
+    if functions:  # the module's other mutants were not run: counted in no figure
+        codes = {name: code for name, code in codes.items() if any(fnmatch(name, g) for g in mutant_globs(module, functions))}
     status = {name: status_by_exit_code.get(code, str(code)) for name, code in codes.items()}
     counts = {s: sum(1 for v in status.values() if v == s) for s in sorted(set(status.values()))}
     survivors = sorted(name for name, s in status.items() if s == "survived")
     shown = _diffs(survivors, module, copy, env) if diffs and survivors else survivors
     killed, survived = counts.get("killed", 0), counts.get("survived", 0)
-    return {"module": module, "mutants": len(status), "counts": counts, "wall_s": wall,
+    return {"module": module + (f" ({', '.join(functions)})" if functions else ""), "mutants": len(status),
+            "decorated": [] if functions else decorated_functions((ROOT / module).read_text()), "counts": counts, "wall_s": wall,
             "kill_rate": killed / (killed + survived) if killed + survived else None, "survivors": shown}
 
 
@@ -129,7 +154,8 @@ def line(result: dict) -> str:
     rate = "n/a" if result["kill_rate"] is None else f"{100 * result['kill_rate']:.1f}%"
     rest = ", ".join(f"{v} {k}" for k, v in c.items() if k not in ("killed", "survived"))
     return (f"{result['module']}: {result['mutants']} mutants, {c.get('killed', 0)} killed, "
-            f"{c.get('survived', 0)} survived{', ' + rest if rest else ''}; kill rate {rate}; {result['wall_s']:.0f} s")
+            f"{c.get('survived', 0)} survived{', ' + rest if rest else ''}; kill rate {rate}; {result['wall_s']:.0f} s"
+            + (f"; not mutated (decorated): {', '.join(result['decorated'])}" if result["decorated"] else ""))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -138,6 +164,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workdir", type=Path, help="Where the copies go (default: a temporary folder, removed after).")
     parser.add_argument("--max-children", type=int, default=os.cpu_count(),
                         help="Mutants tested at once (default: the CPU count; 1 on a shared machine).")
+    parser.add_argument("--function", action="append", default=[],
+                        help="Mutate only this function or method of each --module (an fnmatch pattern; repeatable).")
     parser.add_argument("--diffs", action="store_true", help="Print each survivor's diff, not only its name.")
     parser.add_argument("--list", action="store_true", help="Print the modules and their tests, run nothing.")
     args = parser.parse_args(argv)
@@ -145,6 +173,9 @@ def main(argv: list[str] | None = None) -> int:
         for module, tests in MODULES.items():
             print(f"{module}: {' '.join(tests)}")
         return 0
+    if args.function and not args.module:
+        print("--function needs --module (which module's functions)", file=sys.stderr)
+        return 2
     if shutil.which("mutmut") is None:
         print("mutmut is not installed: pip install mutmut", file=sys.stderr)
         return 2
@@ -152,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
     results = []
     try:
         for module in args.module or list(MODULES):
-            result = run_module(module, workdir, args.max_children, args.diffs)
+            result = run_module(module, workdir, args.max_children, args.diffs, args.function)
             results.append(result)
             print(line(result), flush=True)
         for result in results:

@@ -171,3 +171,43 @@ def test_mutmut_fixture_credit_gives_a_shared_fixtures_hits_to_every_test_that_u
             assert by_test == expected, active
     finally:
         del builtins.HITS
+
+
+def test_mutation_names_the_functions_mutmut_cannot_mutate():
+    """mutmut 3 skips every decorated function but a staticmethod or classmethod: the script
+    names them (an evaluation under ``@torch.no_grad()`` was silently never mutated)."""
+    from bench.mutation import decorated_functions
+
+    source = ("import functools, torch\n"
+              "@torch.no_grad()\ndef evaluate(x):\n    return x\n"
+              "def plain(x):\n    return x\n"
+              "def wrapped(x):\n    return x\n"
+              "cached = functools.lru_cache()(wrapped)\n"
+              "@functools.lru_cache(maxsize=8)\ndef boundaries(n):\n    return n\n"
+              "@functools.total_ordering\nclass Thing:\n"
+              "    @staticmethod\n    def make():\n        return 1\n"
+              "    @classmethod\n    def build(cls):\n        return cls()\n"
+              "    @property\n    def size(self):\n        return 1\n"
+              "    def method(self):\n        return 2\n")
+    assert decorated_functions(source) == ["evaluate", "boundaries", "size"]
+
+
+def test_mutation_function_filter_selects_one_functions_mutants():
+    """``--function`` becomes mutmut's own mutant names (mutmut 3.8: ``pkg.mod.x_NAME__mutmut_N``
+    for a function, ``pkg.mod.xǁClassǁNAME__mutmut_N`` for a method); a look-alike's are not
+    selected, and ``--function`` without ``--module`` is refused before anything runs."""
+    from fnmatch import fnmatch
+
+    from bench.mutation import main, mutant_globs
+
+    names = ["trainables.subtask_meta.x_check__mutmut_1", "trainables.subtask_meta.x_check__mutmut_12",
+             "trainables.subtask_meta.x__check_two__mutmut_1", "trainables.subtask_meta.x_precheck__mutmut_1",
+             "trainables.wm_attention.xǁSmallCNNǁforward__mutmut_3", "trainables.wm_attention.x_forward_all__mutmut_1"]
+    def chosen(module, functions):
+        return [n for n in names if any(fnmatch(n, g) for g in mutant_globs(module, functions))]
+
+    assert chosen("trainables/subtask_meta.py", ["check"]) == names[:2]
+    assert chosen("trainables/wm_attention.py", ["forward"]) == [names[4]]
+    assert chosen("trainables/wm_attention.py", ["forward*"]) == names[4:]
+    assert chosen("trainables/subtask_meta.py", ["train"]) == []
+    assert main(["--function", "check"]) == 2
