@@ -182,22 +182,22 @@ class Memory:
     labels: torch.Tensor  # (N,) on the model's device
 
 
-@torch.no_grad()
 def forward_all(model: AttnKnnNet, ds: Dataset, images: np.ndarray, device, view_generator=None, flip=False):
     """(cnn probabilities, embeddings) of ``images`` in eval mode; with ``view_generator`` an
     augmented view (translation, + flip when ``flip``) instead of the clean one. Both float32,
     also when the forward pass runs in bf16 on CUDA."""
-    model.eval()
-    probs, embeddings = [], []
-    for start in range(0, len(images), EVAL_BATCH):
-        x = ds.to_float(to_device(torch.from_numpy(images[start : start + EVAL_BATCH]), device), device)
-        if view_generator is not None:
-            x = augment(x, view_generator, flip=flip)
-        with autocast(device):
-            logits, z = model(x)
-        probs.append(logits.float().softmax(1))
-        embeddings.append(z.float())
-    return torch.cat(probs), torch.cat(embeddings)
+    with torch.no_grad():  # not @torch.no_grad(): mutmut never mutates a decorated function
+        model.eval()
+        probs, embeddings = [], []
+        for start in range(0, len(images), EVAL_BATCH):
+            x = ds.to_float(to_device(torch.from_numpy(images[start : start + EVAL_BATCH]), device), device)
+            if view_generator is not None:
+                x = augment(x, view_generator, flip=flip)
+            with autocast(device):
+                logits, z = model(x)
+            probs.append(logits.float().softmax(1))
+            embeddings.append(z.float())
+        return torch.cat(probs), torch.cat(embeddings)
 
 
 def refresh_memory(memory: Memory | None, model: AttnKnnNet, ds: Dataset, device, use_gpu: bool) -> Memory:
@@ -210,7 +210,6 @@ def refresh_memory(memory: Memory | None, model: AttnKnnNet, ds: Dataset, device
     return memory
 
 
-@torch.no_grad()
 def attend_all(model: AttnKnnNet, z: torch.Tensor, memory: Memory, neighbours: torch.Tensor, projected=None,
                ks: list[int] | None = None) -> dict[int, torch.Tensor]:
     """attn_knn probabilities of every query for each k in ``ks`` (default: every neighbour in
@@ -218,18 +217,19 @@ def attend_all(model: AttnKnnNet, z: torch.Tensor, memory: Memory, neighbours: t
     classes' values projected once (``projected``: :meth:`NeighbourAttention.project`), the
     scores over the widest k computed once and each k attending over its first k (copied to
     their own tensor, so each k runs the very computation an evaluation at that k alone runs)."""
-    model.eval()
-    ks = ks or [neighbours.shape[1]]
-    out: dict[int, list] = {k: [] for k in ks}
-    with autocast(z.device):
-        keys, values = projected if projected is not None else model.attention.project(memory.bank)
-        for s in range(0, len(z), EVAL_BATCH):
-            nbr = neighbours[s : s + EVAL_BATCH, : max(ks)]
-            scores, labels = model.attention.scores(z[s : s + EVAL_BATCH], keys, nbr), memory.labels[nbr]
-            for k in ks:
-                logits = model.attention.combine(scores[..., :k].contiguous(), values, labels[:, :k].contiguous())
-                out[k].append(logits.float().softmax(1))
-    return {k: torch.cat(parts) for k, parts in out.items()}
+    with torch.no_grad():  # not @torch.no_grad(): mutmut never mutates a decorated function
+        model.eval()
+        ks = ks or [neighbours.shape[1]]
+        out: dict[int, list] = {k: [] for k in ks}
+        with autocast(z.device):
+            keys, values = projected if projected is not None else model.attention.project(memory.bank)
+            for s in range(0, len(z), EVAL_BATCH):
+                nbr = neighbours[s : s + EVAL_BATCH, : max(ks)]
+                scores, labels = model.attention.scores(z[s : s + EVAL_BATCH], keys, nbr), memory.labels[nbr]
+                for k in ks:
+                    logits = model.attention.combine(scores[..., :k].contiguous(), values, labels[:, :k].contiguous())
+                    out[k].append(logits.float().softmax(1))
+        return {k: torch.cat(parts) for k, parts in out.items()}
 
 
 def predict(model, ds, images, memory, ks, views, cfg, device, flip) -> tuple[dict[tuple, np.ndarray], torch.Tensor]:

@@ -194,11 +194,11 @@ def single_thread_on_cpu(device: torch.device):
         torch.set_num_threads(threads)
 
 
-@torch.no_grad()
 def head_logits(head: LinearHead, x: np.ndarray) -> np.ndarray:
-    head.eval()
-    device = head.mean.device
-    return head(torch.as_tensor(x, device=device)).double().cpu().numpy()
+    with torch.no_grad():  # not @torch.no_grad(): mutmut never mutates a decorated function
+        head.eval()
+        device = head.mean.device
+        return head(torch.as_tensor(x, device=device)).double().cpu().numpy()
 
 
 def checkpoint_heads(checkpoint: dict) -> dict[str, dict]:

@@ -195,8 +195,14 @@ def own_stream(seed: int, net: str, *step: int, device: torch.device):
     is (a knob of the attention block must not move the flat MLP's results) and whichever nets
     still train."""
     with forked_rng(device):
-        torch.manual_seed(int(np.random.SeedSequence([seed, 1003, NETS.index(net), *step]).generate_state(1)[0]))
+        torch.manual_seed(stream_seed(seed, net, *step))
         yield
+
+
+def stream_seed(seed: int, net: str, *step: int) -> int:
+    """The torch seed of the net's own stream ``[seed, net, *step]`` (outside :func:`own_stream`,
+    a decorated function, which mutmut does not mutate)."""
+    return int(np.random.SeedSequence([seed, 1003, NETS.index(net), *step]).generate_state(1)[0])
 
 
 def build_models(feature_dim: int, cfg: dict, device: torch.device) -> dict[str, nn.Module]:

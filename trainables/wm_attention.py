@@ -233,20 +233,20 @@ def _weighted_loss(logits: torch.Tensor, target: torch.Tensor, no_action_weight:
     return (ce * w).sum() / w.sum()
 
 
-@torch.no_grad()
 def run_model(model: WorkingMemoryNet, stim: Stimuli, seqs: Sequences, n_tasks: int, batch_size: int) -> dict[str, np.ndarray]:
     """Eval-mode outputs for every sequence: logits (B, T, 3), hidden, pooled, attention."""
-    model.eval()
-    outs: dict[str, list] = {}
-    for start in range(0, len(seqs), batch_size):
-        part = seqs.subset(np.arange(start, min(start + batch_size, len(seqs))))
-        index, task, _ = _batch_tensors(part, n_tasks, stim.n_identities, stim.tensor.device)
-        out = model(stim.tensor, index, task)
-        for key, value in out.items():
-            outs.setdefault(key, []).append(value.cpu().numpy())
-    result = {key: np.concatenate(value) for key, value in outs.items()}
-    result["probs"] = torch.as_tensor(result["logits"]).softmax(-1).numpy()
-    return result
+    with torch.no_grad():  # not @torch.no_grad(): mutmut never mutates a decorated function
+        model.eval()
+        outs: dict[str, list] = {}
+        for start in range(0, len(seqs), batch_size):
+            part = seqs.subset(np.arange(start, min(start + batch_size, len(seqs))))
+            index, task, _ = _batch_tensors(part, n_tasks, stim.n_identities, stim.tensor.device)
+            out = model(stim.tensor, index, task)
+            for key, value in out.items():
+                outs.setdefault(key, []).append(value.cpu().numpy())
+        result = {key: np.concatenate(value) for key, value in outs.items()}
+        result["probs"] = torch.as_tensor(result["logits"]).softmax(-1).numpy()
+        return result
 
 
 def response_metrics(out: dict[str, np.ndarray], seqs: Sequences, tasks: list[Task], no_action_weight: float,
