@@ -194,6 +194,8 @@ def test_meta_learner_architecture():
         assert isinstance(act, nn.ReLU)
         assert isinstance(drop, nn.Dropout) and drop.p == 0.3
     assert isinstance(layers[-1], nn.Linear) and (layers[-1].in_features, layers[-1].out_features) == (384, 10)
+    (alone,) = meta_learner(70, 10, layers=0)  # no hidden block: logistic regression on the inputs
+    assert isinstance(alone, nn.Linear) and (alone.in_features, alone.out_features) == (70, 10)
 
 
 def _trained_toy_model() -> tuple[nn.Module, torch.Tensor]:
@@ -233,6 +235,13 @@ def test_check_refuses_what_train_cannot_run(overrides):
     assert all(key in str(refused.value) for key in overrides), refused.value
     with pytest.raises(ConfigError):  # train refuses it too, before loading anything
         train(smoke_config(**overrides), lambda *a, **k: None)
+
+
+@pytest.mark.parametrize("edge", [{"batch_size": 2}, {"bin_percentiles": [0, 100]}, {"bin_percentiles": [0.0, 0.5]},
+                                  {"bin_percentiles": [99.5, 100.0]}, {"brightness_thresholds": [0.0, 0.5]}])
+def test_check_accepts_the_edges_of_what_train_can_run(edge):
+    """The limits themselves pass: batches of 2 (BatchNorm's least), percentiles 0 and 100."""
+    check(smoke_config(**edge))
 
 
 def test_every_shipped_study_passes_check():

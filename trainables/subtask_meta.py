@@ -189,11 +189,11 @@ def meta_learner(in_dim: int, num_classes: int, hidden: int = 384, layers: int =
     return nn.Sequential(*blocks)
 
 
-@torch.no_grad()
 def predict_logits(model: nn.Module, x: torch.Tensor, batch_size: int = 4096) -> torch.Tensor:
     """Deterministic logits: the whole model in eval mode (BatchNorm running stats, no dropout)."""
-    model.eval()
-    return torch.cat([model(x[i : i + batch_size]) for i in range(0, len(x), batch_size)])
+    with torch.no_grad():  # not @torch.no_grad(): mutmut never mutates a decorated function
+        model.eval()
+        return torch.cat([model(x[i : i + batch_size]) for i in range(0, len(x), batch_size)])
 
 
 def enable_mc_dropout(model: nn.Module) -> None:
@@ -204,41 +204,43 @@ def enable_mc_dropout(model: nn.Module) -> None:
             m.train()
 
 
-@torch.no_grad()
 def mc_dropout_predict(model: nn.Module, x: torch.Tensor, sample_counts: list[int], seed: int,
                        batch_size: int = 4096) -> dict[int, tuple[np.ndarray, np.ndarray]]:
     """For each n in ``sample_counts``: (mean softmax over the first n dropout passes, per-image
     std across those passes of the mean-predicted class's probability). The passes are nested,
     so n = 50 extends n = 25 rather than redrawing it."""
-    enable_mc_dropout(model)
-    torch.manual_seed(seed)
-    wanted = sorted(set(int(n) for n in sample_counts))
-    out = {}
-    s1 = s2 = None
-    for n in range(1, wanted[-1] + 1):
-        p = torch.cat([F.softmax(model(x[i : i + batch_size]), 1) for i in range(0, len(x), batch_size)]).double().cpu()
-        s1 = p if s1 is None else s1 + p
-        s2 = p * p if s2 is None else s2 + p * p
-        if n in wanted:
-            mean = s1 / n
-            std = (s2 / n - mean * mean).clamp_min(0).sqrt()
-            top = mean.argmax(1, keepdim=True)
-            out[n] = (mean.numpy(), std.gather(1, top).squeeze(1).numpy())
-    model.eval()
-    return out
+    with torch.no_grad():  # not @torch.no_grad(): mutmut never mutates a decorated function
+        enable_mc_dropout(model)
+        torch.manual_seed(seed)
+        wanted = sorted(set(int(n) for n in sample_counts))
+        out = {}
+        s1 = s2 = None
+        for n in range(1, wanted[-1] + 1):
+            p = torch.cat([F.softmax(model(x[i : i + batch_size]), 1) for i in range(0, len(x), batch_size)]).double().cpu()
+            s1 = p if s1 is None else s1 + p
+            s2 = p * p if s2 is None else s2 + p * p
+            if n in wanted:
+                mean = s1 / n
+                std = (s2 / n - mean * mean).clamp_min(0).sqrt()
+                top = mean.argmax(1, keepdim=True)
+                out[n] = (mean.numpy(), std.gather(1, top).squeeze(1).numpy())
+        model.eval()
+        return out
 
 
 # ---------------------------------------------------------------- the trial
 
 
 def _two_increasing(value) -> bool:
+    """Two cuts, the first below the second: equal cuts would leave the middle bin empty."""
     return isinstance(value, (list, tuple)) and len(value) == 2 and all(isinstance(v, (int, float)) for v in value) \
-        and value[0] <= value[1]
+        and value[0] < value[1]
 
 
 # configs ``check`` refuses, as overrides of the smoke study (the conformance suite holds it to them)
 INVALID_CONFIGS = [{"subtasks": ["colourfulness"]}, {"thresholds": "adaptive"}, {"brightness_thresholds": [170.0, 85.0]},
-                   {"complexity_thresholds": [0.05]}, {"bin_percentiles": [50, 120]}, {"superclass_map": [1, 0, -1]},
+                   {"complexity_thresholds": [0.05]}, {"complexity_thresholds": [0.1, 0.1]}, {"bin_percentiles": [50, 120]},
+                   {"bin_percentiles": [-10, 50]}, {"bin_percentiles": [50, 50]}, {"superclass_map": [1, 0, -1]},
                    {"monitor": "loss"}, {"batch_size": 1}, {"eval": {"mc_samples": [0, 5]}}]
 
 
