@@ -31,6 +31,7 @@ from trainables.wm_tasks import (
     Task,
     generate,
     nback_targets,
+    pick_identities,
     render_stimuli,
     scenario_tasks,
     split_pools,
@@ -135,6 +136,54 @@ def test_rendered_stimulus_holds_the_view_in_its_quadrant_only():
         canvas[r0 : r0 + 4, c0 : c0 + 4] = 0
         assert not canvas.any()
     np.testing.assert_array_equal(view_of(objects[0, 0], 3), np.rot90(objects[0, 0], 2))
+
+
+def test_views_are_the_documented_flips():
+    image = np.arange(12, dtype=np.uint8).reshape(3, 4, 1)  # no symmetry: every flip shows
+    for view, expected in enumerate((image, np.fliplr(image), np.flipud(image), np.rot90(image, 2))):
+        np.testing.assert_array_equal(view_of(image, view), expected)
+
+
+def test_identities_are_distinct_images_of_their_own_class_fixed_by_their_seed():
+    labels = np.array([2, 0, 1, 0, 2, 1, 0, 1, 2, 0, 1])
+    images = np.arange(len(labels), dtype=np.uint8).reshape(-1, 1, 1, 1) * np.ones((1, 2, 2, 1), np.uint8)  # image i is i
+    picked = pick_identities(images, labels, n_categories=3, n_identities=3)
+    assert picked.shape == (3, 3, 2, 2, 1)
+    for c in range(3):
+        ids = picked[c, :, 0, 0, 0]
+        assert (labels[ids] == c).all() and len(set(ids.tolist())) == 3  # its class's images, none twice
+    np.testing.assert_array_equal(pick_identities(images, labels, 3, 3, seed=0), picked)  # fixed, not the trial's
+    assert any(not np.array_equal(pick_identities(images, labels, 3, 3, seed=s), picked) for s in range(1, 6))
+    assert sorted(pick_identities(images, labels, 3, 3)[2, :, 0, 0, 0].tolist()) == [0, 4, 8]  # exactly enough: all
+    with pytest.raises(ValueError, match="class 0 has 4 training images, fewer than n_identities=5"):
+        pick_identities(images, labels, 3, 5)
+
+
+@pytest.mark.parametrize("feature", ["location", "category", "identity"])
+def test_a_non_match_shifts_the_feature_by_every_non_zero_offset_drawn_per_sequence(feature):
+    """A non-match is the feature at t - N moved by an offset drawn uniformly from 1..K-1 (K its
+    values: 4 locations, 4 categories, 4 x 5 objects), independently for each sequence."""
+    n_back, n_identities, n_categories = 2, 5, 4
+    seqs = generate(np.random.default_rng(3), 4000, [Task(n_back, feature)], split_pools("random", n_identities, 1)[0],
+                    n_categories=n_categories)
+    values = seqs.feature(feature, n_identities)
+    k = {"location": N_LOCATIONS, "category": n_categories, "identity": n_categories * n_identities}[feature]
+    offsets = (values[:, n_back:] - values[:, :-n_back]) % k
+    non_match = seqs.target[:, n_back:] == NON_MATCH
+    counts = np.bincount(offsets[non_match], minlength=k)
+    assert counts[0] == 0 and (counts[1:] > 0).all()
+    assert np.abs(counts[1:] / counts[1:].sum() - 1 / (k - 1)).max() < 0.3 / (k - 1)
+    for step in range(offsets.shape[1]):  # one step's sequences do not share one offset
+        assert len(np.unique(offsets[:, step][non_match[:, step]])) == k - 1
+
+
+def test_novel_identity_holds_out_between_one_and_all_but_one_identity():
+    train, held = split_pools("novel_identity", 5, 1)
+    assert train.identities == (0, 1, 2, 3) and held.identities == (4,)
+    assert split_pools("novel_identity", 5, 4)[0].identities == (0,)
+    for bad in (0, 5):
+        with pytest.raises(ValueError, match=r"heldout_identities must be in \[1, n_identities\)"):
+            split_pools("novel_identity", 5, bad)
 
 
 # ---------------------------------------------------------------- attention
