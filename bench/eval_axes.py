@@ -30,12 +30,14 @@ from __future__ import annotations
 
 import argparse
 import os
+import subprocess
 import sys
 import tempfile
 from collections import defaultdict
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 
 from bench._common import machine_line, sweep, table, trial_runs, verdict, write_spaces  # noqa: E402
 from trainables.common.metrics import parse_metric_key  # noqa: E402
@@ -82,6 +84,33 @@ def compare(axes: dict[tuple, list[float]], naive: dict[tuple, list[float]]) -> 
             "missing": sorted(set(naive) - set(axes), key=str)}
 
 
+_IN_PROCESS = """import json, sys, tempfile, time
+from orchestrator.spaces import load_study
+from orchestrator.trainable import fresh_train, seed_globals
+family, name, index = sys.argv[1:]
+study = load_study(family, name)
+config = study.trial_configs()[int(index)]  # derived values applied
+train = fresh_train(study.entrypoint, study.import_paths)
+with tempfile.TemporaryDirectory() as tmp:
+    config["artifact_dir"] = tmp
+    seed_globals(int(config.get("seed", 0)))
+    began = time.perf_counter()
+    train(config, lambda metrics, checkpoint=None: None, None)
+    print(json.dumps(time.perf_counter() - began))
+"""
+
+
+def in_process_seconds(study: str, spaces: Path, cpus: float, index: int = 0) -> float:
+    """Seconds of one trial's ``train()`` (training and every evaluation, nothing else: no Ray,
+    no MLflow, no checkpoint) of ``study``'s trial ``index``, in a fresh process with the threads
+    a trial gets (Ray sets ``OMP_NUM_THREADS`` to the trial's CPUs)."""
+    threads = str(max(1, int(cpus)))
+    env = {**os.environ, "ORCHESTRATE_SPACES_DIR": str(spaces), "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
+    run = subprocess.run([sys.executable, "-c", _IN_PROCESS, FAMILY, study, str(index)], env=env, cwd=ROOT,
+                         capture_output=True, text=True, check=True)
+    return float(run.stdout.strip().splitlines()[-1])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="k 1/5/16 x views 1/5 x 1 seed, 1 epoch on 300 images")
@@ -112,6 +141,12 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench_eval_axes_") as tmp:
         work = args.keep or Path(tmp)
         spaces = write_spaces(work, FAMILY, bench_studies(ks, views, seeds, settings), drop_eval=True)
+        # a naive trial's cost depends on its cell (5 TTA views cost 5 passes): the mean of the
+        # cheapest (first k, 1 view) and the dearest (last k, most views)
+        alone = {"axes": in_process_seconds("axes", spaces, cpus_per_trial),
+                 "naive": sum(in_process_seconds("naive", spaces, cpus_per_trial, i) for i in (0, -1)) / 2}
+        print(f"  one trial's train() in one process (no Ray, no MLflow): eval axes {alone['axes']:.1f} s, "
+              f"naive {alone['naive']:.1f} s (mean of its first and last cell)", flush=True)
         walls, runs = {}, {}
         for run, study in RUNS:  # eval axes before and after the naive grid: the load's drift falls on both sides
             walls[run], uri = sweep(FAMILY, study, spaces, work / run.replace(" ", "_"), cpus_per_trial)
@@ -136,6 +171,10 @@ def main() -> None:
     axes_wall, axes_in = (walls["axes"] + walls["axes again"]) / 2, (in_trials["axes"] + in_trials["axes again"]) / 2
     print(f"ratio of time in trials (start-up excluded): {in_trials['naive'] / axes_in:.1f}x; at most "
           f"{len(runs['naive']) / len(runs['axes']):.0f}x (trainings per eval-axes training) but for load drift between runs")
+    alone_ratio = len(runs["naive"]) * alone["naive"] / (len(runs["axes"]) * alone["axes"])
+    print(f"ratio with no orchestration at all (trials x one trial's train() in one process): {alone_ratio:.1f}x: "
+          f"what the wall-time ratio tends to as a sweep's own costs go to zero "
+          f"(each eval-axes trial evaluates {cells // len(runs['axes'])} cells, a naive one 1)")
     ratio = walls["naive"] / axes_wall
     print(f"ratio naive / eval-axes wall time (eval axes: mean of both runs): {ratio:.1f}x "
           f"(target >= {TARGET:g}x: {verdict(ratio >= TARGET)})")

@@ -34,6 +34,15 @@ def test_eval_axes_studies_compile(tmp_path, monkeypatch):
     assert len(cells) == 18 and all(c["epochs"] == 2 for c in naive.trial_configs())
 
 
+def test_eval_axes_times_one_trials_train_alone(tmp_path):
+    """The no-orchestration figure runs a study's own compiled trial (derived values and all)
+    through the family's train() in a fresh process (here the naive grid's last, its dearest
+    cell: largest k, most TTA views)."""
+    settings = {"epochs": 1, "max_train": 60, "max_test": 30, "device": "cpu"}
+    spaces = write_spaces(tmp_path, "attn_knn", eval_axes.bench_studies([1, 5], [1, 2], 1, settings), drop_eval=True)
+    assert 0 < eval_axes.in_process_seconds("naive", spaces, 1, -1) < 120
+
+
 def test_cells_compare_only_a_naive_trials_own_cell():
     def run(seed, metrics, **params):
         return {"params": {"seed": str(seed), **{k: str(v) for k, v in params.items()}}, "metrics": metrics, "seconds": 1.0}
