@@ -111,8 +111,9 @@ def run_module(module: str, workdir: Path, children: int, diffs: bool, functions
     # mutmut puts its mutants/ folder first on the import path, ahead of the editable install's
     # finder (appended last); one thread per test process on a shared machine
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    globs = mutant_globs(module, functions or [])
     began = time.perf_counter()
-    run = subprocess.run(["mutmut", "run", "--max-children", str(children), *mutant_globs(module, functions or [])],
+    run = subprocess.run(["mutmut", "run", "--max-children", str(children), *globs],
                          cwd=copy, env=env, capture_output=True, text=True)
     wall = time.perf_counter() - began
     meta = copy / "mutants" / f"{module}.meta"
@@ -121,7 +122,7 @@ def run_module(module: str, workdir: Path, children: int, diffs: bool, functions
         return {"module": module, "error": " | ".join(tail) or f"mutmut exited {run.returncode}", "wall_s": wall}
     codes = json.loads(meta.read_text())["exit_code_by_key"]
     if functions:  # the module's other mutants were not run: counted in no figure
-        codes = {name: code for name, code in codes.items() if any(fnmatch(name, g) for g in mutant_globs(module, functions))}
+        codes = {name: code for name, code in codes.items() if any(fnmatch(name, g) for g in globs)}
     status = {name: status_by_exit_code.get(code, str(code)) for name, code in codes.items()}
     counts = {s: sum(1 for v in status.values() if v == s) for s in sorted(set(status.values()))}
     survivors = sorted(name for name, s in status.items() if s == "survived")
