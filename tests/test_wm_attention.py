@@ -590,3 +590,33 @@ def test_batch_task_vectors_are_as_wide_as_the_task_list_whatever_tasks_the_batc
     np.testing.assert_array_equal(index.numpy(), seqs.stimulus_index(3))
     np.testing.assert_array_equal(target.numpy(), seqs.target)
     assert task.dtype == torch.float32 and index.dtype == target.dtype == torch.int64
+
+
+def test_check_messages_name_the_value_and_every_choice():
+    from trainables.wm_tasks import SCENARIOS, SPLITS
+
+    for overrides, expected in (({"scenario": "xx"}, f"scenario 'xx' must be one of {', '.join(SCENARIOS)}"),
+                                ({"split": "xx"}, f"split 'xx' must be one of {', '.join(SPLITS)}"),
+                                ({"rnn": "xx"}, f"rnn 'xx' must be one of {', '.join(wm.WorkingMemoryNet.RNNS)}"),
+                                ({"scenario": "mtmf", "seq_len": 3}, "(its 3-back tasks 3)"),
+                                ({"scenario": "stmf", "n_back": 4, "seq_len": 4}, "(n_back 4)")):
+        with pytest.raises(ConfigError) as refused:
+            wm.check(study_config(**overrides))
+        assert expected in str(refused.value), refused.value
+
+
+def test_check_bounds_seq_len_by_n_back_outside_mtmf():
+    wm.check(study_config(scenario="stsf", n_back=1, seq_len=2))  # 2 > 1: one decision step
+    with pytest.raises(ConfigError):
+        wm.check(study_config(scenario="stsf", n_back=4, seq_len=4))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_a_config_asking_for_cuda_without_it_is_refused_not_run_on_the_cpu():
+    with pytest.raises(RuntimeError, match="CUDA is not available"):
+        wm.train(study_config(device="cuda"), lambda *a, **k: None)
+
+
+def test_divergence_names_the_epoch_it_happened_in():
+    reports, _ = run(study_config(lr=1e30))
+    assert reports[-1]["epoch"] == 1
