@@ -558,3 +558,49 @@ def test_analysis_json_holds_every_reported_test_number_and_the_decoding_curves(
                 relevant += [a for a in accs if a is not None]
     assert np.mean(relevant) == pytest.approx(reported["decode_relevant"], abs=1e-12)
     assert {p.name for p in Path(stmf.config["artifact_dir"]).iterdir()} >= {"decoding.png", "attention_heatmaps.png"}
+
+
+# ---------------------------------------------------------------- seeds, seq_len and input_size reach every set
+
+
+@pytest.fixture(scope="module")
+def seeded_pair():
+    """Two runs differing only in their seed, with a non-default seq_len and input_size and a
+    generalisation set; the first called without a device (train() resolves "auto")."""
+    first = Trace(config(split="novel_view", seq_len=7, input_size=24, epochs=1))
+    first.config.pop("device")
+    real = wm.generate
+
+    def recording(run):
+        def call(rng, n_sequences, tasks, pool, **kwargs):
+            seqs = real(rng, n_sequences, tasks, pool, **kwargs)
+            run.generated.append((n_sequences, list(tasks), pool, kwargs["match_prob"], seqs))
+            return seqs
+        return call
+
+    second = Trace({**first.config, "seed": 1, "device": "cpu"})
+    for run in (first, second):
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(wm, "generate", recording(run))
+            wm.train(run.config, lambda metrics, checkpoint=None: (run.reports.append(dict(metrics)),
+                                                                   run.checkpoints.append(checkpoint)))
+    return first, second
+
+
+def test_the_seed_draws_every_set_and_test_and_generalisation_sets_are_separate_draws(seeded_pair):
+    first, second = seeded_pair
+    assert first.gen is not None and len(first.generated) == len(second.generated) == 4  # train, val, test, gen
+    for a, b in zip(first.generated, second.generated):
+        assert not np.array_equal(a[-1].category, b[-1].category)  # hundreds of draws alike by chance: never
+    assert not np.array_equal(first.test.category, first.gen.category)
+
+
+def test_seq_len_and_input_size_reach_the_sets_and_the_model(seeded_pair):
+    first, _ = seeded_pair
+    assert all(seqs.task.shape == seqs.target.shape[:1] and seqs.target.shape[1] == 7 for *_, seqs in first.generated)
+    config = {**first.config, "device": "cpu"}
+    model, stim = rebuild(Trace(config, generated=first.generated), weights(first.checkpoints[-1], "best"))
+    out = wm.run_model(model, stim, first.test, len(first.tasks), config["batch_size"])
+    expected = expected_response_metrics(out, first.test, first.tasks, config["no_action_weight"])
+    for name, value in expected.items():
+        assert first.final[f"test/attention/{name}"] == pytest.approx(value, abs=1e-5), name
