@@ -84,7 +84,11 @@ class Trace:
 
 
 def trace(**overrides) -> Trace:
-    run = Trace(config(**overrides))
+    return record(Trace(config(**overrides)))
+
+
+def record(run: Trace) -> Trace:
+    """``run`` after ``train()`` on its config, with what it generated, reported and took."""
     real = wm.generate
 
     def recording(rng, n_sequences, tasks, pool, **kwargs):
@@ -569,22 +573,8 @@ def seeded_pair():
     generalisation set; the first called without a device (train() resolves "auto")."""
     first = Trace(config(split="novel_view", seq_len=7, input_size=24, epochs=1))
     first.config.pop("device")
-    real = wm.generate
-
-    def recording(run):
-        def call(rng, n_sequences, tasks, pool, **kwargs):
-            seqs = real(rng, n_sequences, tasks, pool, **kwargs)
-            run.generated.append((n_sequences, list(tasks), pool, kwargs["match_prob"], seqs))
-            return seqs
-        return call
-
     second = Trace({**first.config, "seed": 1, "device": "cpu"})
-    for run in (first, second):
-        with pytest.MonkeyPatch.context() as mp:
-            mp.setattr(wm, "generate", recording(run))
-            wm.train(run.config, lambda metrics, checkpoint=None: (run.reports.append(dict(metrics)),
-                                                                   run.checkpoints.append(checkpoint)))
-    return first, second
+    return record(first), record(second)
 
 
 def test_the_seed_draws_every_set_and_test_and_generalisation_sets_are_separate_draws(seeded_pair):
@@ -598,9 +588,8 @@ def test_the_seed_draws_every_set_and_test_and_generalisation_sets_are_separate_
 def test_seq_len_and_input_size_reach_the_sets_and_the_model(seeded_pair):
     first, _ = seeded_pair
     assert all(seqs.task.shape == seqs.target.shape[:1] and seqs.target.shape[1] == 7 for *_, seqs in first.generated)
-    config = {**first.config, "device": "cpu"}
-    model, stim = rebuild(Trace(config, generated=first.generated), weights(first.checkpoints[-1], "best"))
-    out = wm.run_model(model, stim, first.test, len(first.tasks), config["batch_size"])
-    expected = expected_response_metrics(out, first.test, first.tasks, config["no_action_weight"])
+    model, stim = rebuild(first, weights(first.checkpoints[-1], "best"))
+    out = outputs(first, model, stim, first.test)
+    expected = expected_response_metrics(out, first.test, first.tasks, first.config["no_action_weight"])
     for name, value in expected.items():
         assert first.final[f"test/attention/{name}"] == pytest.approx(value, abs=1e-5), name

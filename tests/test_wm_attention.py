@@ -378,6 +378,7 @@ def test_resume_continues_at_the_next_epoch_and_matches_an_uninterrupted_run():
 def test_divergence_is_reported_and_stops_the_trial():
     reports, _ = run(study_config(lr=1e30))
     assert reports[-1]["diverged"] == 1.0 and len(reports) == 1
+    assert reports[-1]["epoch"] == 1  # the report names the epoch it happened in
 
 
 # ---------------------------------------------------------------- mutation-testing additions (bench/mutation.py)
@@ -615,8 +616,3 @@ def test_check_bounds_seq_len_by_n_back_outside_mtmf():
 def test_a_config_asking_for_cuda_without_it_is_refused_not_run_on_the_cpu():
     with pytest.raises(RuntimeError, match="CUDA is not available"):
         wm.train(study_config(device="cuda"), lambda *a, **k: None)
-
-
-def test_divergence_names_the_epoch_it_happened_in():
-    reports, _ = run(study_config(lr=1e30))
-    assert reports[-1]["epoch"] == 1
