@@ -228,6 +228,27 @@ def test_tta_views_average_the_clean_view_and_seeded_translations(recorded):
     assert last["test/cnn_tta/nll"] == last["test/cnn:tta_views:2/nll"]
 
 
+def test_tta_names_are_tta_eval_views_of_one_seeded_stream_of_translations(recorded):
+    """evaluate() with three views and tta_eval 2: the ``_tta`` names are the 2-view cell (not the
+    widest one), and the 3-view cell averages the clean view with the first two draws of one
+    generator seeded once (view 3 is a new translation, not view 2 again)."""
+    rec, _ = recorded
+    memory, model, ds = rec.final
+    cfg = config(epochs=2, tta_eval=2)
+    metrics, _, _ = attn_knn.evaluate(model, ds, "test", memory, cfg, torch.device("cpu"), False, ks=[5], views=[1, 2, 3])
+    for method in ("cnn", "attn_knn", "distance_knn"):
+        cell = "tta_views:{}" if method == "cnn" else "k:5:tta_views:{}"
+        assert metrics[f"test/{method}_tta/nll"] == metrics[f"test/{method}:{cell.format(2)}/nll"], method
+        assert metrics[f"test/{method}_tta/nll"] != metrics[f"test/{method}:{cell.format(3)}/nll"], method
+    x, views = ds.to_float(ds.test.images), torch.Generator().manual_seed(cfg["seed"] + 7919)
+    probs = [clean_embeddings(model, ds, ds.test.images)[0]]
+    with torch.no_grad():
+        for _ in range(2):
+            probs.append(model.cnn_head(model.backbone(augment(x, views, flip=False))).double().softmax(1).numpy())
+    assert not np.allclose(probs[1], probs[2])
+    close(metrics, "test/cnn:tta_views:3", np.mean(probs, axis=0), ds.test.labels)
+
+
 def test_predict_hands_back_the_clean_views_embeddings(recorded):
     """The embeddings the perf figures time the search with are the clean view's, not the last TTA view's."""
     rec, _ = recorded
@@ -260,6 +281,9 @@ def test_noise_and_imbalance_touch_the_training_split_only(monkeypatch):
     np.testing.assert_array_equal(ds.test.images, clean.test.images)
     counts = np.bincount(ds.train.labels, minlength=10)
     assert len(ds.train) < len(clean.train)
+    true_label = {image.tobytes(): label for image, label in zip(clean.train.images, clean.train.labels)}
+    flipped = np.mean([true_label[image.tobytes()] != label for image, label in zip(ds.train.images, ds.train.labels)])
+    assert 0.2 < flipped < 0.4  # noise_rate 0.3 reaches the training labels (each flip is to another class)
     np.testing.assert_array_equal(memory.labels.numpy(), ds.train.labels)  # the bank carries the noisy labels
     # the evaluation scores against the clean test labels
     cnn_probs, _ = clean_embeddings(model, ds, ds.test.images)
