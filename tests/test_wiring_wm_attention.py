@@ -48,6 +48,7 @@ class Trace:
     checkpoints: list = field(default_factory=list)
     generated: list = field(default_factory=list)  # (n_sequences, tasks, pool, match_prob, Sequences)
     wall_ms: float = 0.0  # of the whole train() call
+    timed: list = field(default_factory=list)  # (function name, n_sequences, ms) of each run_model / analyse call
 
     def sets(self, n: int) -> list:
         return [seqs for size, *_, seqs in self.generated if size == n]
@@ -100,8 +101,21 @@ def record(run: Trace) -> Trace:
         run.reports.append(dict(metrics))
         run.checkpoints.append(checkpoint)
 
+    def timing(name: str):
+        real_fn = getattr(wm, name)
+
+        def timed(model, stim, seqs, *args, **kwargs):
+            began = time.perf_counter()
+            result = real_fn(model, stim, seqs, *args, **kwargs)
+            run.timed.append((name, len(seqs), 1000 * (time.perf_counter() - began)))
+            return result
+
+        return timed
+
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(wm, "generate", recording)  # records and calls through: the real generator runs
+        for name in ("run_model", "analyse"):  # timed from outside, called through
+            mp.setattr(wm, name, timing(name))
         began = time.perf_counter()
         wm.train(run.config, report)
         run.wall_ms = 1000 * (time.perf_counter() - began)
@@ -483,14 +497,18 @@ def test_perf_figures_add_up_and_fit_in_the_wall_time_of_the_call(still):
     infer_ms = final["perf/infer_per_sequence_ms"] * still.config["test_sequences"]
     assert 0 < infer_ms and 0 < final["perf/analysis_ms"]
     assert final["perf/train_ms"] + infer_ms + final["perf/analysis_ms"] < still.wall_ms  # disjoint phases of the call
+    # and each at least its own call's duration (in milliseconds) timed from outside
+    (test_ms,) = [ms for name, n, ms in still.timed if name == "run_model" and n == still.config["test_sequences"]]
+    (analyse_ms,) = [ms for name, _, ms in still.timed if name == "analyse"]
+    assert infer_ms >= test_ms and final["perf/analysis_ms"] >= analyse_ms
 
 
-def expected_analysis(run: Trace, model, stim, seqs, out) -> dict:
+def expected_analysis(cfg: dict, tasks: list[Task], model, stim, seqs, out) -> dict:
     """Every analysis metric by the module doc's definitions, from the test hidden states, with
     labels taken from the sequences themselves (identity = the (class, image) pair) and the
     pure components (``decode``, ``orthogonality``, ``procrustes_analysis``, ``attention_stats``)
-    that tests/test_wm_attention.py checks on known data."""
-    cfg, tasks = run.config, run.tasks
+    that tests/test_wm_attention.py checks on known data. Orthogonality needs decoders of two
+    features or more (of one step, or of the front end's features)."""
     folds, seed = cfg["decode_folds"], cfg["seed"]
     pair = np.stack([seqs.category, seqs.identity], -1)
     labels = {"location": seqs.location, "category": seqs.category,
@@ -524,7 +542,9 @@ def expected_analysis(run: Trace, model, stim, seqs, out) -> dict:
     with torch.no_grad():
         pooled = model.encode(stim.tensor[torch.as_tensor(shown)]).mean((-2, -1)).numpy()
     cnn = [wm.decode(pooled, labels[f].ravel()[first], folds, seed) for f in FEATURES]
-    metrics["orthogonality_cnn"] = wm.orthogonality([r[1] for r in cnn if r is not None])
+    cnn_normals = [r[1] for r in cnn if r is not None]
+    if len(cnn_normals) >= 2:
+        metrics["orthogonality_cnn"] = wm.orthogonality(cnn_normals)
     att = out["attention"]
     metrics.update(wm.attention_stats(att.reshape(-1, *att.shape[2:]), seqs.location.ravel()))
     for k, task in enumerate(tasks):
@@ -537,7 +557,7 @@ def expected_analysis(run: Trace, model, stim, seqs, out) -> dict:
 def test_reported_analyses_are_the_documented_ones_of_the_best_model(stmf):
     model, stim = rebuild(stmf, weights(stmf.checkpoints[-1], "best"))
     out = outputs(stmf, model, stim, stmf.test)
-    expected = expected_analysis(stmf, model, stim, stmf.test, out)
+    expected = expected_analysis(stmf.config, stmf.tasks, model, stim, stmf.test, out)
     assert {"decode_identity_relevant", "decode_location_irrelevant", "attn_on_stimulus_2back_category"} <= set(expected)
     reported = {k.removeprefix("test/attention/"): v for k, v in stmf.final.items() if k.startswith("test/attention/")}
     analysis = {k: v for k, v in reported.items() if not k.startswith(("acc", "ece", "nll", "brier", "balanced_acc",
@@ -562,6 +582,58 @@ def test_analysis_json_holds_every_reported_test_number_and_the_decoding_curves(
                 relevant += [a for a in accs if a is not None]
     assert np.mean(relevant) == pytest.approx(reported["decode_relevant"], abs=1e-12)
     assert {p.name for p in Path(stmf.config["artifact_dir"]).iterdir()} >= {"decoding.png", "attention_heatmaps.png"}
+
+
+def test_orthogonality_is_reported_from_two_decoders_or_more_never_from_one(stmf):
+    """Sequences of one class only (the category decoders have one class: none), analysed with
+    the stmf model: with 3 folds over 12 rows some steps decode the location alone (no
+    orthogonality there) and others the location and the identity; the front end's location and
+    identity decoders make two (orthogonality_cnn), and with 17 folds its identities (16 stimuli
+    each) drop out, leaving one decoder and no orthogonality_cnn."""
+    model, stim = rebuild(stmf, weights(stmf.checkpoints[-1], "best"))
+    task = stmf.tasks[0]  # 2back_location
+    pool = wm.split_pools("random", stmf.config["n_identities"], 1)[0]
+    seqs = wm.generate(np.random.default_rng(2), 60, [task], pool, n_categories=1, seq_len=stmf.config["seq_len"])
+    out = outputs(stmf, model, stim, seqs)
+    decoders = {}
+    for folds, cnn_decoders in ((3, 2), (17, 1)):
+        cfg = {**stmf.config, "decode_folds": folds, "decode_max_samples": 12}
+        got, details = wm.analyse(model, stim, seqs, out, [task], cfg)
+        expected = expected_analysis(cfg, [task], model, stim, seqs, out)
+        assert set(got) == set(expected) and ("orthogonality_cnn" in got) == (cnn_decoders == 2)
+        for name, value in expected.items():
+            assert np.isfinite(got[name]) and got[name] == pytest.approx(value, abs=1e-9), (folds, name)
+        curves = details["decoding_by_step"][task.name]
+        decoders[folds] = [sum(acc is not None for acc in accs) for accs in zip(*curves.values())]
+    assert decoders[17] == [0] * stmf.config["seq_len"]  # 17 folds: nothing decodes from 12 rows
+    per_step = decoders[3]
+    assert 1 in per_step and 2 in per_step  # steps with one decoder and steps with two
+
+
+def test_an_imagenet_front_end_starts_from_the_resolved_weights(tmp_path, monkeypatch):
+    """``pretrained: imagenet`` on a ResNet front end: check accepts the checkpoint the one
+    resolver finds (here a stand-in file at its path, offline), and the trained model's front end
+    holds exactly its weights (frozen: it never changes), not a random init."""
+    from torchvision import models
+
+    from trainables.common.encoders import imagenet_weights_path
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    monkeypatch.setenv("ORCHESTRATE_OFFLINE", "1")
+    path = imagenet_weights_path("resnet18")
+    path.parent.mkdir(parents=True)
+    with torch.random.fork_rng():
+        torch.manual_seed(1234)  # not the trial's seed: a random init in train() is another one
+        state = models.resnet18(weights=None).state_dict()
+    torch.save(state, path)
+    run = trace(frontend="resnet18", pretrained="imagenet", freeze_frontend=True, attention=False, epochs=1)
+    best = weights(run.checkpoints[-1], "best")
+    trunk = [name for name, _ in models.resnet18(weights=None).named_children()][:-2]  # cut before the pool
+    loaded = {f"frontend.trunk.{trunk.index(k.split('.')[0])}.{k.split('.', 1)[1]}": v for k, v in state.items()
+              if k.split(".")[0] in trunk}
+    assert loaded and {k for k in best if k.startswith("frontend.")} == set(loaded)
+    for name, value in loaded.items():
+        assert torch.equal(best[name], value), name
 
 
 # ---------------------------------------------------------------- seeds, seq_len and input_size reach every set
