@@ -44,7 +44,7 @@ def tiny_family(config, report, restore=None):
             loss.backward()
             optimizer.step()
         history.append(round(float(loss.detach()), 6))
-        stopper.step(-float(loss))
+        stopper.step(-float(loss.detach()))
         trial.report(epoch, {"train/tiny/loss": float(loss.detach()), "jitter": jitter, "n": len(history)},
                      done=epoch == config["epochs"])
 
