@@ -51,6 +51,8 @@ MODULES: dict[str, list[str]] = {
     "trainables/common/training.py": ["tests/test_training.py", "tests/test_lifecycle.py"],
     "trainables/common/lifecycle.py": ["tests/test_lifecycle.py"],
     "trainables/common/calibration.py": ["tests/test_calibration.py"],
+    "trainables/common/encoders.py": ["tests/test_encoders.py", "tests/test_features.py"],
+    "trainables/common/features.py": ["tests/test_features.py", "tests/test_encoders.py"],
     "trainables/attn_knn.py": ["tests/test_attn_knn.py", "tests/test_wiring_attn_knn.py"],
     "trainables/set_anomaly.py": ["tests/test_set_anomaly.py", "tests/test_wiring_set_anomaly.py"],
     "trainables/clip_fusion.py": ["tests/test_clip_fusion.py", "tests/test_wiring_clip_fusion.py"],

@@ -1,0 +1,176 @@
+"""The own-cnn encoder as the science uses it: trained on the TRAIN split only, by its declared
+recipe, in its declared architecture; its cache key follows exactly what it was trained on.
+
+The reference is written out here: the architecture as plain ``nn.Sequential`` layers, and the
+training as a loop over torch's own AdamW and OneCycleLR with the recipe's numbers. Tiny data
+(150 digits, 40 optimiser steps) keeps each training to about a second.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from one_thread import one_thread  # noqa: F401
+from trainables.common import encoders
+from trainables.common.data import augment, load_dataset
+from trainables.common.encoders import OWN_CNN_RECIPE, EncoderUnavailable, OwnCNN, describe, get_encoder
+
+RECIPE = {"version": 1, "seed": 0, "epochs": 20, "max_steps": 600, "batch_size": 128, "lr": 2e-3, "weight_decay": 5e-4}
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return load_dataset("digits", max_train=150)
+
+
+@pytest.fixture(scope="module")
+def trained(digits) -> dict:
+    return encoders._train_own_cnn(digits, torch.device("cpu"), progress=False)
+
+
+def declared_own_cnn(channels: int, image_size: int, num_classes: int) -> tuple[nn.Sequential, nn.Linear]:
+    """The module doc's network: 3x3 convs (no bias) of 32-64-128-256, each with BatchNorm and
+    ReLU; a 2x2 max-pool after each of the first three while the map is larger than 2x2; the
+    features are the global average of the last map; a linear head on them for training."""
+    layers, size, c_in = [], image_size, channels
+    for i, c_out in enumerate((32, 64, 128, 256)):
+        layers += [nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU()]
+        if i < 3 and size > 2:
+            layers.append(nn.MaxPool2d(2))
+            size //= 2
+        c_in = c_out
+    return nn.Sequential(*layers), nn.Linear(256, num_classes)
+
+
+def load_declared(state: dict, channels: int, image_size: int, num_classes: int) -> tuple[nn.Sequential, nn.Linear]:
+    body, head = declared_own_cnn(channels, image_size, num_classes)
+    body.load_state_dict({k.removeprefix("body."): v for k, v in state.items() if k.startswith("body.")})  # strict
+    head.load_state_dict({k.removeprefix("head."): v for k, v in state.items() if k.startswith("head.")})
+    return body.eval(), head.eval()
+
+
+def features(body: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return body(x).mean((2, 3))
+
+
+def test_the_recipe_is_the_declared_one():
+    assert OWN_CNN_RECIPE == RECIPE  # part of the weights' cache key: a change retrains every cached own-cnn
+
+
+@pytest.mark.parametrize("image_size,maps", [(8, (4, 2, 2)), (32, (16, 8, 4)), (2, (2, 2, 2))])
+def test_own_cnn_is_the_declared_architecture(image_size, maps):
+    torch.manual_seed(0)
+    net = OwnCNN(3, image_size, 10).eval()
+    body, head = load_declared(net.state_dict(), 3, image_size, 10)
+    x = torch.randn(4, 3, image_size, image_size)
+    with torch.no_grad():
+        np.testing.assert_allclose(net(x), features(body, x), rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(net.head(net(x)), head(features(body, x)), rtol=1e-5, atol=1e-6)
+        assert net.feature_map(x).shape == (4, 256, maps[-1], maps[-1])
+    pooled = [m for m in net.body if isinstance(m, nn.MaxPool2d)]
+    assert len(pooled) == sum(1 for a, b in zip((image_size,) + maps, maps) if b < a) and net.dim == 256
+
+
+def replay(digits) -> tuple[nn.Sequential, nn.Linear]:
+    """own-cnn's training written out: the recipe's seed for the initial weights (torch's global
+    RNG) and for a generator that orders the batches and draws the translations (no flips);
+    AdamW at the recipe's lr and weight decay under one OneCycle schedule over every step; epochs
+    = min(recipe epochs, max_steps // steps per epoch); cross-entropy of the head on the pooled
+    features; TRAIN images and labels only."""
+    r = RECIPE
+    torch.manual_seed(r["seed"])
+    body, head = declared_own_cnn(digits.channels, digits.image_size, digits.num_classes)
+    gen = torch.Generator().manual_seed(r["seed"])
+    n = len(digits.train)
+    steps = -(-n // r["batch_size"])
+    epochs = min(r["epochs"], r["max_steps"] // steps)
+    params = list(body.parameters()) + list(head.parameters())
+    opt = torch.optim.AdamW(params, lr=r["lr"], weight_decay=r["weight_decay"])
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=r["lr"], total_steps=epochs * steps)
+    labels = torch.as_tensor(digits.train.labels)
+    body.train()
+    for _ in range(epochs):
+        order = torch.randperm(n, generator=gen)
+        for start in range(0, n, r["batch_size"]):
+            idx = order[start:start + r["batch_size"]]
+            x = augment(digits.to_float(digits.train.images[idx.numpy()]), gen, flip=False)
+            loss = F.cross_entropy(head(body(x).mean((2, 3))), labels[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+    assert sched.last_epoch == epochs * steps == 40  # 150 images: 2 steps an epoch, all 20 epochs
+    return body.eval(), head.eval()
+
+
+def test_own_cnn_is_trained_by_its_recipe_on_the_train_split(digits, trained):
+    body, head = replay(digits)
+    got_body, got_head = load_declared(trained["state_dict"], digits.channels, digits.image_size, digits.num_classes)
+    for ours, theirs in ((body, got_body), (head, got_head)):
+        for (name, a), (_, b) in zip(ours.state_dict().items(), theirs.state_dict().items()):
+            np.testing.assert_allclose(b.numpy(), a.detach().numpy(), rtol=1e-4, atol=1e-5, err_msg=name)
+    assert trained["epochs"] == 20 and trained["recipe"] == RECIPE
+    # the reported val accuracy is the trained network's on the VAL split
+    logits = head(features(body, digits.to_float(digits.val.images)))
+    assert trained["val_acc"] == pytest.approx(float((logits.argmax(1).numpy() == digits.val.labels).mean()), abs=1e-9)
+    assert 0.5 < trained["val_acc"] < 1.0
+
+
+def test_val_and_test_never_reach_own_cnn_training(digits, trained):
+    """Other val and test images leave the weights bit for bit (they are never trained on); other
+    train labels change them."""
+    other = replace(digits, val=replace(digits.val, images=digits.val.images[::-1].copy()),
+                    test=replace(digits.test, images=255 - digits.test.images))
+    again = encoders._train_own_cnn(other, torch.device("cpu"), progress=False)
+    assert all(torch.equal(v, again["state_dict"][k]) for k, v in trained["state_dict"].items())
+    relabelled = replace(digits, train=replace(digits.train, labels=np.roll(digits.train.labels, 1)))
+    changed = encoders._train_own_cnn(relabelled, torch.device("cpu"), progress=False)["state_dict"]
+    assert not torch.equal(changed["head.weight"], trained["state_dict"]["head.weight"])
+
+
+def test_the_weights_key_is_what_own_cnn_is_trained_on(tmp_path, digits, monkeypatch):
+    """The cached weights are found again for the same train split whatever val and test hold,
+    and trained anew for other train images, train labels, normalisation or recipe."""
+    calls = []  # each "training" saves weights of its own, so a new training is a new identity
+    monkeypatch.setattr(encoders, "_train_own_cnn", lambda ds, *a: calls.append(ds) or {"state_dict": {"n": torch.tensor(len(calls) * 1.0)}})
+    key = lambda ds: describe("own-cnn", ds, device="cpu", cache_dir=tmp_path, progress=False)[0]  # noqa: E731
+    first = key(digits)
+    same_train = replace(digits, val=replace(digits.val, images=digits.val.images[::-1].copy()),
+                         test=digits.test.subset(np.arange(50)))
+    assert key(same_train) == first and len(calls) == 1
+    images = digits.train.images.copy()
+    images[0, 0, 0] ^= 1
+    for other in (replace(digits, train=replace(digits.train, images=images)),
+                  replace(digits, train=replace(digits.train, labels=np.roll(digits.train.labels, 1))),
+                  replace(digits, mean=tuple(m + 0.01 for m in digits.mean))):
+        assert key(other) != first
+    assert len(calls) == 4
+    monkeypatch.setitem(encoders.OWN_CNN_RECIPE, "lr", 1e-3)
+    assert key(digits) != first and len(calls) == 5
+
+
+def test_a_noisy_dataset_never_trains_own_cnn(tmp_path, digits):
+    from trainables.common.data import with_label_noise
+
+    noisy = with_label_noise(digits, 0.2, seed=0)
+    with pytest.raises(EncoderUnavailable, match="clean labels"):
+        get_encoder("own-cnn", noisy, "cpu", tmp_path)
+    assert not (tmp_path / "encoders").exists()
+
+
+def test_the_loaded_encoder_is_the_cached_weights_frozen_in_eval_mode(tmp_path, digits):
+    enc = get_encoder("own-cnn", digits, "cpu", tmp_path)
+    state = torch.load(next((tmp_path / "encoders").glob("own-cnn-*.pt")), weights_only=True)["state_dict"]
+    body, _ = load_declared(state, digits.channels, digits.image_size, digits.num_classes)
+    x = digits.to_float(digits.test.images[:32])
+    with torch.no_grad():
+        np.testing.assert_allclose(enc.module(x), features(body, x), rtol=1e-5, atol=1e-6)
+    assert not enc.module.training and not any(p.requires_grad for p in enc.module.parameters())
+    assert enc.name == "own-cnn" and enc.dim == 256 and enc.identity.startswith("own-cnn:") and enc.encode_text is None
