@@ -174,3 +174,75 @@ def test_the_loaded_encoder_is_the_cached_weights_frozen_in_eval_mode(tmp_path, 
         np.testing.assert_allclose(enc.module(x), features(body, x), rtol=1e-5, atol=1e-6)
     assert not enc.module.training and not any(p.requires_grad for p in enc.module.parameters())
     assert enc.name == "own-cnn" and enc.dim == 256 and enc.identity.startswith("own-cnn:") and enc.encode_text is None
+
+
+def test_damaged_own_cnn_weights_are_retrained_not_loaded(tmp_path, digits, monkeypatch):
+    trainings = []
+    monkeypatch.setattr(encoders, "_train_own_cnn", lambda ds, *a: trainings.append(ds) or {"state_dict": {"w": torch.ones(2)}})
+    describe("own-cnn", digits, device="cpu", cache_dir=tmp_path, progress=False)
+    path = next((tmp_path / "encoders").glob("own-cnn-*.pt"))
+    for damage in (b"not a checkpoint", None):
+        if damage is None:  # weights a diverged training left: loadable, not finite
+            torch.save({"state_dict": {"w": torch.tensor([1.0, float("nan")])}}, path)
+        else:
+            path.write_bytes(damage)
+        identity, _ = describe("own-cnn", digits, device="cpu", cache_dir=tmp_path, progress=False)
+        assert torch.equal(torch.load(path, weights_only=True)["state_dict"]["w"], torch.ones(2))  # retrained in place
+        assert identity == f"own-cnn:{encoders.sha256_file(path)[:16]}"
+    assert len(trainings) == 3
+
+
+class LocalWeights:
+    """ImageNet weights served from a file:// address (torch's own downloader, no network): the
+    name carries the sha256 prefix torch's downloader checks, as torchvision's do."""
+
+    def __init__(self, folder, state: dict):
+        folder.mkdir(parents=True)
+        raw = folder / "raw.pth"
+        torch.save(state, raw)
+        self.file = folder / f"resnet18-{encoders.sha256_file(raw)[:8]}.pth"
+        raw.rename(self.file)
+        self.url = self.file.as_uri()
+
+
+def test_imagenet_weights_are_downloaded_hash_checked_unless_offline(tmp_path, monkeypatch):
+    torch.manual_seed(0)
+    state = {"w": torch.randn(3)}
+    served = LocalWeights(tmp_path / "server", state)
+    monkeypatch.setattr(encoders, "imagenet_weights", lambda name: served)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "home"))  # no hub/checkpoints folder yet
+    target = tmp_path / "home" / "hub" / "checkpoints" / served.file.name
+    for offline in ("1", "yes"):
+        monkeypatch.setenv("ORCHESTRATE_OFFLINE", offline)
+        with pytest.raises(EncoderUnavailable, match=r"ORCHESTRATE_OFFLINE forbids downloads.*\(pretrained: none, or encoder own-cnn\)"):
+            encoders.imagenet_state_dict("resnet18")
+        assert not target.exists()
+    for allowed in ("0", ""):  # "0" and empty mean online, as does no variable at all
+        monkeypatch.setenv("ORCHESTRATE_OFFLINE", allowed)
+        assert encoders.imagenet_weights_problem("resnet18") is None
+    monkeypatch.delenv("ORCHESTRATE_OFFLINE")
+    assert encoders.imagenet_weights_file("resnet18") == target
+    assert target.read_bytes() == served.file.read_bytes()
+    assert torch.equal(encoders.imagenet_state_dict("resnet18")["w"], state["w"])
+    monkeypatch.setenv("ORCHESTRATE_OFFLINE", "1")  # on disk now: offline is no obstacle
+    assert encoders.imagenet_weights_problem("resnet18") is None and encoders.imagenet_weights_file("resnet18") == target
+
+    target.write_bytes(target.read_bytes()[:20])  # truncated in the cache: an error naming it, never a random init
+    with pytest.raises(EncoderUnavailable, match=rf"encoder resnet18: .*{target.name}.*the file does not load"):
+        encoders.imagenet_state_dict("resnet18")
+
+
+def test_a_download_that_fails_its_hash_check_leaves_nothing(tmp_path, monkeypatch):
+    served = LocalWeights(tmp_path / "server", {"w": torch.zeros(3)})
+    served.file.write_bytes(served.file.read_bytes() + b"tampered")
+    monkeypatch.setattr(encoders, "imagenet_weights", lambda name: served)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("ORCHESTRATE_OFFLINE", raising=False)
+    with pytest.raises(EncoderUnavailable, match=r"encoder resnet18: .*the download failed: .*hash"):
+        encoders.imagenet_weights_file("resnet18")
+    assert not any((tmp_path / "home" / "hub" / "checkpoints").iterdir())
+
+
+def test_unknown_imagenet_weights_name_the_known_ones():
+    with pytest.raises(EncoderUnavailable, match=r"^no ImageNet weights for 'vgg16': use one of resnet18, resnet50$"):
+        encoders.imagenet_weights("vgg16")

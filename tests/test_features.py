@@ -161,6 +161,10 @@ def test_resnet_weights_from_the_hub_cache_match_torchvision(tmp_path, monkeypat
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
     torch.manual_seed(0)
     net = torchvision.models.resnet18(weights=None).eval()
+    with torch.no_grad():  # a fresh BatchNorm is the identity in eval mode: one left out would not show
+        for bn in (m for m in net.modules() if isinstance(m, torch.nn.BatchNorm2d)):
+            bn.running_mean.uniform_(-0.5, 0.5), bn.running_var.uniform_(0.5, 2.0)
+            bn.weight.uniform_(0.5, 1.5), bn.bias.uniform_(-0.2, 0.2)
     ckpt = tmp_path / "hub" / "checkpoints" / "resnet18-f37072fd.pth"
     ckpt.parent.mkdir(parents=True)
     torch.save(net.state_dict(), ckpt)
