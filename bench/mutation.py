@@ -6,6 +6,8 @@
     python bench/mutation.py --list                         # the modules and the tests each one runs
     python bench/mutation.py --module trainables/subtask_meta.py --function check --function 'fit_*'
                                                             # some functions only (a release run in parts)
+    python bench/mutation.py --module orchestrator/stats.py --workdir .mutation --rerun-survivors
+                                                            # after adding tests: only that run's survivors again
 
 Each module is mutated in its own copy of the working tree (``--workdir``, default a temporary
 folder; the tree itself is never touched, so it is safe beside other work), and every mutant
@@ -102,24 +104,56 @@ def mutant_globs(module: str, functions: list[str]) -> list[str]:
     return [glob for name in functions for glob in (f"{dotted}.x_{name}__mutmut_*", f"{dotted}.xǁ*ǁ{name}__mutmut_*")]
 
 
-def run_module(module: str, workdir: Path, children: int, diffs: bool, functions: list[str] | None = None) -> dict:
+class EarlierRunUnusable(Exception):
+    """``--rerun-survivors`` found no earlier run of the module it can extend."""
+
+
+def survivors_to_rerun(copy: Path, module: str, globs: list[str]) -> list[str]:
+    """Prepare ``copy``, where ``module`` was mutated before, to retest that run's survivors
+    (and the mutants no test reached then) against today's tests; returns their names. Its
+    killed mutants stay killed: adding tests cannot revive one (changing or deleting tests can,
+    so run afresh after those). The module itself must be as it was: its mutants are that code."""
+    meta = copy / "mutants" / f"{module}.meta"
+    if not meta.exists():
+        raise EarlierRunUnusable(f"no earlier run of {module} in {copy}: run it once without --rerun-survivors")
+    if (copy / module).read_bytes() != (ROOT / module).read_bytes():
+        raise EarlierRunUnusable(f"{module} changed since the run in {copy}: its mutants are stale, run it afresh")
+    for tests in (copy / "tests", copy / "mutants" / "tests"):
+        shutil.copytree(ROOT / "tests", tests, dirs_exist_ok=True, ignore=COPY_IGNORE)
+    # mutmut maps each function to the tests that reach it once, in its stats pass; tests edited
+    # since must be remapped, not only new ones, so the pass runs again (one clean run of the tests)
+    (copy / "mutants" / "mutmut-stats.json").unlink(missing_ok=True)
+    codes = json.loads(meta.read_text())["exit_code_by_key"]
+    return sorted(name for name, code in codes.items()
+                  if code in (0, 33) and (not globs or any(fnmatch(name, g) for g in globs)))  # survived, no tests
+
+
+def run_module(module: str, workdir: Path, children: int, diffs: bool, functions: list[str] | None = None,
+               rerun_survivors: bool = False) -> dict:
     from mutmut.stats import status_by_exit_code  # what mutmut calls each exit code
 
     copy = workdir / module.replace("/", "_").removesuffix(".py")
-    if copy.exists():
-        shutil.rmtree(copy)
-    copy_tree(copy)
-    configure(copy, module, MODULES[module])
+    globs = mutant_globs(module, functions or [])
+    chosen = globs
+    if rerun_survivors:
+        try:
+            chosen = survivors_to_rerun(copy, module, globs)
+        except EarlierRunUnusable as exc:
+            return {"module": module, "error": str(exc), "wall_s": 0.0}
+    else:
+        if copy.exists():
+            shutil.rmtree(copy)
+        copy_tree(copy)
+        configure(copy, module, MODULES[module])
     # mutmut puts its mutants/ folder first on the import path, ahead of the editable install's
     # finder (appended last); one thread per test process on a shared machine
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    globs = mutant_globs(module, functions or [])
     began = time.perf_counter()
-    run = subprocess.run(["mutmut", "run", "--max-children", str(children), *globs],
-                         cwd=copy, env=env, capture_output=True, text=True)
+    run = subprocess.run(["mutmut", "run", "--max-children", str(children), *chosen], cwd=copy, env=env,
+                         capture_output=True, text=True) if chosen or not rerun_survivors else None
     wall = time.perf_counter() - began
     meta = copy / "mutants" / f"{module}.meta"
-    if run.returncode != 0 or not meta.exists():
+    if run is not None and (run.returncode != 0 or not meta.exists()):
         tail = (run.stdout + run.stderr).strip().splitlines()[-5:]
         return {"module": module, "error": " | ".join(tail) or f"mutmut exited {run.returncode}", "wall_s": wall}
     codes = json.loads(meta.read_text())["exit_code_by_key"]
@@ -169,6 +203,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="Mutants tested at once (default: the CPU count; 1 on a shared machine).")
     parser.add_argument("--function", action="append", default=[],
                         help="Mutate only this function or method of each --module (an fnmatch pattern; repeatable).")
+    parser.add_argument("--rerun-survivors", action="store_true",
+                        help="Retest only the survivors (and untested mutants) of the last run in --workdir against "
+                             "today's tests, keeping its kills; figures cover the whole module.")
     parser.add_argument("--diffs", action="store_true", help="Print each survivor's diff, not only its name.")
     parser.add_argument("--list", action="store_true", help="Print the modules and their tests, run nothing.")
     args = parser.parse_args(argv)
@@ -179,6 +216,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.function and not args.module:
         print("--function needs --module (which module's functions)", file=sys.stderr)
         return 2
+    if args.rerun_survivors and (args.workdir is None or not args.module):
+        print("--rerun-survivors needs --workdir (where the earlier run is) and --module", file=sys.stderr)
+        return 2
     if shutil.which("mutmut") is None:
         print("mutmut is not installed: pip install mutmut", file=sys.stderr)
         return 2
@@ -186,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
     results = []
     try:
         for module in args.module or list(MODULES):
-            result = run_module(module, workdir, args.max_children, args.diffs, args.function)
+            result = run_module(module, workdir, args.max_children, args.diffs, args.function, args.rerun_survivors)
             results.append(result)
             print(line(result), flush=True)
         for result in results:
