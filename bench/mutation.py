@@ -53,8 +53,8 @@ MODULES: dict[str, list[str]] = {
     "trainables/common/training.py": ["tests/test_training.py", "tests/test_lifecycle.py"],
     "trainables/common/lifecycle.py": ["tests/test_lifecycle.py"],
     "trainables/common/calibration.py": ["tests/test_calibration.py"],
-    "trainables/common/encoders.py": ["tests/test_encoders.py", "tests/test_features.py"],
-    "trainables/common/features.py": ["tests/test_features.py", "tests/test_encoders.py"],
+    "trainables/common/encoders.py": ["tests/test_encoders.py"],
+    "trainables/common/features.py": ["tests/test_features.py"],
     "trainables/attn_knn.py": ["tests/test_attn_knn.py", "tests/test_wiring_attn_knn.py"],
     "trainables/set_anomaly.py": ["tests/test_set_anomaly.py", "tests/test_wiring_set_anomaly.py"],
     "trainables/clip_fusion.py": ["tests/test_clip_fusion.py", "tests/test_wiring_clip_fusion.py"],
@@ -110,7 +110,8 @@ class EarlierRunUnusable(Exception):
 
 def survivors_to_rerun(copy: Path, module: str, globs: list[str]) -> list[str]:
     """Prepare ``copy``, where ``module`` was mutated before, to retest that run's survivors
-    (and the mutants no test reached then) against today's tests; returns their names. Its
+    (and the mutants no test reached then, or that it never ran: an interrupted run resumes)
+    against today's tests; returns their names. Its
     killed mutants stay killed: adding tests cannot revive one (changing or deleting tests can,
     so run afresh after those). The module itself must be as it was: its mutants are that code."""
     meta = copy / "mutants" / f"{module}.meta"
@@ -125,7 +126,7 @@ def survivors_to_rerun(copy: Path, module: str, globs: list[str]) -> list[str]:
     (copy / "mutants" / "mutmut-stats.json").unlink(missing_ok=True)
     codes = json.loads(meta.read_text())["exit_code_by_key"]
     return sorted(name for name, code in codes.items()
-                  if code in (0, 33) and (not globs or any(fnmatch(name, g) for g in globs)))  # survived, no tests
+                  if code in (0, 33, None) and (not globs or any(fnmatch(name, g) for g in globs)))  # survived, no tests, not run
 
 
 def run_module(module: str, workdir: Path, children: int, diffs: bool, functions: list[str] | None = None,

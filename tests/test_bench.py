@@ -223,8 +223,8 @@ def test_mutation_function_filter_selects_one_functions_mutants():
 
 
 def test_mutation_rerun_survivors_retests_only_what_survived_against_todays_tests(tmp_path):
-    """``--rerun-survivors`` keeps an earlier run's kills and names its survivors and untested
-    mutants to mutmut again, with today's tests copied in and mutmut's test map to be rebuilt;
+    """``--rerun-survivors`` keeps an earlier run's kills and names its survivors, untested
+    mutants and those it never ran (an interrupted run) to mutmut again, with today's tests copied in and mutmut's test map to be rebuilt;
     an earlier run of other code, or none, is refused rather than mixed in."""
     import json
     import shutil
@@ -241,11 +241,11 @@ def test_mutation_rerun_survivors_retests_only_what_survived_against_todays_test
     meta.parent.mkdir(parents=True)
     codes = {"orchestrator.stats.x_fmt__mutmut_1": 0, "orchestrator.stats.x_fmt__mutmut_2": 1,
              "orchestrator.stats.x_paired_test__mutmut_3": 33, "orchestrator.stats.x_paired_test__mutmut_4": 0,
-             "orchestrator.stats.x_paired_test__mutmut_5": 36}
+             "orchestrator.stats.x_paired_test__mutmut_5": 36, "orchestrator.stats.x_paired_test__mutmut_6": None}
     meta.write_text(json.dumps({"exit_code_by_key": codes}))
     (copy / "mutants" / "mutmut-stats.json").write_text("{}")
     assert survivors_to_rerun(copy, module, []) == ["orchestrator.stats.x_fmt__mutmut_1", "orchestrator.stats.x_paired_test__mutmut_3",
-                                                    "orchestrator.stats.x_paired_test__mutmut_4"]
+                                                    "orchestrator.stats.x_paired_test__mutmut_4", "orchestrator.stats.x_paired_test__mutmut_6"]
     assert survivors_to_rerun(copy, module, mutant_globs(module, ["fmt"])) == ["orchestrator.stats.x_fmt__mutmut_1"]
     for tests in (copy / "tests", copy / "mutants" / "tests"):
         assert (tests / "test_bench.py").read_text() == (ROOT / "tests" / "test_bench.py").read_text()
