@@ -198,6 +198,7 @@ def test_heads_layers_dropout_model_dim_reach_the_attention_block(heads, layers,
     ("layers", 2, ("attention",)),
     ("model_dim", 32, ("attention",)),
     ("dropout", 0.3, ("attention", "flat_mlp")),
+    ("mlp_hidden", 16, ("attention", "flat_mlp")),
 ])
 def test_each_model_knob_changes_its_nets_and_nothing_else(base_run, knob, value, changes):
     """Through train(): a knob that does not reach its net (hard-coded heads, dropout kept out of
@@ -312,8 +313,8 @@ def test_reported_net_metrics_are_the_val_best_weights_on_train_standardised_set
 def test_patience_stops_each_net_on_its_own_val_curve(long_run):
     """With patience 2 each net stops after 2 epochs without a better val top-1, read off the
     val curves of a run that never stops, and the other net trains on as if nothing stopped.
-    Mutations caught: patience ignored, a stopped net still trained, a stopped net moving the
-    other's results."""
+    Mutations caught: patience ignored, a stopped net still trained (its train loss reported), a
+    stopped net moving the other's results."""
     curves = {net: [m[f"val/{net}/acc"] for m, _ in long_run[:-1]] for net in sa.NETS}
     stop = {}
     for net, accs in curves.items():
@@ -331,6 +332,9 @@ def test_patience_stops_each_net_on_its_own_val_curve(long_run):
             if e <= stop[net]:
                 assert metrics[f"val/{net}/acc"] == curves[net][e - 1]
                 assert metrics[f"train/{net}/loss"] == long_run[e - 1][0][f"train/{net}/loss"]
+    for e, (metrics, _) in enumerate(short, 1):  # the last report too: the net that stopped first trains no more in it
+        for net in sa.NETS:
+            assert (f"train/{net}/loss" in metrics) == (e <= stop[net]), (net, e)  # a stopped net trains no more
 
 
 def test_max_train_and_max_test_0_mean_the_whole_split():
