@@ -283,9 +283,9 @@ SCENARIO_TASKS = {
 
 @pytest.mark.parametrize("scenario", ["stsf", "stmf", "mtmf"])
 def test_scenario_tasks_and_nback_targets_of_every_generated_set(scenario):
-    run = trace(scenario=scenario, n_back=2, feature="identity", epochs=1)
+    run = trace(scenario=scenario, n_back=1, feature="identity", epochs=1)  # n_back and feature: not the defaults
     tasks = run.tasks
-    assert [(t.n, t.feature) for t in tasks] == SCENARIO_TASKS[scenario](2, "identity")
+    assert [(t.n, t.feature) for t in tasks] == SCENARIO_TASKS[scenario](1, "identity")
     assert {tuple(tk) for _, tk, *_ in run.generated} == {tuple(tasks)}  # every set: the same task list
     sets = [*run.train, run.val, run.test]
     for seqs in sets:
@@ -316,7 +316,7 @@ def test_matches_are_drawn_with_match_prob(match_prob):
 
 @pytest.mark.parametrize("split", ["novel_identity", "novel_view", "random"])
 def test_held_out_identities_and_views_appear_only_in_the_generalisation_test(split):
-    run = trace(split=split, heldout_identities=2, epochs=1, attention=False)
+    run = trace(split=split, heldout_identities=3, epochs=1, attention=False)  # not the default 2
     n_id, held = run.config["n_identities"], run.config["heldout_identities"]
     seen = [*run.train, run.val, run.test]
     ids = lambda sets: set(np.concatenate([s.identity.ravel() for s in sets]).tolist())  # noqa: E731
@@ -435,9 +435,10 @@ def expected_response_metrics(out: dict, seqs, tasks: list[Task], no_action_weig
 def still():
     """lr 0 with a frozen front end and no attention dropout: the model never changes, so val
     accuracy is constant after epoch 1 (patience 2: stopped at min_epochs 4, not at 3) and every
-    epoch's train figures are those of the one model on that epoch's sequences."""
+    epoch's train figures are those of the one model on that epoch's sequences (steps of 48:
+    not the default batch size)."""
     return trace(scenario="stmf", lr=0.0, weight_decay=0.05, freeze_frontend=True, attention_dropout=0.0,
-                 epochs=6, patience=2, min_epochs=4, no_action_weight=0.3, seed=1)
+                 epochs=6, patience=2, min_epochs=4, no_action_weight=0.3, seed=1, batch_size=48)
 
 
 def test_train_val_and_test_figures_are_those_of_the_model_on_each_split(still):
@@ -501,6 +502,48 @@ def test_perf_figures_add_up_and_fit_in_the_wall_time_of_the_call(still):
     (test_ms,) = [ms for name, n, ms in still.timed if name == "run_model" and n == still.config["test_sequences"]]
     (analyse_ms,) = [ms for name, _, ms in still.timed if name == "analyse"]
     assert infer_ms >= test_ms and final["perf/analysis_ms"] >= analyse_ms
+
+
+@pytest.fixture(scope="module")
+def clipped():
+    """Gradients clipped to a norm of 1e-12, no weight decay, attention dropout 0.8, three epochs
+    (epoch 2's checkpoint holds its own weights; the last one holds the best): Adam's steps are
+    then ~lr * 1e-6 (the clipped gradients sit far below its eps), so the model stays put while
+    each training step still draws its dropout masks. Every set has 96 sequences, so two sets
+    drawn from one seeded stream would be the same sequences."""
+    return trace(grad_clip=1e-12, weight_decay=0.0, attention_dropout=0.8, n_back=1, epochs=3, min_epochs=3, patience=5,
+                 train_sequences=96, val_sequences=96, test_sequences=96)
+
+
+def test_grad_clip_and_attention_dropout_reach_the_training_steps(clipped):
+    cfg, first, second = clipped.config, clipped.checkpoints[0], clipped.checkpoints[1]
+    model, stim = rebuild(clipped, weights(first, "model"))
+    for name, _ in model.named_parameters():  # clipped: epoch 2 barely moves any weight
+        assert (weights(second, "model")[name] - weights(first, "model")[name]).abs().max() < 1e-6, name
+    # epoch 2's loss, step by step: the epoch-1 model in training mode, its dropout masks drawn
+    # from the torch RNG as the epoch-1 checkpoint left it
+    seqs = clipped.generated[2][-1]  # val, then epoch 1's and epoch 2's training sets
+    index, task, _ = wm._batch_tensors(seqs, len(clipped.tasks), stim.n_identities, "cpu")
+    steps = [slice(i, i + cfg["batch_size"]) for i in range(0, len(seqs), cfg["batch_size"])]
+    loss = {}
+    for dropout in (True, False):
+        model.train()
+        model.attention.dropout.train(dropout)
+        with torch.random.fork_rng(), torch.no_grad():
+            torch.set_rng_state(first["rng"]["torch"])
+            logits = [model(stim.tensor, index[rows], task[rows])["logits"].numpy() for rows in steps]
+        loss[dropout] = np.mean([weighted_cross_entropy(lg, seqs.target[rows], cfg["no_action_weight"])
+                                 for lg, rows in zip(logits, steps)])
+    assert clipped.reports[1]["train/attention/loss"] == pytest.approx(loss[True], abs=1e-5)
+    assert abs(loss[True] - loss[False]) > 1e-4  # the dropout shows in the loss
+
+
+def test_sets_of_one_size_are_separate_draws(clipped):
+    sets = [seqs for *_, seqs in clipped.generated]
+    assert len(sets) == 5  # val, three epochs' training sets, test
+    for i, a in enumerate(sets):
+        for b in sets[i + 1 :]:
+            assert not np.array_equal(a.category, b.category)  # hundreds of draws alike by chance: never
 
 
 def expected_analysis(cfg: dict, tasks: list[Task], model, stim, seqs, out) -> dict:
@@ -636,14 +679,14 @@ def test_an_imagenet_front_end_starts_from_the_resolved_weights(tmp_path, monkey
         assert torch.equal(best[name], value), name
 
 
-# ---------------------------------------------------------------- seeds, seq_len and input_size reach every set
+# ---------------------------------------------------------------- seeds, seq_len, input_size, n_categories and rnn reach every set
 
 
 @pytest.fixture(scope="module")
 def seeded_pair():
-    """Two runs differing only in their seed, with a non-default seq_len and input_size and a
-    generalisation set; the first called without a device (train() resolves "auto")."""
-    first = Trace(config(split="novel_view", seq_len=7, input_size=24, epochs=1))
+    """Two runs differing only in their seed, with a non-default seq_len, input_size, n_categories
+    and rnn and a generalisation set; the first called without a device (train() resolves "auto")."""
+    first = Trace(config(split="novel_view", seq_len=7, input_size=24, n_categories=3, rnn="lstm", epochs=1))
     first.config.pop("device")
     second = Trace({**first.config, "seed": 1, "device": "cpu"})
     return record(first), record(second)
@@ -657,10 +700,12 @@ def test_the_seed_draws_every_set_and_test_and_generalisation_sets_are_separate_
     assert not np.array_equal(first.test.category, first.gen.category)
 
 
-def test_seq_len_and_input_size_reach_the_sets_and_the_model(seeded_pair):
+def test_seq_len_input_size_n_categories_and_rnn_reach_the_sets_and_the_model(seeded_pair):
     first, _ = seeded_pair
     assert all(seqs.task.shape == seqs.target.shape[:1] and seqs.target.shape[1] == 7 for *_, seqs in first.generated)
-    model, stim = rebuild(first, weights(first.checkpoints[-1], "best"))
+    assert all(set(np.unique(seqs.category)) == {0, 1, 2} for *_, seqs in first.generated)  # every class, no other
+    model, stim = rebuild(first, weights(first.checkpoints[-1], "best"))  # strictly: an LSTM's weights
+    assert isinstance(model.rnn, torch.nn.LSTM) and len(stim.canvas) == 3 * 5 * N_VIEWS * N_LOCATIONS
     out = outputs(first, model, stim, first.test)
     expected = expected_response_metrics(out, first.test, first.tasks, first.config["no_action_weight"])
     for name, value in expected.items():

@@ -616,3 +616,134 @@ def test_check_bounds_seq_len_by_n_back_outside_mtmf():
 def test_a_config_asking_for_cuda_without_it_is_refused_not_run_on_the_cpu():
     with pytest.raises(RuntimeError, match="CUDA is not available"):
         wm.train(study_config(device="cuda"), lambda *a, **k: None)
+
+
+# ---------------------------------------------------------------- the figures (read back through matplotlib's own objects)
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _attention_inputs(channels: int):
+    """Four tasks, the last with no sequence; 6x8 canvases (not square); the first sequence of
+    each task is not the first row; a sequence never plotted holds the largest weight."""
+    from types import SimpleNamespace
+
+    rng = np.random.default_rng(0)
+    tasks = [Task(1, "location"), Task(1, "identity"), Task(2, "category"), Task(3, "location")]
+    seqs = generate(rng, 7, tasks[:3], split_pools("random", 2, 1)[0], n_categories=2, seq_len=4)
+    seqs.task = np.array([2, 2, 0, 1, 0, 1, 2])  # first of task 0: row 2, task 1: row 3, task 2: row 0
+    stim = SimpleNamespace(canvas=rng.integers(0, 256, size=(2 * 2 * N_VIEWS * N_LOCATIONS, 6, 8, channels), dtype=np.uint8),
+                           n_identities=2)
+    attention = rng.random((7, 4, 3, 3)) * 0.5
+    attention[1, 2, 0, 0] = 0.9  # row 1 is never plotted: not the colour scale's top
+    out = {"probs": rng.dirichlet(np.ones(3), size=(7, 4)), "attention": attention}
+    return stim, seqs, out, tasks
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_attention_figure_shows_each_tasks_first_test_sequence_with_its_weights(channels):
+    from trainables.wm_tasks import RESPONSES
+
+    plt = _pyplot()
+    stim, seqs, out, tasks = _attention_inputs(channels)
+    fig = wm._plot_attention(plt, stim, seqs, out, tasks)
+    try:
+        assert tuple(fig.get_size_inches()) == pytest.approx((1.6 * 4, 1.8 * 4))
+        assert len(fig.axes) == 4 * 4 and fig.subplotpars.left != plt.rcParams["figure.subplot.left"]  # tight layout
+        index, pred = seqs.stimulus_index(2), out["probs"].argmax(-1)
+        vmax = out["attention"][[2, 3, 0]].max()
+        for k, b in ((0, 2), (1, 3), (2, 0)):
+            row = fig.axes[4 * k : 4 * k + 4]
+            assert row[0].get_ylabel() == tasks[k].name and row[0].yaxis.label.get_fontsize() == 7
+            for t, ax in enumerate(row):
+                canvas, weights = ax.images
+                expected = stim.canvas[index[b, t]]
+                np.testing.assert_array_equal(canvas.get_array(), expected[..., 0] if channels == 1 else expected)
+                assert canvas.get_cmap().name == "gray" and canvas.get_extent() == [0, 8, 6, 0]
+                np.testing.assert_array_equal(weights.get_array(), out["attention"][b, t])
+                assert weights.get_cmap().name == "inferno" and weights.get_alpha() == 0.55
+                assert weights.get_extent() == [0, 8, 6, 0] and weights.get_interpolation() == "nearest"
+                assert weights.get_clim() == (0.0, vmax)  # one scale for every panel
+                assert ax.get_title() == f"{RESPONSES[seqs.target[b, t]]}\n-> {RESPONSES[pred[b, t]]}"
+                assert ax.title.get_fontsize() == 6 and list(ax.get_xticks()) == [] and list(ax.get_yticks()) == []
+        assert all(not ax.images and not ax.get_ylabel() for ax in fig.axes[12:])  # the task with no sequence
+        assert fig._suptitle.get_text() == f"attention over the canvas (target -> response); colour 0 to {vmax:.2f}"
+        assert fig._suptitle.get_fontsize() == 9
+    finally:
+        plt.close(fig)
+
+
+CURVES = {"1back_location": {"location": [None, 0.9, 0.8], "identity": [0.2, 0.3, None], "category": [0.4, 0.5, 0.45]},
+          "2back_identity": {"location": [0.3, 0.35, 0.3], "identity": [None, None, 0.7], "category": [0.25, 0.3, 0.5]}}
+
+
+def test_decoding_figure_draws_every_curve_of_every_task():
+    plt = _pyplot()
+    fig = wm._plot_decoding(plt, "baseline", CURVES)
+    try:
+        assert tuple(fig.get_size_inches()) == pytest.approx((3.2 * 2, 2.8))
+        assert len(fig.axes) == 2 and fig.subplotpars.left != plt.rcParams["figure.subplot.left"]  # tight layout
+        assert fig.axes[0].get_shared_y_axes().joined(fig.axes[0], fig.axes[1])  # one accuracy scale
+        for ax, (name, by_feature) in zip(fig.axes, CURVES.items()):
+            assert ax.get_title() == name and ax.title.get_fontsize() == 9 and ax.get_xlabel() == "step"
+            assert len(ax.lines) == 3
+            for line, (feature, accs) in zip(ax.lines, by_feature.items()):
+                relevant = name.endswith(feature)  # the task's own feature: solid, labelled
+                np.testing.assert_array_equal(line.get_xdata(), range(3))
+                np.testing.assert_array_equal(np.asarray(line.get_ydata(), float), np.array(accs, float))
+                assert line.get_linestyle() == ("-" if relevant else "--") and line.get_marker() == "o"
+                assert line.get_label() == feature + (" (task)" if relevant else "")
+        first, second = fig.axes
+        assert first.get_ylabel() == "decoding accuracy (CV)" and second.get_ylabel() == ""
+        legend = first.get_legend()
+        assert [t.get_text() for t in legend.get_texts()] == ["location (task)", "identity", "category"]
+        assert all(t.get_fontsize() == 7 for t in legend.get_texts()) and second.get_legend() is None
+        assert fig._suptitle.get_text() == "baseline: decoding of the current stimulus from the RNN state"
+        assert fig._suptitle.get_fontsize() == 10
+    finally:
+        plt.close(fig)
+
+
+def test_artifacts_are_the_json_of_every_number_and_the_figures_of_these_inputs(tmp_path):
+    """analysis.json holds the method, the metrics and the details (indent 2); the PNGs are the
+    figures of the same inputs at 110 dpi, pixel for pixel; the function closes its own figures
+    (and no other); a missing folder is made, parents included, and an existing one is reused.
+    One task (stsf): the heatmaps are one row of panels."""
+    import io
+
+    from matplotlib.image import imread
+
+    plt = _pyplot()
+    stim, seqs, out, tasks = _attention_inputs(1)
+    details = {"decoding_by_step": CURVES, "note": [1, 2]}
+
+    def pixels(fig) -> np.ndarray:
+        buffer = io.BytesIO()
+        fig.savefig(buffer, format="png", dpi=110)
+        plt.close(fig)
+        buffer.seek(0)
+        return imread(buffer)
+
+    mine = plt.figure()
+    try:
+        folder = tmp_path / "runs" / "trial"
+        for method, outputs in (("baseline", {"probs": out["probs"]}), ("attention", out)):  # the folder, then again
+            metrics = {"acc": 0.5, "decode_relevant": 0.75, "method": method}
+            names = wm.save_artifacts(str(folder), method, metrics, details, stim, seqs, outputs, tasks[:1])
+            figures = ["decoding.png", "attention_heatmaps.png"][: 2 if method == "attention" else 1]
+            assert names == ["analysis.json", *figures] and sorted(p.name for p in folder.iterdir()) == sorted(names)
+            assert plt.get_fignums() == [mine.number]
+            assert (folder / "analysis.json").read_text() == json.dumps({"method": method, "metrics": metrics, **details},
+                                                                        indent=2)
+        np.testing.assert_array_equal(imread(folder / "decoding.png"), pixels(wm._plot_decoding(plt, "attention", CURVES)))
+        np.testing.assert_array_equal(imread(folder / "attention_heatmaps.png"),
+                                      pixels(wm._plot_attention(plt, stim, seqs, out, tasks[:1])))
+    finally:
+        plt.close(mine)
