@@ -11,6 +11,7 @@ training batch with the retrieval made for it.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import time
 from types import SimpleNamespace
 
@@ -541,9 +542,13 @@ def test_epoch_ms_is_the_timed_epochs_over_their_count(recorded):
 # ---------------------------------------------------------------- hflip reaches training and the TTA views
 
 
-@pytest.mark.parametrize("hflip,flip", [("always", True), ("never", False)])
-def test_hflip_reaches_the_training_batches_and_the_tta_views(monkeypatch, hflip, flip):
-    seen, real = [], attn_knn.augment
+@pytest.mark.parametrize("hflip,name,flip", [("always", "digits", True), ("never", "digits", False),
+                                             ("auto", "digits", False), ("auto", "cifar10", True)])
+def test_hflip_reaches_the_training_batches_and_the_tta_views(monkeypatch, hflip, name, flip):
+    """auto: flips for every dataset but digits (not mirror-symmetric); here digits' images under
+    another dataset's name stand in for it."""
+    seen, real, load = [], attn_knn.augment, attn_knn.load_data
     monkeypatch.setattr(attn_knn, "augment", lambda x, generator, **kw: seen.append(kw) or real(x, generator, **kw))
+    monkeypatch.setattr(attn_knn, "load_data", lambda cfg: dataclasses.replace(load(cfg), name=name))
     Recorder(monkeypatch).run(config(max_train=30, max_test=20, epochs=1, hflip=hflip))
     assert seen == [{"flip": flip}] * 3  # one training batch, then view 2 of val and of test
