@@ -199,6 +199,7 @@ def test_heads_layers_dropout_model_dim_reach_the_attention_block(heads, layers,
     ("model_dim", 32, ("attention",)),
     ("dropout", 0.3, ("attention", "flat_mlp")),
     ("mlp_hidden", 16, ("attention", "flat_mlp")),
+    ("batch_size", 16, ("attention", "flat_mlp")),
 ])
 def test_each_model_knob_changes_its_nets_and_nothing_else(base_run, knob, value, changes):
     """Through train(): a knob that does not reach its net (hard-coded heads, dropout kept out of
