@@ -161,20 +161,23 @@ def test_a_noisy_dataset_never_trains_own_cnn(tmp_path, digits):
     from trainables.common.data import with_label_noise
 
     noisy = with_label_noise(digits, 0.2, seed=0)
-    with pytest.raises(EncoderUnavailable, match="clean labels"):
+    with pytest.raises(EncoderUnavailable, match=r"^own-cnn is trained on clean labels: extract features from the dataset "
+                       r"before with_label_noise \(features are per image; take the noisy labels from the noisy dataset\)$"):
         get_encoder("own-cnn", noisy, "cpu", tmp_path)
     assert not (tmp_path / "encoders").exists()
 
 
 def test_the_loaded_encoder_is_the_cached_weights_frozen_in_eval_mode(tmp_path, digits):
     enc = get_encoder("own-cnn", digits, "cpu", tmp_path)
-    state = torch.load(next((tmp_path / "encoders").glob("own-cnn-*.pt")), weights_only=True)["state_dict"]
+    (path,) = (tmp_path / "encoders").glob("own-cnn-*.pt")  # the given cache: the only weights trained
+    assert enc.identity == f"own-cnn:{encoders.sha256_file(path)[:16]}"  # the identity of the weights it loaded
+    state = torch.load(path, weights_only=True)["state_dict"]
     body, _ = load_declared(state, digits.channels, digits.image_size, digits.num_classes)
     x = digits.to_float(digits.test.images[:32])
     with torch.no_grad():
         np.testing.assert_allclose(enc.module(x), features(body, x), rtol=1e-5, atol=1e-6)
     assert not enc.module.training and not any(p.requires_grad for p in enc.module.parameters())
-    assert enc.name == "own-cnn" and enc.dim == 256 and enc.identity.startswith("own-cnn:") and enc.encode_text is None
+    assert enc.name == "own-cnn" and enc.dim == 256 and enc.encode_text is None
 
 
 def test_damaged_own_cnn_weights_are_retrained_not_loaded(tmp_path, digits, monkeypatch):
@@ -205,17 +208,28 @@ class LocalWeights:
         raw.rename(self.file)
         self.url = self.file.as_uri()
 
+    def serve(self, monkeypatch) -> None:
+        """Stand in for torchvision's weights of resnet18 (only: another name is a wiring bug)."""
+        def weights(name):
+            assert name == "resnet18", name
+            return self
+        monkeypatch.setattr(encoders, "imagenet_weights", weights)
 
-def test_imagenet_weights_are_downloaded_hash_checked_unless_offline(tmp_path, monkeypatch):
+
+@pytest.mark.parametrize("hub_folder", ["absent", "present"])
+def test_imagenet_weights_are_downloaded_hash_checked_unless_offline(tmp_path, monkeypatch, hub_folder):
     torch.manual_seed(0)
     state = {"w": torch.randn(3)}
     served = LocalWeights(tmp_path / "server", state)
-    monkeypatch.setattr(encoders, "imagenet_weights", lambda name: served)
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "home"))  # no hub/checkpoints folder yet
+    served.serve(monkeypatch)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "home"))
     target = tmp_path / "home" / "hub" / "checkpoints" / served.file.name
+    if hub_folder == "present":  # other checkpoints there already
+        target.parent.mkdir(parents=True)
+        (target.parent / "other-0123abcd.pth").write_bytes(b"x")
     for offline in ("1", "yes"):
         monkeypatch.setenv("ORCHESTRATE_OFFLINE", offline)
-        with pytest.raises(EncoderUnavailable, match=r"ORCHESTRATE_OFFLINE forbids downloads.*\(pretrained: none, or encoder own-cnn\)"):
+        with pytest.raises(EncoderUnavailable, match=r"\(ORCHESTRATE_OFFLINE forbids downloads\);.*\(pretrained: none, or encoder own-cnn\)$"):
             encoders.imagenet_state_dict("resnet18")
         assert not target.exists()
     for allowed in ("0", ""):  # "0" and empty mean online, as does no variable at all
@@ -236,7 +250,7 @@ def test_imagenet_weights_are_downloaded_hash_checked_unless_offline(tmp_path, m
 def test_a_download_that_fails_its_hash_check_leaves_nothing(tmp_path, monkeypatch):
     served = LocalWeights(tmp_path / "server", {"w": torch.zeros(3)})
     served.file.write_bytes(served.file.read_bytes() + b"tampered")
-    monkeypatch.setattr(encoders, "imagenet_weights", lambda name: served)
+    served.serve(monkeypatch)
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "home"))
     monkeypatch.delenv("ORCHESTRATE_OFFLINE", raising=False)
     with pytest.raises(EncoderUnavailable, match=r"encoder resnet18: .*the download failed: .*hash"):
@@ -272,3 +286,18 @@ def test_resnet_weights_from_the_hub_cache_match_torchvision(tmp_path, monkeypat
     with torch.no_grad():
         np.testing.assert_allclose(enc.module(digits.to_float(images)), net(normalised), rtol=1e-3, atol=1e-4)
         assert enc.module.feature_map(digits.to_float(images)).shape == (4, 512, 7, 7)
+
+
+def test_unknown_encoders_name_the_known_ones():
+    with pytest.raises(EncoderUnavailable, match=r"^unknown encoder 'vgg': use one of own-cnn, resnet18, resnet50, clip-vit-b32$"):
+        encoders.check_name("vgg")
+
+
+def test_train_images_of_another_shape_are_another_own_cnn(tmp_path, digits, monkeypatch):
+    """The same bytes as 16x4 images are not the 8x8 digits (another network pools them
+    otherwise, with the same weight shapes): the key holds each array's shape and dtype too."""
+    monkeypatch.setattr(encoders, "_train_own_cnn", lambda ds, *a: {"state_dict": {"n": torch.tensor(float(ds.image_size))}})
+    n = len(digits.train)
+    reshaped = replace(digits, train=replace(digits.train, images=digits.train.images.reshape(n, 16, 4, 1)))
+    key = lambda ds: describe("own-cnn", ds, device="cpu", cache_dir=tmp_path, progress=False)[0]  # noqa: E731
+    assert key(reshaped) != key(digits)

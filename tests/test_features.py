@@ -171,7 +171,7 @@ def test_non_finite_features_are_refused_and_never_cached(tmp_path):
     broken = nn.Sequential(nn.Flatten(), nn.Linear(int(np.prod(ds.train.images.shape[1:])), 4))
     with torch.no_grad():
         broken[1].weight.fill_(float("nan"))  # what a diverged own-cnn training leaves behind
-    encoder = Encoder("broken", "broken-0", "none", 4, broken.eval())
+    encoder = Encoder("broken", "broken-0", 4, broken.eval())
     path = tmp_path / "train.npy"
     with pytest.raises(RuntimeError, match="non-finite features"):
         _extract(encoder, ds, "train", path, batch_size=16, progress=False, meta={})

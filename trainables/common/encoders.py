@@ -47,7 +47,6 @@ class EncoderUnavailable(DataError):
 class Encoder:
     name: str
     identity: str  # name + hash of the weights: changes whenever the weights do
-    transform: str  # preprocessing applied inside ``module`` (part of the feature cache key)
     dim: int
     module: nn.Module  # normalised float images (N, C, H, W) -> (N, dim); eval mode, frozen
     encode_text: Callable[[list[str]], np.ndarray] | None = None  # CLIP only: L2-normalised
@@ -72,7 +71,7 @@ def describe(name: str, dataset: Dataset, *, device: str = "auto", cache_dir=Non
 def get_encoder(name: str, dataset: Dataset, device: str | torch.device = "auto", cache_dir=None, progress: bool = True) -> Encoder:
     """The frozen encoder ``name`` for ``dataset`` on ``device`` (weights loaded or trained)."""
     device = resolve_device(str(device))
-    identity, transform = describe(name, dataset, device=str(device), cache_dir=cache_dir, progress=progress)
+    identity, _ = describe(name, dataset, device=str(device), cache_dir=cache_dir, progress=progress)
     encode_text = None
     if name == "own-cnn":
         state = torch.load(_own_cnn_weights(dataset, device, cache_dir, progress), map_location="cpu", weights_only=True)
@@ -83,7 +82,7 @@ def get_encoder(name: str, dataset: Dataset, device: str | torch.device = "auto"
     else:
         module, encode_text = _build_clip(dataset, device)
     module = module.to(device).eval().requires_grad_(False)
-    return Encoder(name, identity, transform, module.dim, module, encode_text)
+    return Encoder(name, identity, module.dim, module, encode_text)
 
 
 def check_name(name: str) -> None:
