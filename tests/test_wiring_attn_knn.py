@@ -366,6 +366,7 @@ class TrainingSpy:
     def __init__(self, monkeypatch):
         self.start, self.final, self.recording = None, None, True
         self.batches, self.augmented, self.fed, self.excluded, self.totals = [], [], [], [], []
+        self.betas = []  # ((a, b), draw) of every Beta draw of the trial's numpy streams
         real_refresh, real_batches, real_augment = attn_knn.refresh_memory, attn_knn.minibatches, attn_knn.augment
         real_forward, real_diverged, real_search = attn_knn.AttnKnnNet.forward, attn_knn.is_diverged, KnnIndex.search
 
@@ -404,6 +405,21 @@ class TrainingSpy:
             monkeypatch.setattr(attn_knn, name, spy)
         monkeypatch.setattr(attn_knn.AttnKnnNet, "forward", forward)
         monkeypatch.setattr(KnnIndex, "search", search)
+        real_numpy_rng, betas = Trial.numpy_rng, self.betas
+
+        class BetaSpy:  # the trial's numpy generator, its Beta draws recorded
+            def __init__(self, rng):
+                self.rng = rng
+
+            def beta(self, a, b, *args, **kwargs):
+                draw = self.rng.beta(a, b, *args, **kwargs)
+                betas.append(((a, b), draw))
+                return draw
+
+            def __getattr__(self, name):
+                return getattr(self.rng, name)
+
+        monkeypatch.setattr(Trial, "numpy_rng", lambda trial, *stream: BetaSpy(real_numpy_rng(trial, *stream)))
 
     def run(self, cfg):
         reports = []
@@ -455,7 +471,8 @@ def test_training_steps_are_the_documented_loss_under_adamw(monkeypatch, mixup):
     """One epoch of two batches replayed by hand from the recorded start: retrieval of k_train
     neighbours from the start's bank without the own image(s) (numpy), the loss written out
     (smoothed CE of the cnn head and of the attention, knn_loss_weight x the NLL of the
-    softmax(sim / T) vote; with mixup each term mixed by the fitted lambda), stepped by torch's
+    softmax(sim / T) vote; with mixup each term mixed by the fitted lambda, the step's draw from
+    Beta(mixup_alpha, mixup_alpha)), stepped by torch's
     AdamW with the config's lr and weight decay. The reported mean losses, each step's total and
     the trained weights must all match."""
     cfg = config(max_train=40, max_test=30, batch_size=20, epochs=1, k_train=6, lr=0.01, weight_decay=0.2,
@@ -477,6 +494,8 @@ def test_training_steps_are_the_documented_loss_under_adamw(monkeypatch, mixup):
             partner = torch.tensor([int((idx == j).nonzero()) for j in exclude[:, 1]])  # position in the batch
             w_a, w_b = mixing_weight(fed, x, x[partner])
             assert 0 < w_a < 1 and w_b == pytest.approx(1 - w_a, abs=1e-6)
+            shape, lam = spy.betas.pop(0)  # this step's draw: lambda ~ Beta(mixup_alpha, mixup_alpha)
+            assert shape == (mixup, mixup) and w_a == pytest.approx(lam, abs=1e-5)
             targets, own = [(y, w_a), (y[partner], 1 - w_a)], torch.stack([idx, idx[partner]], 1)
         else:
             torch.testing.assert_close(fed, x, rtol=0, atol=0)  # no mixup: the augmented batch itself
@@ -496,6 +515,7 @@ def test_training_steps_are_the_documented_loss_under_adamw(monkeypatch, mixup):
         opt.zero_grad()
         loss.backward()
         opt.step()
+    assert spy.betas == []  # one draw per mixed step, none without mixup
     for name, value in sums.items():
         assert reports[-1][f"train/{name}/loss"] == pytest.approx(value / 2, rel=1e-5), name
     assert_same_weights(model, ref, cfg["embed_dim"])
