@@ -63,9 +63,11 @@ def base_run():
 # ---------------------------------------------------------------- the sets
 
 
-def test_sets_hold_one_anomaly_of_another_class_at_the_target_in_shuffled_positions():
-    """Mutations caught: anomaly of the same class, target off by one, no shuffle, n_classes ignored."""
-    cfg = config(n_classes=4, n_train_sets=2000)
+@pytest.mark.parametrize("set_size", [10, 5])
+def test_sets_hold_one_anomaly_of_another_class_at_the_target_in_shuffled_positions(set_size):
+    """Mutations caught: anomaly of the same class, target off by one, no shuffle, n_classes or
+    set_size ignored."""
+    cfg = config(n_classes=4, n_train_sets=2000, set_size=set_size)
     ds = sa.load_data(cfg)
     sets = sa.build_sets(ds, cfg, sa.effective_classes(ds, cfg["n_classes"]))
     for split, (idx, target) in sets.items():
