@@ -251,6 +251,7 @@ def test_shots_change_only_the_prototype_side(base_run, few_shot_run):
     ("lr", 0.05, ("supervised", "stacker", "fusion:alpha:0.6")),
     ("batch_size", 50, ("supervised", "stacker", "fusion:alpha:0.6")),
     ("weight_decay", 0.1, ("supervised", "stacker", "fusion:alpha:0.6")),
+    ("stacker_holdout", 0.5, ("stacker",)),
 ])
 def test_each_knob_changes_its_sources_and_nothing_else(knob, value, changes):
     base, other = run(config(calibrate=False))[-1][0], run(config(calibrate=False, **{knob: value}))[-1][0]
