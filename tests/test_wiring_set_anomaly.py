@@ -317,7 +317,8 @@ def test_patience_stops_each_net_on_its_own_val_curve(long_run):
     """With patience 2 each net stops after 2 epochs without a better val top-1, read off the
     val curves of a run that never stops, and the other net trains on as if nothing stopped.
     Mutations caught: patience ignored, a stopped net still trained (its train loss reported), a
-    stopped net moving the other's results."""
+    stopped net moving the other's results, a net stopped before the end reported at its last
+    weights rather than its best."""
     curves = {net: [m[f"val/{net}/acc"] for m, _ in long_run[:-1]] for net in sa.NETS}
     stop = {}
     for net, accs in curves.items():
@@ -338,6 +339,9 @@ def test_patience_stops_each_net_on_its_own_val_curve(long_run):
     for e, (metrics, _) in enumerate(short, 1):  # the last report too: the net that stopped first trains no more in it
         for net in sa.NETS:
             assert (f"train/{net}/loss" in metrics) == (e <= stop[net]), (net, e)  # a stopped net trains no more
+    for net in sa.NETS:  # each net, stopped early or at the end, is reported at its best val epoch's weights
+        best_epoch = int(np.argmax(curves[net][:stop[net]])) + 1
+        assert pick(short[-1][0], f"val/{net}/") == pick(short[best_epoch - 1][0], f"val/{net}/"), (net, best_epoch)
 
 
 def test_max_train_and_max_test_0_mean_the_whole_split():
