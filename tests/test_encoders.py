@@ -65,7 +65,7 @@ def test_the_recipe_is_the_declared_one():
     assert OWN_CNN_RECIPE == RECIPE  # part of the weights' cache key: a change retrains every cached own-cnn
 
 
-@pytest.mark.parametrize("image_size,maps", [(8, (4, 2, 2)), (32, (16, 8, 4)), (2, (2, 2, 2))])
+@pytest.mark.parametrize("image_size,maps", [(8, (4, 2, 2)), (32, (16, 8, 4)), (2, (2, 2, 2)), (12, (6, 3, 1))])
 def test_own_cnn_is_the_declared_architecture(image_size, maps):
     torch.manual_seed(0)
     net = OwnCNN(3, image_size, 10).eval()
@@ -301,3 +301,12 @@ def test_train_images_of_another_shape_are_another_own_cnn(tmp_path, digits, mon
     reshaped = replace(digits, train=replace(digits.train, images=digits.train.images.reshape(n, 16, 4, 1)))
     key = lambda ds: describe("own-cnn", ds, device="cpu", cache_dir=tmp_path, progress=False)[0]  # noqa: E731
     assert key(reshaped) != key(digits)
+
+
+@pytest.mark.parametrize("max_steps,epochs", [(3, 1), (5, 2), (1, 1)])
+def test_a_large_train_set_gets_the_epochs_its_step_budget_allows(digits, monkeypatch, max_steps, epochs):
+    """epochs = max(1, min(recipe epochs, max_steps // steps per epoch)): CIFAR-10's 50,000 images
+    (391 steps an epoch) get one epoch of the 600-step budget. Here 150 images make 2 steps an
+    epoch, and the budget is shrunk to match."""
+    monkeypatch.setitem(encoders.OWN_CNN_RECIPE, "max_steps", max_steps)
+    assert encoders._train_own_cnn(digits, torch.device("cpu"), progress=False)["epochs"] == epochs
