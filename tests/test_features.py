@@ -199,3 +199,21 @@ def test_a_cache_left_non_finite_by_a_diverged_encoder_is_rebuilt(tmp_path):
     assert all(np.isfinite(np.asarray(rebuilt.split(s))).all() for s in ("train", "val", "test"))
     assert all(torch.isfinite(v).all() for v in torch.load(weights, weights_only=True)["state_dict"].values()
                if v.is_floating_point())
+
+
+def test_precompute_keeps_the_decoded_images_and_features_in_the_given_cache(tmp_path, monkeypatch, trained_cache):
+    """``orchestrate features`` on an ImageFolder tree with a cache: the decoded images, own-cnn's
+    weights and the features all go under that cache, nothing to the default one; each file is
+    named by the tree it holds."""
+    from test_data import write_tree
+
+    monkeypatch.setenv("ORCHESTRATE_CACHE_DIR", str(tmp_path / "default"))
+    write_tree(tmp_path / "My Tree", ["train", "test"], per_class=4)
+    paths = precompute(f"imagefolder:{tmp_path / 'My Tree'}", "own-cnn", cache_dir=tmp_path / "cache", progress=False)
+    assert not (tmp_path / "default").exists()
+    assert len(list((tmp_path / "cache" / "imagefolder").glob("*.npz"))) == 1
+    assert sorted(paths) == ["test", "train", "val"]
+    for split, path in paths.items():
+        assert path.parent == tmp_path / "cache" / "features" / "own-cnn" and path.name.startswith(f"My-Tree-{split}-")
+    digits_path = cache_path_for(load_dataset("digits", max_train=500), "own-cnn", "val", cache_dir=trained_cache)
+    assert digits_path.name.startswith("digits-val-")
