@@ -666,11 +666,11 @@ def test_attention_figure_shows_each_tasks_first_test_sequence_with_its_weights(
                 canvas, weights = ax.images
                 expected = stim.canvas[index[b, t]]
                 np.testing.assert_array_equal(canvas.get_array(), expected[..., 0] if channels == 1 else expected)
-                assert canvas.get_cmap().name == "gray" and canvas.get_extent() == [0, 8, 6, 0]
+                assert canvas.get_cmap().name == "gray" and tuple(canvas.get_extent()) == (0, 8, 6, 0)
                 np.testing.assert_array_equal(weights.get_array(), out["attention"][b, t])
                 assert weights.get_cmap().name == "inferno" and weights.get_alpha() == 0.55
-                assert weights.get_extent() == [0, 8, 6, 0] and weights.get_interpolation() == "nearest"
-                assert weights.get_clim() == (0.0, vmax)  # one scale for every panel
+                assert tuple(weights.get_extent()) == (0, 8, 6, 0) and weights.get_interpolation() == "nearest"
+                assert tuple(weights.get_clim()) == (0.0, vmax)  # one scale for every panel
                 assert ax.get_title() == f"{RESPONSES[seqs.target[b, t]]}\n-> {RESPONSES[pred[b, t]]}"
                 assert ax.title.get_fontsize() == 6 and list(ax.get_xticks()) == [] and list(ax.get_yticks()) == []
         assert all(not ax.images and not ax.get_ylabel() for ax in fig.axes[12:])  # the task with no sequence
