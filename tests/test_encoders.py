@@ -8,6 +8,8 @@ training as a loop over torch's own AdamW and OneCycleLR with the recipe's numbe
 
 from __future__ import annotations
 
+import os
+import sys
 from dataclasses import replace
 
 import numpy as np
@@ -310,3 +312,46 @@ def test_a_large_train_set_gets_the_epochs_its_step_budget_allows(digits, monkey
     epoch, and the budget is shrunk to match."""
     monkeypatch.setitem(encoders.OWN_CNN_RECIPE, "max_steps", max_steps)
     assert encoders._train_own_cnn(digits, torch.device("cpu"), progress=False)["epochs"] == epochs
+
+
+class LinearImageTower(nn.Module):
+    """A stand-in for open_clip's model where only its image tower is needed: a linear map of
+    the preprocessed 224x224 RGB image (open_clip itself is not installed here)."""
+
+    def __init__(self, dim: int = 5):
+        super().__init__()
+        self.visual = nn.Module()
+        self.visual.output_dim = dim
+        self.proj = nn.Linear(3 * 224 * 224, dim)
+
+    def encode_image(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x.flatten(1))
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_clip_image_preprocessing_is_clips(channels, digits):
+    """CLIP's preprocessing in front of its image tower: the dataset normalisation undone, grey
+    made RGB, a bicubic resize to 224 clamped to [0, 1], then OpenAI CLIP's mean and std."""
+    torch.manual_seed(0)
+    tower = LinearImageTower()
+    images = np.random.default_rng(0).integers(0, 256, (4, 8, 8, channels), dtype=np.uint8)
+    ds = replace(digits, mean=(0.3,) * channels, std=(0.2,) * channels)
+    module = encoders.ClipImage(tower, ds)
+    raw = torch.as_tensor(images).permute(0, 3, 1, 2).float() / 255
+    raw = F.interpolate(raw.repeat(1, 3 // channels, 1, 1), size=(224, 224), mode="bicubic", align_corners=False).clamp(0, 1)
+    clip = torchvision.transforms.functional.normalize(raw, [0.48145466, 0.4578275, 0.40821073], [0.26862954, 0.26130258, 0.27577711])
+    with torch.no_grad():
+        np.testing.assert_allclose(module(ds.to_float(images)), tower.encode_image(clip), rtol=1e-4, atol=1e-4)
+    assert module.dim == 5
+    with pytest.raises(EncoderUnavailable, match=r"^encoder clip-vit-b32 gives pooled features only, no spatial feature map$"):
+        module.feature_map(ds.to_float(images))
+
+
+def test_clip_without_open_clip_is_a_clear_error_and_offline_keeps_the_hub_offline(tmp_path, digits, monkeypatch):
+    monkeypatch.setitem(sys.modules, "open_clip", None)  # import open_clip raises ImportError
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setenv("ORCHESTRATE_OFFLINE", "1")
+    message = r"^encoder clip-vit-b32 needs the open_clip package \(pip install open_clip_torch\) and its ViT-B-32 'openai' weights"
+    with pytest.raises(EncoderUnavailable, match=message):
+        get_encoder("clip-vit-b32", digits, "cpu", tmp_path)
+    assert os.environ["HF_HUB_OFFLINE"] == "1"
