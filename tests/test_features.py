@@ -82,6 +82,10 @@ def test_second_call_reuses_features_without_running_the_encoder(cache, digits):
         direct = enc.module(digits.to_float(digits.test.images)).numpy()
     np.testing.assert_allclose(second.test, direct, rtol=1e-4, atol=1e-5)
     assert second.identity == enc.identity and first.dim == enc.dim == 256
+    sidecar = json.loads(second.paths["test"].with_suffix(".json").read_text())  # what the file holds, for a reader
+    assert {k: sidecar[k] for k in ("encoder", "dataset", "split", "code_version", "identity", "shape", "dtype")} == {
+        "encoder": "own-cnn", "dataset": "digits", "split": "test", "code_version": 1, "identity": enc.identity,
+        "shape": [len(digits.test), 256], "dtype": "<f4"}
 
 
 def test_precompute_loads_the_spec_and_fills_the_same_cache(cache, digits):
@@ -98,7 +102,7 @@ def test_key_follows_image_content_not_labels(cache, digits):
     assert cache_path_for(fewer, "own-cnn", "test", cache_dir=cache) != fs.paths["test"]
 
 
-@pytest.mark.parametrize("damage", ["truncate", "flip_byte", "drop_sidecar"])
+@pytest.mark.parametrize("damage", ["truncate", "flip_byte", "drop_sidecar", "sidecar_shape", "sidecar_dtype"])
 def test_damaged_file_is_rebuilt_not_loaded(cache, digits, damage):
     fs = extract_features(digits, "own-cnn", cache_dir=cache, progress=False)
     expected = np.array(fs.train)
@@ -110,6 +114,13 @@ def test_damaged_file_is_rebuilt_not_loaded(cache, digits, damage):
     elif damage == "flip_byte":
         data[len(data) - 7] ^= 0xFF
         path.write_bytes(data)
+    elif damage.startswith("sidecar_"):  # the array verifies, its description does not
+        sidecar = json.loads(path.with_suffix(".json").read_text())
+        if damage == "sidecar_shape":
+            sidecar["shape"][0] -= 1
+        else:
+            sidecar["dtype"] = "<f8"
+        path.with_suffix(".json").write_text(json.dumps(sidecar))
     else:
         path.with_suffix(".json").unlink()
     with ForwardCounter() as counter:
@@ -173,7 +184,7 @@ def test_non_finite_features_are_refused_and_never_cached(tmp_path):
         broken[1].weight.fill_(float("nan"))  # what a diverged own-cnn training leaves behind
     encoder = Encoder("broken", "broken-0", 4, broken.eval())
     path = tmp_path / "train.npy"
-    with pytest.raises(RuntimeError, match="non-finite features"):
+    with pytest.raises(RuntimeError, match=r"encoder broken gave non-finite features for digits/train \(images 0\.\.15\)"):
         _extract(encoder, ds, "train", path, batch_size=16, progress=False, meta={})
     assert list(tmp_path.iterdir()) == []
 
@@ -209,7 +220,11 @@ def test_precompute_keeps_the_decoded_images_and_features_in_the_given_cache(tmp
 
     monkeypatch.setenv("ORCHESTRATE_CACHE_DIR", str(tmp_path / "default"))
     write_tree(tmp_path / "My Tree", ["train", "test"], per_class=4)
-    paths = precompute(f"imagefolder:{tmp_path / 'My Tree'}", "own-cnn", cache_dir=tmp_path / "cache", progress=False)
+    spec = f"imagefolder:{tmp_path / 'My Tree'}"
+    # asked first on a cold cache: own-cnn is trained there, on this machine's device
+    expected = cache_path_for(load_dataset(spec, cache_dir=tmp_path / "cache"), "own-cnn", "train", cache_dir=tmp_path / "cache")
+    paths = precompute(spec, "own-cnn", cache_dir=tmp_path / "cache", progress=False)
+    assert paths["train"] == expected
     assert not (tmp_path / "default").exists()
     assert len(list((tmp_path / "cache" / "imagefolder").glob("*.npz"))) == 1
     assert sorted(paths) == ["test", "train", "val"]
