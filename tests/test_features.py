@@ -232,3 +232,17 @@ def test_precompute_keeps_the_decoded_images_and_features_in_the_given_cache(tmp
         assert path.parent == tmp_path / "cache" / "features" / "own-cnn" and path.name.startswith(f"My-Tree-{split}-")
     digits_path = cache_path_for(load_dataset("digits", max_train=500), "own-cnn", "val", cache_dir=trained_cache)
     assert digits_path.name.startswith("digits-val-")
+
+
+def test_extraction_leaves_every_global_rng_as_it_found_it(cache, digits):
+    """Building the encoder draws initial weights (and training own-cnn reseeds torch): a trial
+    that extracts features must draw afterwards what it would have drawn on a warm cache."""
+    import random
+
+    random.seed(1), np.random.seed(2), torch.manual_seed(3)
+    before = random.getstate(), np.random.get_state()[1].copy(), torch.get_rng_state()
+    with ForwardCounter() as extracting:
+        extract_features(digits, "own-cnn", cache_dir=cache, progress=False)
+    assert extracting.calls > 0  # the encoder was built and run here
+    assert random.getstate() == before[0] and np.array_equal(np.random.get_state()[1], before[1])
+    assert torch.equal(torch.get_rng_state(), before[2])
