@@ -111,9 +111,9 @@ class EarlierRunUnusable(Exception):
 def survivors_to_rerun(copy: Path, module: str, globs: list[str]) -> list[str]:
     """Prepare ``copy``, where ``module`` was mutated before, to retest that run's survivors
     (and the mutants no test reached then, or that it never ran: an interrupted run resumes)
-    against today's tests; returns their names. Its
-    killed mutants stay killed: adding tests cannot revive one (changing or deleting tests can,
-    so run afresh after those). The module itself must be as it was: its mutants are that code."""
+    against today's tests; returns their names. Its killed mutants stay killed: adding tests
+    cannot revive one (changing or deleting tests can, so run afresh after those). The module
+    itself must be as it was: its mutants are that code."""
     meta = copy / "mutants" / f"{module}.meta"
     if not meta.exists():
         raise EarlierRunUnusable(f"no earlier run of {module} in {copy}: run it once without --rerun-survivors")

@@ -224,8 +224,9 @@ def test_mutation_function_filter_selects_one_functions_mutants():
 
 def test_mutation_rerun_survivors_retests_only_what_survived_against_todays_tests(tmp_path):
     """``--rerun-survivors`` keeps an earlier run's kills and names its survivors, untested
-    mutants and those it never ran (an interrupted run) to mutmut again, with today's tests copied in and mutmut's test map to be rebuilt;
-    an earlier run of other code, or none, is refused rather than mixed in."""
+    mutants and those it never ran (an interrupted run) to mutmut again, with today's tests
+    copied in and mutmut's test map to be rebuilt; an earlier run of other code, or none, is
+    refused rather than mixed in."""
     import json
     import shutil
 

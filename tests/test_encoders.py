@@ -140,10 +140,14 @@ def test_val_and_test_never_reach_own_cnn_training(digits, trained):
 
 def test_the_weights_key_is_what_own_cnn_is_trained_on(tmp_path, digits, monkeypatch):
     """The cached weights are found again for the same train split whatever val and test hold,
-    and trained anew for other train images, train labels, normalisation or recipe."""
+    and trained anew for other train images, labels, image shape (the same bytes as 16x4 images:
+    another network pools them otherwise, with the same weight shapes), normalisation or recipe."""
     calls = []  # each "training" saves weights of its own, so a new training is a new identity
     monkeypatch.setattr(encoders, "_train_own_cnn", lambda ds, *a: calls.append(ds) or {"state_dict": {"n": torch.tensor(len(calls) * 1.0)}})
-    key = lambda ds: describe("own-cnn", ds, device="cpu", cache_dir=tmp_path, progress=False)[0]  # noqa: E731
+
+    def key(ds):
+        return describe("own-cnn", ds, device="cpu", cache_dir=tmp_path, progress=False)[0]
+
     first = key(digits)
     same_train = replace(digits, val=replace(digits.val, images=digits.val.images[::-1].copy()),
                          test=digits.test.subset(np.arange(50)))
@@ -152,11 +156,12 @@ def test_the_weights_key_is_what_own_cnn_is_trained_on(tmp_path, digits, monkeyp
     images[0, 0, 0] ^= 1
     for other in (replace(digits, train=replace(digits.train, images=images)),
                   replace(digits, train=replace(digits.train, labels=np.roll(digits.train.labels, 1))),
+                  replace(digits, train=replace(digits.train, images=digits.train.images.reshape(len(digits.train), 16, 4, 1))),
                   replace(digits, mean=tuple(m + 0.01 for m in digits.mean))):
         assert key(other) != first
-    assert len(calls) == 4
+    assert len(calls) == 5
     monkeypatch.setitem(encoders.OWN_CNN_RECIPE, "lr", 1e-3)
-    assert key(digits) != first and len(calls) == 5
+    assert key(digits) != first and len(calls) == 6
 
 
 def test_a_noisy_dataset_never_trains_own_cnn(tmp_path, digits):
@@ -293,16 +298,6 @@ def test_resnet_weights_from_the_hub_cache_match_torchvision(tmp_path, monkeypat
 def test_unknown_encoders_name_the_known_ones():
     with pytest.raises(EncoderUnavailable, match=r"^unknown encoder 'vgg': use one of own-cnn, resnet18, resnet50, clip-vit-b32$"):
         encoders.check_name("vgg")
-
-
-def test_train_images_of_another_shape_are_another_own_cnn(tmp_path, digits, monkeypatch):
-    """The same bytes as 16x4 images are not the 8x8 digits (another network pools them
-    otherwise, with the same weight shapes): the key holds each array's shape and dtype too."""
-    monkeypatch.setattr(encoders, "_train_own_cnn", lambda ds, *a: {"state_dict": {"n": torch.tensor(float(ds.image_size))}})
-    n = len(digits.train)
-    reshaped = replace(digits, train=replace(digits.train, images=digits.train.images.reshape(n, 16, 4, 1)))
-    key = lambda ds: describe("own-cnn", ds, device="cpu", cache_dir=tmp_path, progress=False)[0]  # noqa: E731
-    assert key(reshaped) != key(digits)
 
 
 @pytest.mark.parametrize("max_steps,epochs", [(3, 1), (5, 2), (1, 1)])

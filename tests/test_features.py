@@ -239,7 +239,9 @@ def test_extraction_leaves_every_global_rng_as_it_found_it(cache, digits):
     that extracts features must draw afterwards what it would have drawn on a warm cache."""
     import random
 
-    random.seed(1), np.random.seed(2), torch.manual_seed(3)
+    random.seed(1)
+    np.random.seed(2)
+    torch.manual_seed(3)
     before = random.getstate(), np.random.get_state()[1].copy(), torch.get_rng_state()
     with ForwardCounter() as extracting:
         extract_features(digits, "own-cnn", cache_dir=cache, progress=False)

@@ -367,7 +367,6 @@ class Stopped:
     run: Run
     per_epoch: list  # Rebuilt with each epoch's weights
     val: list[float]  # the monitored score per epoch, recomputed
-    test: list[float]
 
 
 def stopped_on_val(monitor: str, fixture: Run) -> Stopped:
@@ -384,7 +383,7 @@ def stopped_on_val(monitor: str, fixture: Run) -> Stopped:
         val = [score(logits(rb, "val"), ds.val.labels) for rb in per_epoch]
         test = [score(logits(rb, "test"), ds.test.labels) for rb in per_epoch]
         if choose(test) != choose(val):
-            return Stopped(run, per_epoch, val, test)
+            return Stopped(run, per_epoch, val)
     raise AssertionError(f"in every seed tried, val and test pick the same {monitor} epoch: the test cannot tell them apart")
 
 
