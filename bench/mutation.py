@@ -2,12 +2,13 @@
 
     pip install mutmut                                      # not a project dependency
     python bench/mutation.py --module orchestrator/stats.py # one module (repeatable)
-    python bench/mutation.py                                # every module below (hours on 2 cores: bench/README.md)
+    python bench/mutation.py --workdir .mutation --diffs    # every module below; the copies stay in .mutation
+    python bench/mutation.py --workdir .mutation            # again later: only what may have changed since
     python bench/mutation.py --list                         # the modules and the tests each one runs
     python bench/mutation.py --module trainables/subtask_meta.py --function check --function 'fit_*'
-                                                            # some functions only (a release run in parts)
-    python bench/mutation.py --module orchestrator/stats.py --workdir .mutation --rerun-survivors
-                                                            # after adding tests: only that run's survivors again
+                                                            # some functions only
+    python bench/mutation.py --show NAME...                 # a mutant's change (and judgement), nothing run
+    python bench/mutation.py --judge equivalent --why "..." NAME...   # record survivors as judged
 
 Each module is mutated in its own copy of the working tree (``--workdir``, default a temporary
 folder; the tree itself is never touched, so it is safe beside other work), and every mutant
@@ -15,11 +16,23 @@ runs only that module's own tests (:data:`MODULES`; mutmut narrows them further 
 that reach the mutated function). mutmut runs the tests once unmutated, then each mutant in a
 forked worker (``--max-children``, default the CPU count: a release run on a quiet machine;
 pass 1 beside other work), with ``bench/mutmut_fixture_credit.py`` loaded so a shared fixture's
-work counts for every test that uses it. Printed per module: mutants, killed, survived, no
-test reaches it, timeouts, the kill rate (killed / (killed + survived)) and the wall time; then
-each surviving mutant by name, with its diff under ``--diffs``. The exit code is 0 when every
-module ran (a kill rate is a finding to read, not a failure). Not part of CI: run it before a
-release and record the figures and the survivors in ``bench/README.md``.
+work counts for every test that uses it.
+
+Two things keep a repeated run short. Survivors judged equivalent or harmless by a person are
+recorded in ``bench/mutation_judged.json`` (``--judge``; see ``bench/mutation_judged.py``) and
+skipped while their function is unchanged (``--include-judged`` runs them, to check the
+record). A copy kept in ``--workdir`` is reused: the next run brings today's tree into it and
+reruns only the mutants of functions changed since (mutmut's own hash of each function) and
+those not killed last time, against today's tests; ``--fresh`` starts over (do so after
+weakening or deleting a test: a kill it made is otherwise kept).
+
+Printed per module: mutants, killed, survived, judged (by kind), no test reaches it, timeouts,
+the kill rate (killed / (killed + survived + judged), as in bench/README.md's tables), the
+non-equivalent killed (killed / everything but the killed and the judged equivalent), how many
+mutants ran and the wall time; then each unjudged survivor (its change under ``--diffs``), any
+judged mutant that was killed (a wrong record) and any judgement that lapsed. The exit code is 0
+when every module ran (a kill rate is a finding to read, not a failure). Not part of CI: run it
+before a release and record the figures in ``bench/README.md``.
 """
 
 from __future__ import annotations
@@ -37,6 +50,9 @@ from fnmatch import fnmatch
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+from bench.mutation_judged import KINDS, LEDGER, NOT_EQUIVALENT, BadJudgement, Mutant, judge, mutants_of, show, standing  # noqa: E402
+from bench.mutation_judged import load as load_judged  # noqa: E402
 
 # module -> the tests that are its own (the ones a change to it should answer to)
 MODULES: dict[str, list[str]] = {
@@ -104,85 +120,96 @@ def mutant_globs(module: str, functions: list[str]) -> list[str]:
     return [glob for name in functions for glob in (f"{dotted}.x_{name}__mutmut_*", f"{dotted}.xǁ*ǁ{name}__mutmut_*")]
 
 
-class EarlierRunUnusable(Exception):
-    """``--rerun-survivors`` found no earlier run of the module it can extend."""
-
-
-def survivors_to_rerun(copy: Path, module: str, globs: list[str]) -> list[str]:
-    """Prepare ``copy``, where ``module`` was mutated before, to retest that run's survivors
-    (and the mutants no test reached then, or that it never ran: an interrupted run resumes)
-    against today's tests; returns their names. Its killed mutants stay killed: adding tests
-    cannot revive one (changing or deleting tests can, so run afresh after those). The module
-    itself must be as it was: its mutants are that code."""
+def _earlier_run(copy: Path, module: str) -> tuple[dict, dict] | None:
+    """mutmut's verdicts and function hashes from the last run of ``module`` in ``copy``, if any."""
     meta = copy / "mutants" / f"{module}.meta"
     if not meta.exists():
-        raise EarlierRunUnusable(f"no earlier run of {module} in {copy}: run it once without --rerun-survivors")
-    if (copy / module).read_bytes() != (ROOT / module).read_bytes():
-        raise EarlierRunUnusable(f"{module} changed since the run in {copy}: its mutants are stale, run it afresh")
-    for tests in (copy / "tests", copy / "mutants" / "tests"):
-        shutil.copytree(ROOT / "tests", tests, dirs_exist_ok=True, ignore=COPY_IGNORE)
-    # mutmut maps each function to the tests that reach it once, in its stats pass; tests edited
-    # since must be remapped, not only new ones, so the pass runs again (one clean run of the tests)
+        return None
+    recorded = json.loads(meta.read_text())
+    return recorded["exit_code_by_key"], recorded.get("hash_by_function_name", {})
+
+
+def _refresh(copy: Path, module: str) -> None:
+    """Bring today's working tree into ``copy`` (an earlier run's), keeping mutmut's record."""
+    for tests in (copy / "tests", copy / "mutants" / "tests"):      # a deleted test must not run
+        shutil.rmtree(tests, ignore_errors=True)
+    shutil.copytree(ROOT, copy, dirs_exist_ok=True, ignore=COPY_IGNORE)
+    # mutmut copies the other source files into mutants/ only once: refresh them, not the mutated one
+    mutated = (ROOT / module).resolve()
+    shutil.copytree(ROOT, copy / "mutants", dirs_exist_ok=True,
+                    ignore=lambda folder, names: set(COPY_IGNORE(folder, names))
+                    | {n for n in names if (Path(folder) / n).resolve() == mutated})
+    configure(copy, module, MODULES[module])                        # the copied pyproject.toml lost it
+    # mutmut regenerates the module's mutants only when its mtime is newer than theirs, and then
+    # resets the verdicts of each function whose hash changed; the test map is rebuilt from today's tests
+    os.utime(copy / module)
     (copy / "mutants" / "mutmut-stats.json").unlink(missing_ok=True)
-    codes = json.loads(meta.read_text())["exit_code_by_key"]
-    return sorted(name for name, code in codes.items()
-                  if code in (0, 33, None) and (not globs or any(fnmatch(name, g) for g in globs)))  # survived, no tests, not run
 
 
-def run_module(module: str, workdir: Path, children: int, diffs: bool, functions: list[str] | None = None,
-               rerun_survivors: bool = False) -> dict:
-    from mutmut.stats import status_by_exit_code  # what mutmut calls each exit code
+def _settled(name: str, code, old_hashes: dict, mutant: Mutant) -> bool:
+    """Killed (or looping) in the earlier run, and its function unchanged since: adding tests
+    cannot revive it. Everything else (survived, untested, never run) is tried again."""
+    from mutmut.stats import status_by_exit_code
+
+    return status_by_exit_code[code] in ("killed", "timeout") and old_hashes.get(mutant.function) == mutant.function_hash
+
+
+def run_module(module: str, workdir: Path, children: int, functions: list[str] | None = None,
+               fresh: bool = False, include_judged: bool = False) -> dict:
+    """Mutate ``module`` in its copy under ``workdir`` and run what needs running: every mutant on
+    a first (or ``fresh``) run; after an earlier run there, only the mutants of functions changed
+    since and those not killed then. Judged survivors whose function is unchanged are skipped
+    unless ``include_judged`` (which checks the record: a judged mutant that is killed was misjudged)."""
+    from mutmut.stats import status_by_exit_code
 
     copy = workdir / module.replace("/", "_").removesuffix(".py")
+    mutants = mutants_of(module)
     globs = mutant_globs(module, functions or [])
-    chosen = globs
-    if rerun_survivors:
-        try:
-            chosen = survivors_to_rerun(copy, module, globs)
-        except EarlierRunUnusable as exc:
-            return {"module": module, "error": str(exc), "wall_s": 0.0}
-    else:
-        if copy.exists():
-            shutil.rmtree(copy)
+    wanted = sorted(n for n in mutants if not globs or any(fnmatch(n, g) for g in globs))
+    holding, lapsed = standing(module, mutants, load_judged())
+    skip = set() if include_judged else set(holding)
+    earlier = None if fresh else _earlier_run(copy, module)
+    if earlier is None:
+        shutil.rmtree(copy, ignore_errors=True)
         copy_tree(copy)
         configure(copy, module, MODULES[module])
+        chosen = [n for n in wanted if n not in skip]
+    else:
+        _refresh(copy, module)
+        old_codes, old_hashes = earlier
+        chosen = [n for n in wanted if n not in skip and not _settled(n, old_codes.get(n), old_hashes, mutants[n])]
     # mutmut puts its mutants/ folder first on the import path, ahead of the editable install's
-    # finder (appended last); one thread per test process on a shared machine
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    # finder (appended last); one thread per test process on a shared machine; the tests' temporary
+    # files stay in the copy (forked children never clean pytest's: 32 GB in /tmp after a day's runs)
+    shutil.rmtree(copy / "tmp", ignore_errors=True)
+    (copy / "tmp").mkdir()
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TMPDIR": str(copy / "tmp")}
     began = time.perf_counter()
-    run = subprocess.run(["mutmut", "run", "--max-children", str(children), *chosen], cwd=copy, env=env,
-                         capture_output=True, text=True) if chosen or not rerun_survivors else None
+    if chosen:
+        run = subprocess.run(["mutmut", "run", "--max-children", str(children), *chosen], cwd=copy, env=env,
+                             capture_output=True, text=True)
+        if run.returncode != 0 or _earlier_run(copy, module) is None:
+            tail = (run.stdout + run.stderr).strip().splitlines()[-5:]
+            return {"module": module, "error": " | ".join(tail) or f"mutmut exited {run.returncode}",
+                    "wall_s": time.perf_counter() - began}
     wall = time.perf_counter() - began
-    meta = copy / "mutants" / f"{module}.meta"
-    if run is not None and (run.returncode != 0 or not meta.exists()):
-        tail = (run.stdout + run.stderr).strip().splitlines()[-5:]
-        return {"module": module, "error": " | ".join(tail) or f"mutmut exited {run.returncode}", "wall_s": wall}
-    codes = json.loads(meta.read_text())["exit_code_by_key"]
-    if functions:  # the module's other mutants were not run: counted in no figure
-        codes = {name: code for name, code in codes.items() if any(fnmatch(name, g) for g in globs)}
-    status = {name: status_by_exit_code.get(code, str(code)) for name, code in codes.items()}
+    codes = (_earlier_run(copy, module) or ({}, {}))[0]
+    status = {n: status_by_exit_code[codes.get(n)] for n in wanted}
+    misjudged = sorted(n for n in holding if n in status and status[n] == "killed")
+    for name in holding:
+        if name in status and name not in misjudged:
+            status[name] = "judged " + holding[name]["kind"]
     counts = {s: sum(1 for v in status.values() if v == s) for s in sorted(set(status.values()))}
-    survivors = sorted(name for name, s in status.items() if s == "survived")
-    shown = _diffs(survivors, module, copy, env) if diffs and survivors else survivors
     killed, survived = counts.get("killed", 0), counts.get("survived", 0)
+    judged = sum(v for k, v in counts.items() if k.startswith("judged "))
+    not_equivalent = killed + survived + sum(counts.get("judged " + k, 0) for k in NOT_EQUIVALENT)
     return {"module": module + (f" ({', '.join(functions)})" if functions else ""), "mutants": len(status),
-            "decorated": [] if functions else decorated_functions((ROOT / module).read_text()), "counts": counts, "wall_s": wall,
-            "kill_rate": killed / (killed + survived) if killed + survived else None, "survivors": shown}
-
-
-_DIFFS = """import json, sys
-from mutmut.mutation.diff_apply import get_diff_for_mutant
-names, path = json.loads(sys.stdin.read())
-print(json.dumps([f"# {name}\\n" + get_diff_for_mutant(name, path=path) for name in names]))
-"""
-
-
-def _diffs(names: list[str], module: str, copy: Path, env: dict) -> list[str]:
-    """Every survivor's diff from one process (``mutmut show`` per mutant starts mutmut each
-    time: ~3 s a survivor under load, longer than the mutants' own run for 100 survivors)."""
-    run = subprocess.run([sys.executable, "-c", _DIFFS], input=json.dumps([names, module]), cwd=copy, env=env,
-                         capture_output=True, text=True, check=True)
-    return json.loads(run.stdout)
+            "ran": len(chosen), "decorated": [] if functions else decorated_functions((ROOT / module).read_text()),
+            "counts": counts, "wall_s": wall,
+            "kill_rate": killed / (killed + survived + judged) if killed + survived + judged else None,
+            "not_equivalent": (killed, not_equivalent),
+            "survivors": [mutants[n] for n in wanted if status[n] == "survived"],
+            "lapsed": lapsed, "misjudged": misjudged}
 
 
 def line(result: dict) -> str:
@@ -190,50 +217,87 @@ def line(result: dict) -> str:
         return f"{result['module']}: not run ({result['error']})"
     c = result["counts"]
     rate = "n/a" if result["kill_rate"] is None else f"{100 * result['kill_rate']:.1f}%"
-    rest = ", ".join(f"{v} {k}" for k, v in c.items() if k not in ("killed", "survived"))
+    judged = ", ".join(f"{v} {k.removeprefix('judged ')}" for k, v in c.items() if k.startswith("judged "))
+    rest = ", ".join(f"{v} {k}" for k, v in c.items() if k not in ("killed", "survived") and not k.startswith("judged "))
+    killed, not_equivalent = result["not_equivalent"]
+    share = f" ({100 * killed / not_equivalent:.1f}%)" if not_equivalent else ""
     return (f"{result['module']}: {result['mutants']} mutants, {c.get('killed', 0)} killed, "
-            f"{c.get('survived', 0)} survived{', ' + rest if rest else ''}; kill rate {rate}; {result['wall_s']:.0f} s"
+            f"{c.get('survived', 0)} survived{', judged: ' + judged if judged else ''}{', ' + rest if rest else ''}; "
+            f"kill rate {rate}; non-equivalent killed {killed} / {not_equivalent}{share}; "
+            f"{result['ran']} run in {result['wall_s']:.0f} s"
+            + (f"; {len(result['lapsed'])} judgements lapsed" if result["lapsed"] else "")
             + (f"; not mutated (decorated): {', '.join(result['decorated'])}" if result["decorated"] else ""))
+
+
+def details(result: dict, diffs: bool) -> list[str]:
+    """What a reader must act on: unjudged survivors (a missing test, or a judgement to record),
+    judged mutants that were killed (the record is wrong), judgements that lapsed (re-judge)."""
+    out = []
+    if result.get("survivors"):
+        out.append(f"\nsurvivors in {result['module']} ({len(result['survivors'])}):")
+        for mutant in result["survivors"]:
+            out.append(f"  {mutant.name}")
+            out.extend(f"      {change}" for change in (mutant.diff if diffs else []))
+    if result.get("misjudged"):
+        out.append(f"\njudged but killed in {result['module']} (remove from {LEDGER.name}): {', '.join(result['misjudged'])}")
+    if result.get("lapsed"):
+        out.append(f"\njudgements lapsed in {result['module']} (function changed: run, then judge again): "
+                   f"{', '.join(result['lapsed'])}")
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("names", nargs="*", help="Mutant names, for --show and --judge.")
     parser.add_argument("--module", action="append", choices=sorted(MODULES), help="Mutate only this module (repeatable).")
-    parser.add_argument("--workdir", type=Path, help="Where the copies go (default: a temporary folder, removed after).")
+    parser.add_argument("--workdir", type=Path,
+                        help="Where the copies go and stay: a later run there reruns only what may have changed "
+                             "(default: a temporary folder, removed after).")
+    parser.add_argument("--fresh", action="store_true", help="Ignore an earlier run in --workdir: every mutant again.")
     parser.add_argument("--max-children", type=int, default=os.cpu_count(),
                         help="Mutants tested at once (default: the CPU count; 1 on a shared machine).")
     parser.add_argument("--function", action="append", default=[],
                         help="Mutate only this function or method of each --module (an fnmatch pattern; repeatable).")
-    parser.add_argument("--rerun-survivors", action="store_true",
-                        help="Retest only the survivors (and untested mutants) of the last run in --workdir against "
-                             "today's tests, keeping its kills; figures cover the whole module.")
-    parser.add_argument("--diffs", action="store_true", help="Print each survivor's diff, not only its name.")
+    parser.add_argument("--include-judged", action="store_true",
+                        help=f"Run the survivors judged in {LEDGER.name} too (a check of the record).")
+    parser.add_argument("--diffs", action="store_true", help="Print each survivor's change, not only its name.")
     parser.add_argument("--list", action="store_true", help="Print the modules and their tests, run nothing.")
+    parser.add_argument("--show", action="store_true", help="Print the named mutants' changes and judgements, run nothing.")
+    parser.add_argument("--judge", choices=list(KINDS), help=f"Record the named survivors in {LEDGER.name} as this kind.")
+    parser.add_argument("--why", default="", help="With --judge: why, in words a reader can check against the diff.")
     args = parser.parse_args(argv)
     if args.list:
         for module, tests in MODULES.items():
             print(f"{module}: {' '.join(tests)}")
         return 0
+    if bool(args.show or args.judge) != bool(args.names):
+        print("mutant names go with --show or --judge, and those need names", file=sys.stderr)
+        return 2
     if args.function and not args.module:
         print("--function needs --module (which module's functions)", file=sys.stderr)
-        return 2
-    if args.rerun_survivors and (args.workdir is None or not args.module):
-        print("--rerun-survivors needs --workdir (where the earlier run is) and --module", file=sys.stderr)
         return 2
     if shutil.which("mutmut") is None:
         print("mutmut is not installed: pip install mutmut", file=sys.stderr)
         return 2
+    if args.show:
+        print("\n".join(show(args.names)))
+        return 0
+    if args.judge:
+        try:
+            print("\n".join(judge(args.names, args.judge, args.why)))
+        except BadJudgement as exc:
+            print(exc, file=sys.stderr)
+            return 2
+        return 0
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="mutation-"))
     results = []
     try:
         for module in args.module or list(MODULES):
-            result = run_module(module, workdir, args.max_children, args.diffs, args.function, args.rerun_survivors)
+            result = run_module(module, workdir, args.max_children, args.function, args.fresh, args.include_judged)
             results.append(result)
             print(line(result), flush=True)
         for result in results:
-            if result.get("survivors"):
-                print(f"\nsurvivors in {result['module']} ({len(result['survivors'])}):")
-                print("\n".join(f"  {s}" for s in result["survivors"]))
+            print("\n".join(details(result, args.diffs)))
     finally:
         if args.workdir is None:
             shutil.rmtree(workdir, ignore_errors=True)

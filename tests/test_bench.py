@@ -220,39 +220,3 @@ def test_mutation_function_filter_selects_one_functions_mutants():
     assert chosen("trainables/wm_attention.py", ["forward*"]) == names[4:]
     assert chosen("trainables/subtask_meta.py", ["train"]) == []
     assert main(["--function", "check"]) == 2
-
-
-def test_mutation_rerun_survivors_retests_only_what_survived_against_todays_tests(tmp_path):
-    """``--rerun-survivors`` keeps an earlier run's kills and names its survivors, untested
-    mutants and those it never ran (an interrupted run) to mutmut again, with today's tests
-    copied in and mutmut's test map to be rebuilt; an earlier run of other code, or none, is
-    refused rather than mixed in."""
-    import json
-    import shutil
-
-    from bench.mutation import ROOT, EarlierRunUnusable, main, mutant_globs, survivors_to_rerun
-
-    module = "orchestrator/stats.py"
-    copy = tmp_path / "orchestrator_stats"
-    with pytest.raises(EarlierRunUnusable, match="no earlier run of orchestrator/stats.py"):
-        survivors_to_rerun(copy, module, [])
-    (copy / "orchestrator").mkdir(parents=True)
-    shutil.copy(ROOT / module, copy / module)
-    meta = copy / "mutants" / f"{module}.meta"
-    meta.parent.mkdir(parents=True)
-    codes = {"orchestrator.stats.x_fmt__mutmut_1": 0, "orchestrator.stats.x_fmt__mutmut_2": 1,
-             "orchestrator.stats.x_paired_test__mutmut_3": 33, "orchestrator.stats.x_paired_test__mutmut_4": 0,
-             "orchestrator.stats.x_paired_test__mutmut_5": 36, "orchestrator.stats.x_paired_test__mutmut_6": None}
-    meta.write_text(json.dumps({"exit_code_by_key": codes}))
-    (copy / "mutants" / "mutmut-stats.json").write_text("{}")
-    assert survivors_to_rerun(copy, module, []) == ["orchestrator.stats.x_fmt__mutmut_1", "orchestrator.stats.x_paired_test__mutmut_3",
-                                                    "orchestrator.stats.x_paired_test__mutmut_4", "orchestrator.stats.x_paired_test__mutmut_6"]
-    assert survivors_to_rerun(copy, module, mutant_globs(module, ["fmt"])) == ["orchestrator.stats.x_fmt__mutmut_1"]
-    for tests in (copy / "tests", copy / "mutants" / "tests"):
-        assert (tests / "test_bench.py").read_text() == (ROOT / "tests" / "test_bench.py").read_text()
-    assert not (copy / "mutants" / "mutmut-stats.json").exists()
-
-    (copy / module).write_text((ROOT / module).read_text() + "\n# edited\n")
-    with pytest.raises(EarlierRunUnusable, match="changed since the run"):
-        survivors_to_rerun(copy, module, [])
-    assert main(["--rerun-survivors", "--module", module]) == 2  # where is the earlier run?
