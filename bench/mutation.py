@@ -82,9 +82,16 @@ COPY_IGNORE = shutil.ignore_patterns(".git", "runs", "mutants", "mlruns", "mlart
                                      "*.egg-info", ".pytest_cache")
 
 
+def _ignoring(*paths: Path):
+    """COPY_IGNORE, and ``paths`` themselves: the workdir when it lies in the tree (``.mutation``
+    was copied into each copy, recursively, until the path was too long)."""
+    skipped = {path.resolve() for path in paths}
+    return lambda folder, names: set(COPY_IGNORE(folder, names)) | {n for n in names if (Path(folder) / n).resolve() in skipped}
+
+
 def copy_tree(target: Path) -> None:
     """The working tree as it is (uncommitted changes included, so code and tests match)."""
-    shutil.copytree(ROOT, target, ignore=COPY_IGNORE)
+    shutil.copytree(ROOT, target, ignore=_ignoring(target.parent))
 
 
 def configure(copy: Path, module: str, tests: list[str]) -> None:
@@ -133,12 +140,9 @@ def _refresh(copy: Path, module: str) -> None:
     """Bring today's working tree into ``copy`` (an earlier run's), keeping mutmut's record."""
     for tests in (copy / "tests", copy / "mutants" / "tests"):      # a deleted test must not run
         shutil.rmtree(tests, ignore_errors=True)
-    shutil.copytree(ROOT, copy, dirs_exist_ok=True, ignore=COPY_IGNORE)
+    shutil.copytree(ROOT, copy, dirs_exist_ok=True, ignore=_ignoring(copy.parent))
     # mutmut copies the other source files into mutants/ only once: refresh them, not the mutated one
-    mutated = (ROOT / module).resolve()
-    shutil.copytree(ROOT, copy / "mutants", dirs_exist_ok=True,
-                    ignore=lambda folder, names: set(COPY_IGNORE(folder, names))
-                    | {n for n in names if (Path(folder) / n).resolve() == mutated})
+    shutil.copytree(ROOT, copy / "mutants", dirs_exist_ok=True, ignore=_ignoring(copy.parent, ROOT / module))
     configure(copy, module, MODULES[module])                        # the copied pyproject.toml lost it
     # mutmut regenerates the module's mutants only when its mtime is newer than theirs, and then
     # resets the verdicts of each function whose hash changed; the test map is rebuilt from today's tests
@@ -146,7 +150,7 @@ def _refresh(copy: Path, module: str) -> None:
     (copy / "mutants" / "mutmut-stats.json").unlink(missing_ok=True)
 
 
-def _settled(name: str, code, old_hashes: dict, mutant: Mutant) -> bool:
+def _settled(code: int | None, old_hashes: dict, mutant: Mutant) -> bool:
     """Killed (or looping) in the earlier run, and its function unchanged since: adding tests
     cannot revive it. Everything else (survived, untested, never run) is tried again."""
     from mutmut.stats import status_by_exit_code
@@ -163,7 +167,7 @@ def run_module(module: str, workdir: Path, children: int, functions: list[str] |
     from mutmut.stats import status_by_exit_code
 
     copy = workdir / module.replace("/", "_").removesuffix(".py")
-    mutants = mutants_of(module)
+    mutants = mutants_of(module, ROOT)
     globs = mutant_globs(module, functions or [])
     wanted = sorted(n for n in mutants if not globs or any(fnmatch(n, g) for g in globs))
     holding, lapsed = standing(module, mutants, load_judged())
@@ -177,7 +181,7 @@ def run_module(module: str, workdir: Path, children: int, functions: list[str] |
     else:
         _refresh(copy, module)
         old_codes, old_hashes = earlier
-        chosen = [n for n in wanted if n not in skip and not _settled(n, old_codes.get(n), old_hashes, mutants[n])]
+        chosen = [n for n in wanted if n not in skip and not _settled(old_codes.get(n), old_hashes, mutants[n])]
     # mutmut puts its mutants/ folder first on the import path, ahead of the editable install's
     # finder (appended last); one thread per test process on a shared machine; the tests' temporary
     # files stay in the copy (forked children never clean pytest's: 32 GB in /tmp after a day's runs)

@@ -93,7 +93,10 @@ def load(path: Path | None = None) -> dict[str, dict[str, dict]]:
 
 
 def save(ledger: dict[str, dict[str, dict]], path: Path | None = None) -> None:
-    (path or LEDGER).write_text(json.dumps(ledger, indent=1, sort_keys=True, ensure_ascii=False) + "\n")
+    path = path or LEDGER
+    partial = path.with_name(path.name + ".partial")      # renamed over the record: never half-written
+    partial.write_text(json.dumps(ledger, indent=1, sort_keys=True, ensure_ascii=False) + "\n")
+    partial.replace(path)
 
 
 def standing(module: str, mutants: dict[str, Mutant], ledger: dict[str, dict[str, dict]]) -> tuple[dict[str, dict], list[str]]:

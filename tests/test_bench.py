@@ -220,3 +220,84 @@ def test_mutation_function_filter_selects_one_functions_mutants():
     assert chosen("trainables/wm_attention.py", ["forward*"]) == names[4:]
     assert chosen("trainables/subtask_meta.py", ["train"]) == []
     assert main(["--function", "check"]) == 2
+
+
+def _tiny_project(root: Path) -> None:
+    """A package of two functions and a test that leaves one mutant of ``clip`` alive (its upper
+    bound is never checked), with the fixture-credit plugin bench/mutation.py loads into mutmut."""
+    (root / "pkg").mkdir(parents=True)
+    (root / "tests").mkdir()
+    (root / "bench").mkdir()
+    (root / "bench" / "mutmut_fixture_credit.py").write_text((ROOT / "bench" / "mutmut_fixture_credit.py").read_text())
+    (root / "pkg" / "__init__.py").write_text("")
+    (root / "pkg" / "calc.py").write_text("def scale(x, k):\n    return x * k\n\n\n"
+                                          "def clip(x):\n    return min(max(x, 0), 10)\n")
+    (root / "tests" / "test_calc.py").write_text("from pkg.calc import clip, scale\n\n\n"
+                                                 "def test_scale():\n    assert scale(3, 2) == 6\n\n\n"
+                                                 "def test_clip():\n    assert clip(-1) == 0 and clip(4) == 4\n")
+    (root / "pyproject.toml").write_text('[project]\nname = "tiny"\nversion = "0"\n')
+
+
+def test_mutation_skips_judged_survivors_and_reruns_only_what_changed(tmp_path, monkeypatch):
+    """A real mutmut run of a tiny project: the first run tries every mutant; a survivor judged
+    with ``--judge`` is skipped while its function is unchanged (``--include-judged`` runs it, and
+    a judged mutant a new test kills is reported as misjudged); a run in the same ``--workdir``
+    reruns only the mutants not killed before and those of a function that changed, whose
+    judgements lapse."""
+    pytest.importorskip("mutmut")
+    import bench.mutation as mutation
+    import bench.mutation_judged as judged
+
+    root, work = tmp_path / "project", tmp_path / "work"
+    _tiny_project(root)
+    monkeypatch.setattr(mutation, "ROOT", root)
+    monkeypatch.setattr(mutation, "MODULES", {"pkg/calc.py": ["tests/test_calc.py"]})
+    monkeypatch.setattr(judged, "ROOT", root)
+    monkeypatch.setattr(judged, "LEDGER", tmp_path / "judged.json")
+
+    def run(**options):
+        result = mutation.run_module("pkg/calc.py", work, 1, **options)
+        assert "error" not in result, result
+        return result
+
+    first = run()
+    everything = first["mutants"]
+    survivors = [m.name for m in first["survivors"]]
+    upper = [m.name for m in first["survivors"] if m.diff == ["-    return min(max(x, 0), 10)", "+    return min(max(x, 0), 11)"]]
+    assert first["ran"] == everything == first["counts"]["killed"] + len(survivors) and upper and len(survivors) < everything
+    assert all(name.startswith("pkg.calc.x_clip__mutmut_") for name in survivors)
+
+    assert mutation.main(["--judge", "harmless", "--why", "an upper bound no caller reaches", *survivors]) == 0
+    again = run()
+    assert again["ran"] == 0 and again["survivors"] == [] and again["counts"]["judged harmless"] == len(survivors)
+    assert again["counts"]["killed"] == first["counts"]["killed"] and again["not_equivalent"] == (again["counts"]["killed"], everything)
+
+    tests = root / "tests" / "test_calc.py"
+    tests.write_text(tests.read_text() + "\n\ndef test_clip_top():\n    assert clip(12) == 10\n")
+    checked = run(include_judged=True)                                  # only they: the kills stand
+    assert checked["ran"] == len(survivors) and set(upper) <= set(checked["misjudged"])
+
+    calc = root / "pkg" / "calc.py"
+    calc.write_text(calc.read_text().replace("min(max(x, 0), 10)", "max(min(x, 10), 0)"))
+    changed = run()
+    clips = [n for n in judged.mutants_of("pkg/calc.py", root) if n.startswith("pkg.calc.x_clip__")]
+    assert changed["ran"] == len(clips) and changed["lapsed"] == sorted(survivors)
+    assert not any(name.startswith("pkg.calc.x_scale__") for name in changed["lapsed"])
+    assert run(fresh=True)["ran"] == changed["mutants"]
+
+
+def test_mutation_judge_refuses_unknown_mutants_and_records_nothing(tmp_path, monkeypatch):
+    pytest.importorskip("mutmut")
+    import bench.mutation as mutation
+    import bench.mutation_judged as judged
+
+    monkeypatch.setattr(judged, "LEDGER", tmp_path / "judged.json")
+    name = "orchestrator.stats.x_fmt__mutmut_12"
+    assert mutation.main(["--judge", "equivalent", "--why", "w", name, "orchestrator.stats.x_fmt__mutmut_99999"]) == 2
+    assert mutation.main(["--judge", "equivalent", "--why", " ", name]) == 2
+    assert mutation.main(["--judge", "equivalent", "--why", "w", "orchestrator.nothing.x_f__mutmut_1"]) == 2
+    assert mutation.main(["--judge", "equivalent", name]) == 2
+    assert mutation.main(["--show"]) == 2 and mutation.main([name]) == 2
+    assert not (tmp_path / "judged.json").exists()
+    assert mutation.main(["--judge", "equivalent", "--why", "the infinity branch", name]) == 0
+    assert judged.load()["orchestrator/stats.py"][name]["diff"][0].startswith("-")
