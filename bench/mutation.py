@@ -2,8 +2,8 @@
 
     pip install mutmut                                      # not a project dependency
     python bench/mutation.py --module orchestrator/stats.py # one module (repeatable)
-    python bench/mutation.py --workdir .mutation --diffs    # every module below; the copies stay in .mutation
-    python bench/mutation.py --workdir .mutation            # again later: only what may have changed since
+    python bench/mutation.py --diffs                        # every module below: what changed since the last run
+    python bench/mutation.py --fresh --diffs                # every mutant of every module (hours: bench/README.md)
     python bench/mutation.py --list                         # the modules and the tests each one runs
     python bench/mutation.py --module trainables/subtask_meta.py --function check --function 'fit_*'
                                                             # some functions only
@@ -18,13 +18,14 @@ forked worker (``--max-children``, default the CPU count: a release run on a qui
 pass 1 beside other work), with ``bench/mutmut_fixture_credit.py`` loaded so a shared fixture's
 work counts for every test that uses it.
 
-Two things keep a repeated run short. Survivors judged equivalent or harmless by a person are
-recorded in ``bench/mutation_judged.json`` (``--judge``; see ``bench/mutation_judged.py``) and
-skipped while their function is unchanged (``--include-judged`` runs them, to check the
-record). A copy kept in ``--workdir`` is reused: the next run brings today's tree into it and
-reruns only the mutants of functions changed since (mutmut's own hash of each function) and
-those not killed last time, against today's tests; ``--fresh`` starts over (do so after
-weakening or deleting a test: a kill it made is otherwise kept).
+A run pays only for what is not known already (``bench/mutation_record.py``): mutants an
+earlier run caught are on record in ``bench/mutation_killed.json`` and survivors judged
+equivalent or harmless by a person in ``bench/mutation_judged.json`` (``--judge``), both keyed by
+mutmut's hash of the mutated function, so both are skipped while their function is unchanged.
+A release run therefore tries the mutants of code changed since the last one, and the survivors
+nobody has judged, against today's tests. ``--fresh`` runs the caught ones again (do so after
+weakening or deleting a test: a kill is otherwise kept, as in mutmut's own cache);
+``--include-judged`` runs the judged ones, to check the record.
 
 Printed per module: mutants, killed, survived, judged (by kind), no test reaches it, timeouts,
 the kill rate (killed / (killed + survived + judged), as in bench/README.md's tables), the
@@ -51,8 +52,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from bench.mutation_judged import KINDS, LEDGER, NOT_EQUIVALENT, BadJudgement, Mutant, judge, mutants_of, show, standing  # noqa: E402
-from bench.mutation_judged import load as load_judged  # noqa: E402
+from bench.mutation_record import (KILLED, KINDS, LEDGER, NOT_EQUIVALENT, BadJudgement, judge, mutants_of,  # noqa: E402
+                                   note_verdicts, settled, show, standing)
+from bench.mutation_record import load as load_judged  # noqa: E402
 
 # module -> the tests that are its own (the ones a change to it should answer to)
 MODULES: dict[str, list[str]] = {
@@ -127,43 +129,19 @@ def mutant_globs(module: str, functions: list[str]) -> list[str]:
     return [glob for name in functions for glob in (f"{dotted}.x_{name}__mutmut_*", f"{dotted}.xǁ*ǁ{name}__mutmut_*")]
 
 
-def _earlier_run(copy: Path, module: str) -> tuple[dict, dict] | None:
-    """mutmut's verdicts and function hashes from the last run of ``module`` in ``copy``, if any."""
+def _verdicts(copy: Path, module: str) -> dict | None:
+    """mutmut's exit code for each mutant of ``module`` in ``copy`` (None: not run), if it ran."""
     meta = copy / "mutants" / f"{module}.meta"
-    if not meta.exists():
-        return None
-    recorded = json.loads(meta.read_text())
-    return recorded["exit_code_by_key"], recorded.get("hash_by_function_name", {})
-
-
-def _refresh(copy: Path, module: str) -> None:
-    """Bring today's working tree into ``copy`` (an earlier run's), keeping mutmut's record."""
-    for tests in (copy / "tests", copy / "mutants" / "tests"):      # a deleted test must not run
-        shutil.rmtree(tests, ignore_errors=True)
-    shutil.copytree(ROOT, copy, dirs_exist_ok=True, ignore=_ignoring(copy.parent))
-    # mutmut copies the other source files into mutants/ only once: refresh them, not the mutated one
-    shutil.copytree(ROOT, copy / "mutants", dirs_exist_ok=True, ignore=_ignoring(copy.parent, ROOT / module))
-    configure(copy, module, MODULES[module])                        # the copied pyproject.toml lost it
-    # mutmut regenerates the module's mutants only when its mtime is newer than theirs, and then
-    # resets the verdicts of each function whose hash changed; the test map is rebuilt from today's tests
-    os.utime(copy / module)
-    (copy / "mutants" / "mutmut-stats.json").unlink(missing_ok=True)
-
-
-def _settled(code: int | None, old_hashes: dict, mutant: Mutant) -> bool:
-    """Killed (or looping) in the earlier run, and its function unchanged since: adding tests
-    cannot revive it. Everything else (survived, untested, never run) is tried again."""
-    from mutmut.stats import status_by_exit_code
-
-    return status_by_exit_code[code] in ("killed", "timeout") and old_hashes.get(mutant.function) == mutant.function_hash
+    return json.loads(meta.read_text())["exit_code_by_key"] if meta.exists() else None
 
 
 def run_module(module: str, workdir: Path, children: int, functions: list[str] | None = None,
                fresh: bool = False, include_judged: bool = False) -> dict:
-    """Mutate ``module`` in its copy under ``workdir`` and run what needs running: every mutant on
-    a first (or ``fresh``) run; after an earlier run there, only the mutants of functions changed
-    since and those not killed then. Judged survivors whose function is unchanged are skipped
-    unless ``include_judged`` (which checks the record: a judged mutant that is killed was misjudged)."""
+    """Mutate ``module`` in a fresh copy under ``workdir`` and run the mutants nothing is known
+    about: not caught by an earlier run (``bench/mutation_killed.json``; all of them if ``fresh``)
+    and not judged by a person (``bench/mutation_judged.json``; those too if ``include_judged``,
+    which checks the judgements: a judged mutant that is killed was misjudged), each while its
+    function is unchanged. What ran is added to the record of caught mutants."""
     from mutmut.stats import status_by_exit_code
 
     copy = workdir / module.replace("/", "_").removesuffix(".py")
@@ -171,38 +149,33 @@ def run_module(module: str, workdir: Path, children: int, functions: list[str] |
     globs = mutant_globs(module, functions or [])
     wanted = sorted(n for n in mutants if not globs or any(fnmatch(n, g) for g in globs))
     holding, lapsed = standing(module, mutants, load_judged())
-    skip = set() if include_judged else set(holding)
-    earlier = None if fresh else _earlier_run(copy, module)
-    if earlier is None:
-        shutil.rmtree(copy, ignore_errors=True)
-        copy_tree(copy)
-        configure(copy, module, MODULES[module])
-        chosen = [n for n in wanted if n not in skip]
-    else:
-        _refresh(copy, module)
-        old_codes, old_hashes = earlier
-        chosen = [n for n in wanted if n not in skip and not _settled(old_codes.get(n), old_hashes, mutants[n])]
+    caught = {} if fresh else settled(module, mutants)
+    chosen = [n for n in wanted if n not in caught and (include_judged or n not in holding)]
+    shutil.rmtree(copy, ignore_errors=True)
+    copy_tree(copy)
+    configure(copy, module, MODULES[module])
     # mutmut puts its mutants/ folder first on the import path, ahead of the editable install's
     # finder (appended last); one thread per test process on a shared machine; the tests' temporary
     # files stay in the copy (forked children never clean pytest's: 32 GB in /tmp after a day's runs)
-    shutil.rmtree(copy / "tmp", ignore_errors=True)
     (copy / "tmp").mkdir()
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TMPDIR": str(copy / "tmp")}
     began = time.perf_counter()
+    codes = {}
     if chosen:
         run = subprocess.run(["mutmut", "run", "--max-children", str(children), *chosen], cwd=copy, env=env,
                              capture_output=True, text=True)
-        if run.returncode != 0 or _earlier_run(copy, module) is None:
+        codes = _verdicts(copy, module)
+        if run.returncode != 0 or codes is None:
             tail = (run.stdout + run.stderr).strip().splitlines()[-5:]
             return {"module": module, "error": " | ".join(tail) or f"mutmut exited {run.returncode}",
                     "wall_s": time.perf_counter() - began}
     wall = time.perf_counter() - began
-    codes = (_earlier_run(copy, module) or ({}, {}))[0]
-    status = {n: status_by_exit_code[codes.get(n)] for n in wanted}
-    misjudged = sorted(n for n in holding if n in status and status[n] == "killed")
-    for name in holding:
-        if name in status and name not in misjudged:
-            status[name] = "judged " + holding[name]["kind"]
+    ran = {n: status_by_exit_code[codes.get(n)] for n in chosen}
+    note_verdicts(module, mutants, {n: s for n, s in ran.items() if s != "not checked"})
+    status = {n: ran.get(n) or caught.get(n) or "judged " + holding[n]["kind"] for n in wanted}
+    misjudged = sorted(n for n in holding if status.get(n) == "killed")
+    for name in set(holding) & set(ran) - set(misjudged):
+        status[name] = "judged " + holding[name]["kind"]
     counts = {s: sum(1 for v in status.values() if v == s) for s in sorted(set(status.values()))}
     killed, survived = counts.get("killed", 0), counts.get("survived", 0)
     judged = sum(v for k, v in counts.items() if k.startswith("judged "))
@@ -254,10 +227,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("names", nargs="*", help="Mutant names, for --show and --judge.")
     parser.add_argument("--module", action="append", choices=sorted(MODULES), help="Mutate only this module (repeatable).")
-    parser.add_argument("--workdir", type=Path,
-                        help="Where the copies go and stay: a later run there reruns only what may have changed "
-                             "(default: a temporary folder, removed after).")
-    parser.add_argument("--fresh", action="store_true", help="Ignore an earlier run in --workdir: every mutant again.")
+    parser.add_argument("--workdir", type=Path, help="Where the copies go, kept (default: a temporary folder, removed after).")
+    parser.add_argument("--fresh", action="store_true",
+                        help=f"Run the mutants caught before too ({KILLED.name} is ignored, then updated).")
     parser.add_argument("--max-children", type=int, default=os.cpu_count(),
                         help="Mutants tested at once (default: the CPU count; 1 on a shared machine).")
     parser.add_argument("--function", action="append", default=[],

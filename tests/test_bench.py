@@ -238,22 +238,23 @@ def _tiny_project(root: Path) -> None:
     (root / "pyproject.toml").write_text('[project]\nname = "tiny"\nversion = "0"\n')
 
 
-def test_mutation_skips_judged_survivors_and_reruns_only_what_changed(tmp_path, monkeypatch):
-    """A real mutmut run of a tiny project: the first run tries every mutant; a survivor judged
-    with ``--judge`` is skipped while its function is unchanged (``--include-judged`` runs it, and
-    a judged mutant a new test kills is reported as misjudged); a run in the same ``--workdir``
-    reruns only the mutants not killed before and those of a function that changed, whose
-    judgements lapse."""
+def test_mutation_runs_only_what_is_not_known_and_keeps_the_record(tmp_path, monkeypatch):
+    """A real mutmut run of a tiny project: the first run tries every mutant and records the
+    kills; a survivor judged with ``--judge`` is skipped while its function is unchanged, and so
+    are the recorded kills; ``--include-judged`` runs the judged ones (one a new test kills is
+    reported as misjudged); after a function changes only its mutants run and its judgements
+    lapse; ``--fresh`` runs everything again."""
     pytest.importorskip("mutmut")
     import bench.mutation as mutation
-    import bench.mutation_judged as judged
+    import bench.mutation_record as record
 
     root, work = tmp_path / "project", tmp_path / "work"
     _tiny_project(root)
     monkeypatch.setattr(mutation, "ROOT", root)
     monkeypatch.setattr(mutation, "MODULES", {"pkg/calc.py": ["tests/test_calc.py"]})
-    monkeypatch.setattr(judged, "ROOT", root)
-    monkeypatch.setattr(judged, "LEDGER", tmp_path / "judged.json")
+    monkeypatch.setattr(record, "ROOT", root)
+    monkeypatch.setattr(record, "LEDGER", tmp_path / "judged.json")
+    monkeypatch.setattr(record, "KILLED", tmp_path / "killed.json")
 
     def run(**options):
         result = mutation.run_module("pkg/calc.py", work, 1, **options)
@@ -261,37 +262,39 @@ def test_mutation_skips_judged_survivors_and_reruns_only_what_changed(tmp_path, 
         return result
 
     first = run()
-    everything = first["mutants"]
+    everything, killed = first["mutants"], first["counts"]["killed"]
     survivors = [m.name for m in first["survivors"]]
     upper = [m.name for m in first["survivors"] if m.diff == ["-    return min(max(x, 0), 10)", "+    return min(max(x, 0), 11)"]]
-    assert first["ran"] == everything == first["counts"]["killed"] + len(survivors) and upper and len(survivors) < everything
+    assert first["ran"] == everything == killed + len(survivors) and upper and len(survivors) < everything
     assert all(name.startswith("pkg.calc.x_clip__mutmut_") for name in survivors)
+    on_record = record.load(record.KILLED)["pkg/calc.py"]
+    assert sum(len(record._numbers(entry["killed"])) for entry in on_record.values()) == killed
 
+    assert run()["ran"] == len(survivors)                              # the kills stand, the survivors retry
     assert mutation.main(["--judge", "harmless", "--why", "an upper bound no caller reaches", *survivors]) == 0
     again = run()
-    assert again["ran"] == 0 and again["survivors"] == [] and again["counts"]["judged harmless"] == len(survivors)
-    assert again["counts"]["killed"] == first["counts"]["killed"] and again["not_equivalent"] == (again["counts"]["killed"], everything)
+    assert again["ran"] == 0 and again["survivors"] == [] and again["counts"] == {"killed": killed, "judged harmless": len(survivors)}
+    assert again["not_equivalent"] == (killed, everything) and again["kill_rate"] == killed / everything
 
     tests = root / "tests" / "test_calc.py"
     tests.write_text(tests.read_text() + "\n\ndef test_clip_top():\n    assert clip(12) == 10\n")
-    checked = run(include_judged=True)                                  # only they: the kills stand
+    checked = run(include_judged=True)
     assert checked["ran"] == len(survivors) and set(upper) <= set(checked["misjudged"])
 
     calc = root / "pkg" / "calc.py"
     calc.write_text(calc.read_text().replace("min(max(x, 0), 10)", "max(min(x, 10), 0)"))
     changed = run()
-    clips = [n for n in judged.mutants_of("pkg/calc.py", root) if n.startswith("pkg.calc.x_clip__")]
+    clips = [n for n in record.mutants_of("pkg/calc.py", root) if n.startswith("pkg.calc.x_clip__")]
     assert changed["ran"] == len(clips) and changed["lapsed"] == sorted(survivors)
-    assert not any(name.startswith("pkg.calc.x_scale__") for name in changed["lapsed"])
     assert run(fresh=True)["ran"] == changed["mutants"]
 
 
 def test_mutation_judge_refuses_unknown_mutants_and_records_nothing(tmp_path, monkeypatch):
     pytest.importorskip("mutmut")
     import bench.mutation as mutation
-    import bench.mutation_judged as judged
+    import bench.mutation_record as record
 
-    monkeypatch.setattr(judged, "LEDGER", tmp_path / "judged.json")
+    monkeypatch.setattr(record, "LEDGER", tmp_path / "judged.json")
     name = "orchestrator.stats.x_fmt__mutmut_12"
     assert mutation.main(["--judge", "equivalent", "--why", "w", name, "orchestrator.stats.x_fmt__mutmut_99999"]) == 2
     assert mutation.main(["--judge", "equivalent", "--why", " ", name]) == 2
@@ -300,4 +303,31 @@ def test_mutation_judge_refuses_unknown_mutants_and_records_nothing(tmp_path, mo
     assert mutation.main(["--show"]) == 2 and mutation.main([name]) == 2
     assert not (tmp_path / "judged.json").exists()
     assert mutation.main(["--judge", "equivalent", "--why", "the infinity branch", name]) == 0
-    assert judged.load()["orchestrator/stats.py"][name]["diff"][0].startswith("-")
+    assert record.load()["orchestrator/stats.py"][name]["diff"][0].startswith("-")
+
+
+def test_mutation_record_of_kills_keeps_each_functions_numbers_and_forgets_a_changed_function(tmp_path):
+    """The kills are stored as number ranges per function with its hash: a run's verdicts add and
+    remove numbers, a function whose hash changed starts afresh, a function with no kill left
+    leaves the record, and only kills of an unchanged function are settled."""
+    from bench.mutation_record import Mutant, _numbers, _ranges, load, note_verdicts, settled
+
+    assert _ranges([9, 1, 2, 3, 7, 10]) == "1-3,7,9-10" and _numbers("1-3,7,9-10") == {1, 2, 3, 7, 9, 10}
+    path = tmp_path / "killed.json"
+    mutants = {f"p.m.x_f__mutmut_{n}": Mutant(f"p.m.x_f__mutmut_{n}", "x_f", "aaa", []) for n in range(1, 7)}
+    mutants |= {f"p.m.x_g__mutmut_{n}": Mutant(f"p.m.x_g__mutmut_{n}", "x_g", "bbb", []) for n in (1, 2)}
+    note_verdicts("p/m.py", mutants, {"p.m.x_f__mutmut_1": "killed", "p.m.x_f__mutmut_2": "killed",
+                                      "p.m.x_f__mutmut_3": "survived", "p.m.x_f__mutmut_5": "timeout",
+                                      "p.m.x_g__mutmut_1": "killed"}, path)
+    assert load(path) == {"p/m.py": {"x_f": {"function_hash": "aaa", "killed": "1-2", "timeout": "5"},
+                                     "x_g": {"function_hash": "bbb", "killed": "1"}}}
+    note_verdicts("p/m.py", mutants, {"p.m.x_f__mutmut_2": "survived", "p.m.x_f__mutmut_3": "killed",
+                                      "p.m.x_g__mutmut_1": "no tests"}, path)
+    assert load(path) == {"p/m.py": {"x_f": {"function_hash": "aaa", "killed": "1,3", "timeout": "5"}}}
+    assert settled("p/m.py", mutants, path) == {"p.m.x_f__mutmut_1": "killed", "p.m.x_f__mutmut_3": "killed",
+                                                "p.m.x_f__mutmut_5": "timeout"}
+    changed = {name: Mutant(name, m.function, "ccc" if m.function == "x_f" else m.function_hash, [])
+               for name, m in mutants.items()}
+    assert settled("p/m.py", changed, path) == {}
+    note_verdicts("p/m.py", changed, {"p.m.x_f__mutmut_4": "killed"}, path)
+    assert load(path) == {"p/m.py": {"x_f": {"function_hash": "ccc", "killed": "4"}}}

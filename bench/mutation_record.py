@@ -1,12 +1,17 @@
-"""Surviving mutants a person has judged, recorded in ``bench/mutation_judged.json`` so that later
-runs of ``bench/mutation.py`` skip them instead of paying for them again.
+"""What is known about each mutant between runs of ``bench/mutation.py``, so a run pays only for
+what it cannot know: the mutants of code changed since, and the survivors nobody has judged.
 
-An equivalent mutant survives every test by definition, and mutmut reruns every test that reaches
-its function to find that out: a family's survivor costs its trained tests, 25-125 s on the 2-core
-VM, and some 300 equivalent ones were the floor of a whole run (bench/README.md). A judgement holds
-for one mutant of one version of its function: it is keyed by mutmut's mutant name and the hash
-mutmut itself gives the function (its AST: comments and layout aside), so it lapses the moment the
-function changes, and that mutant is run, and shown, again.
+Two records, both committed, both keyed by mutmut's mutant name and the hash mutmut itself gives
+the mutated function (its AST: comments and layout aside), so an entry lapses the moment its
+function changes and that mutant is run again:
+
+- ``bench/mutation_judged.json``: survivors a person judged equivalent, harmless or untestable
+  here, with why (``--judge``). An equivalent mutant survives every test by definition, and
+  mutmut reruns every test reaching its function to find that out: a family's survivor costs its
+  trained tests, 25-125 s on the 2-core VM, and some 300 of them were the floor of a whole run.
+- ``bench/mutation_killed.json``: the mutants a run killed (or caught looping), per function.
+  As with mutmut's own cache, a kill stands while its function is unchanged: adding tests cannot
+  revive it; weakening or deleting one can, so run ``--fresh`` after that.
 
     python bench/mutation.py --show trainables.attn_knn.x_train__mutmut_25      # its diff, nothing run
     python bench/mutation.py --judge harmless --why "mixup's lambda from another fixed stream" \\
@@ -21,11 +26,14 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 LEDGER = Path(__file__).with_name("mutation_judged.json")
+KILLED = Path(__file__).with_name("mutation_killed.json")
+CAUGHT = ("killed", "timeout")  # mutmut's verdicts that settle a mutant
 
 # what a judgement may say; the last two are real differences this machine cannot test
 KINDS = {
@@ -87,7 +95,8 @@ def mutants_of(module: str, root: Path | None = None) -> dict[str, Mutant]:
 
 
 def load(path: Path | None = None) -> dict[str, dict[str, dict]]:
-    """module -> mutant name -> {"function_hash", "kind", "why", "diff"}."""
+    """The judgements (module -> mutant name -> {"function_hash", "kind", "why", "diff"}), or with
+    ``path=KILLED`` the caught mutants (module -> function -> {"function_hash", "killed": "1-3,7", ...})."""
     path = path or LEDGER
     return json.loads(path.read_text()) if path.exists() else {}
 
@@ -97,6 +106,69 @@ def save(ledger: dict[str, dict[str, dict]], path: Path | None = None) -> None:
     partial = path.with_name(path.name + ".partial")      # renamed over the record: never half-written
     partial.write_text(json.dumps(ledger, indent=1, sort_keys=True, ensure_ascii=False) + "\n")
     partial.replace(path)
+
+
+@contextmanager
+def _locked(path: Path):
+    """One writer at a time (two people judging, or a run finishing while one judges, lose nothing)."""
+    with open(path.with_name(path.name + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
+def _number(name: str) -> int:
+    return int(name.rpartition("__mutmut_")[2])
+
+
+def _ranges(numbers: list[int]) -> str:
+    """[1, 2, 3, 7, 9, 10] -> "1-3,7,9-10": a function's kills on one line of the record."""
+    runs: list[list[int]] = []
+    for n in sorted(numbers):
+        if runs and n == runs[-1][1] + 1:
+            runs[-1][1] = n
+        else:
+            runs.append([n, n])
+    return ",".join(str(a) if a == b else f"{a}-{b}" for a, b in runs)
+
+
+def _numbers(text: str) -> set[int]:
+    return {n for part in text.split(",") if part
+            for a, _, b in [part.partition("-")] for n in range(int(a), int(b or a) + 1)}
+
+
+def settled(module: str, mutants: dict[str, Mutant], path: Path | None = None) -> dict[str, str]:
+    """The mutants of ``module`` an earlier run caught (name -> "killed" or "timeout") whose
+    function is unchanged since."""
+    record = load(path or KILLED).get(module, {})
+    out = {}
+    for name, mutant in mutants.items():
+        entry = record.get(mutant.function)
+        if entry and entry["function_hash"] == mutant.function_hash:
+            out |= {name: verdict for verdict in CAUGHT if _number(name) in _numbers(entry.get(verdict, ""))}
+    return out
+
+
+def note_verdicts(module: str, mutants: dict[str, Mutant], verdicts: dict[str, str], path: Path | None = None) -> None:
+    """Fold a run's verdicts (name -> mutmut's status) into the record of caught mutants: a
+    function whose hash changed starts afresh; each mutant that ran is caught or not as it ran."""
+    path = path or KILLED
+    with _locked(path):
+        record = load(path)
+        functions = record.setdefault(module, {})
+        for function in {mutants[name].function for name in verdicts}:
+            digest = next(m.function_hash for m in mutants.values() if m.function == function)
+            entry = functions.get(function)
+            if entry is None or entry["function_hash"] != digest:
+                functions[function] = entry = {"function_hash": digest}
+            ran = {_number(name): verdict for name, verdict in verdicts.items() if mutants[name].function == function}
+            for verdict in CAUGHT:
+                numbers = (_numbers(entry.get(verdict, "")) - set(ran)) | {n for n, v in ran.items() if v == verdict}
+                entry.pop(verdict, None)
+                if numbers:
+                    entry[verdict] = _ranges(sorted(numbers))
+            if set(entry) == {"function_hash"}:
+                del functions[function]
+        save(record, path)
 
 
 def standing(module: str, mutants: dict[str, Mutant], ledger: dict[str, dict[str, dict]]) -> tuple[dict[str, dict], list[str]]:
@@ -132,8 +204,7 @@ def judge(names: list[str], kind: str, why: str, path: Path | None = None, root:
     unknown = [name for name in names if name not in found]
     if unknown:
         raise BadJudgement(f"--judge: no such mutant of today's code: {', '.join(unknown)}")
-    with open(Path(str(path or LEDGER) + ".lock"), "w") as lock:   # two people judging at once lose nothing
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    with _locked(path or LEDGER):
         ledger = load(path)
         for name in names:
             mutant = found[name]
