@@ -144,6 +144,7 @@ def run_module(module: str, workdir: Path, children: int, functions: list[str] |
     function is unchanged. What ran is added to the record of caught mutants."""
     from mutmut.stats import status_by_exit_code
 
+    began = time.perf_counter()                          # generation and copying count too
     copy = workdir / module.replace("/", "_").removesuffix(".py")
     mutants = mutants_of(module, ROOT)
     globs = mutant_globs(module, functions or [])
@@ -159,7 +160,6 @@ def run_module(module: str, workdir: Path, children: int, functions: list[str] |
     # files stay in the copy (forked children never clean pytest's: 32 GB in /tmp after a day's runs)
     (copy / "tmp").mkdir()
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TMPDIR": str(copy / "tmp")}
-    began = time.perf_counter()
     codes = {}
     if chosen:
         run = subprocess.run(["mutmut", "run", "--max-children", str(children), *chosen], cwd=copy, env=env,
