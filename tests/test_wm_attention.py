@@ -138,6 +138,13 @@ def test_rendered_stimulus_holds_the_view_in_its_quadrant_only():
     np.testing.assert_array_equal(view_of(objects[0, 0], 3), np.rot90(objects[0, 0], 2))
 
 
+def test_rendered_stimuli_stay_uint8_so_the_attention_plot_shows_colour_images_as_they_are():
+    """The attention plot draws ``Stimuli.canvas`` with imshow, which clips a float RGB image to
+    [0, 1]: a float64 canvas of 0-255 values (``dtype=np.uint8`` dropped) plots CIFAR stimuli white."""
+    objects = np.random.default_rng(1).integers(1, 200, size=(1, 1, 4, 4, 3), dtype=np.uint8)
+    assert render_stimuli(objects).dtype == np.uint8
+
+
 def test_views_are_the_documented_flips():
     image = np.arange(12, dtype=np.uint8).reshape(3, 4, 1)  # no symmetry: every flip shows
     for view, expected in enumerate((image, np.fliplr(image), np.flipud(image), np.rot90(image, 2))):
