@@ -18,6 +18,7 @@ from mlflow.tracking import MlflowClient
 
 from orchestrator.claims import same_value
 from orchestrator.stats import decimals, format_interval, t_interval
+from orchestrator.tracking import every_run
 from trainables.common.metrics import metric_info, parse_metric_key
 
 RUN_COLUMNS = ["run_id", "sweep_id", "study", "status", "seed", "dataset", "start_time"]
@@ -54,7 +55,7 @@ def load_runs(tracking_uri: str, family: str, study: str | None = None, sweep_id
     if sweep_id:
         query += f" and tags.sweep_id = '{sweep_id}'"
     rows = []
-    for run in client.search_runs([exp.experiment_id], filter_string=query, max_results=50000):
+    for run in every_run(client, exp.experiment_id, query):
         tags, params = run.data.tags, run.data.params
         status = tags.get("status") or run.info.status.lower()  # the runner's tag, else MLflow's, lower case
         base = {"run_id": run.info.run_id, "sweep_id": tags.get("sweep_id", ""), "study": tags.get("study", ""),

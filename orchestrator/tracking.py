@@ -44,6 +44,20 @@ CLIENT_ENV_DEFAULTS = {
     "MLFLOW_HTTP_REQUEST_BACKOFF_JITTER": "0.5",
     "MLFLOW_HTTP_REQUEST_TIMEOUT": "5",
 }
+# runs fetched per request: every page is read, so no sweep or study is cut short (one request
+# with max_results=1000 silently dropped a sweep's trials past the thousandth from its summary)
+RUNS_PER_PAGE = 1000
+
+
+def every_run(client: MlflowClient, experiment_id: str, query: str):
+    """Every run of the experiment that matches ``query``, page by page."""
+    token = None
+    while True:
+        page = client.search_runs([experiment_id], filter_string=query, max_results=RUNS_PER_PAGE, page_token=token)
+        yield from page
+        token = page.token
+        if not token:
+            return
 
 
 def configure_client() -> None:
@@ -187,7 +201,7 @@ class SweepTracker:
         query = f"tags.sweep_id = '{self.sweep_id}' and tags.role = '{role}'"
         if trial_id is not None:
             query += f" and tags.trial_id = '{trial_id}'"
-        return self.client.search_runs([self.experiment_id], filter_string=query, max_results=1000)
+        return list(every_run(self.client, self.experiment_id, query))
 
     def _create(self, role: str, trial_id: str | None, extra_tags: dict, run_name: str) -> str:
         tags = {**self.tags, **{k: str(v) for k, v in extra_tags.items()}, "role": role, "sweep_id": self.sweep_id}

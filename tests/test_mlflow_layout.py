@@ -106,8 +106,12 @@ def test_one_seed_logs_no_interval(uri):
     assert "(n=1, no interval)" in t.client.get_run(t.parent_id).data.tags[NOTE_TAG]
 
 
-def test_summary_from_the_store_matches_the_drivers(uri):
-    """--until-decided rounds share one parent: the summary then reads every finished trial run."""
+def test_summary_from_the_store_matches_the_drivers(uri, monkeypatch):
+    """--until-decided rounds share one parent: the summary then reads every finished trial run,
+    over as many pages as MLflow returns them in (2 runs a page here: 3 pages)."""
+    import orchestrator.tracking
+
+    monkeypatch.setattr(orchestrator.tracking, "RUNS_PER_PAGE", 2)
     study = load_study("busy_loop", "smoke")
     t = tracker(uri, "rounds")
     trials = [({"lr": lr, "seed": s, "dataset": "digits"}, {"val/busy/acc": 0.8 + lr + 0.01 * s, "test/busy/acc": 0.7 + s / 100})

@@ -410,6 +410,20 @@ def test_load_runs_filters_by_study_and_sweep_and_reads_status_and_seed_fallback
     assert frame.loc[frame["run_id"] == run["finished"], "param.seed"].tolist() == [""]  # a param it never logged
 
 
+def test_load_runs_reads_every_page_of_a_family_with_more_runs_than_one_request_returns(store, monkeypatch):
+    """MLflow returns at most max_results runs per request; a family with more trial runs than
+    that is read page by page, none dropped (pages of 2 here, for 1,000 in use)."""
+    import orchestrator.tracking as tracking
+
+    uri, client = store
+    exp = client.create_experiment("fam")
+    ids = {make_run(client, exp, {"role": "trial", "study": "s"}, {"seed": str(s)}, {"test/m/acc": s / 10}) for s in range(5)}
+    monkeypatch.setattr(tracking, "RUNS_PER_PAGE", 2)
+    frame = load_runs(uri, "fam")
+    assert set(frame["run_id"]) == ids and len(frame) == 5
+    assert sorted(frame["value"]) == [0.0, 0.1, 0.2, 0.3, 0.4]
+
+
 def test_load_runs_of_a_family_without_trials_is_an_empty_frame_with_the_columns(store):
     uri, client = store
     columns = ["run_id", "sweep_id", "study", "status", "seed", "dataset", "start_time", "key", "split", "method",
