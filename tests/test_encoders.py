@@ -9,6 +9,7 @@ training as a loop over torch's own AdamW and OneCycleLR with the recipe's numbe
 from __future__ import annotations
 
 import os
+import re
 import sys
 from dataclasses import replace
 
@@ -307,6 +308,21 @@ def test_a_large_train_set_gets_the_epochs_its_step_budget_allows(digits, monkey
     epoch, and the budget is shrunk to match."""
     monkeypatch.setitem(encoders.OWN_CNN_RECIPE, "max_steps", max_steps)
     assert encoders._train_own_cnn(digits, torch.device("cpu"), progress=False)["epochs"] == epochs
+
+
+def test_training_own_cnn_shows_its_bar_unless_turned_off_and_says_its_val_accuracy(tmp_path, digits, capsys, monkeypatch):
+    """The training bar is on by default (a user whose first sweep trains the encoder sees why
+    it waits), counts every optimiser step, and is off when asked; the closing line gives the
+    epochs and the val accuracy stored with the weights, either way."""
+    monkeypatch.setitem(encoders.OWN_CNN_RECIPE, "max_steps", 4)  # 150 images: 2 epochs of 2 steps
+    describe("own-cnn", digits, device="cpu", cache_dir=tmp_path / "quiet", progress=False)
+    assert re.fullmatch(r"own-cnn on digits: 2 epochs, val acc \d\.\d{3}\n", capsys.readouterr().err)
+    get_encoder("own-cnn", digits, "cpu", cache_dir=tmp_path / "shown")
+    err = capsys.readouterr().err
+    assert re.search(r"training own-cnn on digits: 100%\|[^|]*\| 4/4 \[", err)
+    (weights,) = (tmp_path / "shown" / "encoders").glob("own-cnn-*.pt")
+    val_acc = torch.load(weights, weights_only=True)["val_acc"]
+    assert err.endswith(f"own-cnn on digits: 2 epochs, val acc {val_acc:.3f}\n")
 
 
 class LinearImageTower(nn.Module):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import multiprocessing as mp
+import re
 import shutil
 from dataclasses import replace
 
@@ -86,6 +87,25 @@ def test_second_call_reuses_features_without_running_the_encoder(cache, digits):
     assert {k: sidecar[k] for k in ("encoder", "dataset", "split", "code_version", "identity", "shape", "dtype")} == {
         "encoder": "own-cnn", "dataset": "digits", "split": "test", "code_version": 1, "identity": enc.identity,
         "shape": [len(digits.test), 256], "dtype": "<f4"}
+
+
+def test_progress_bars_name_what_is_extracted_count_every_image_and_show_unless_turned_off(cache, digits, capsys):
+    """On by default (a user running a sweep or ``precompute`` sees the work), off when asked;
+    each split's bar names encoder, dataset and split and ends at that split's image count."""
+    def bars():
+        err = capsys.readouterr().err
+        return {split: re.search(rf"own-cnn features digits/{split}: 100%\|[^|]*\| (\d+)/(\d+) \[[^]]*img/s\]", err)
+                for split in ("train", "val", "test")}
+
+    extract_features(digits, "own-cnn", cache_dir=cache, progress=False)
+    assert capsys.readouterr().err == ""
+    for run in (lambda: extract_features(digits, "own-cnn", cache_dir=cache),
+                lambda: precompute("digits", "own-cnn", cache_dir=cache, max_train=500)):
+        shutil.rmtree(cache / "features")
+        run()
+        for split, bar in bars().items():
+            n = str(len(getattr(digits, split).images))
+            assert bar is not None and bar.groups() == (n, n), split
 
 
 def test_precompute_loads_the_spec_and_fills_the_same_cache(cache, digits):
