@@ -4,6 +4,7 @@ import atexit
 import os
 import shutil
 import tempfile
+import threading
 
 if "ORCHESTRATE_CACHE_DIR" not in os.environ:
     _cache_dir, _owner = tempfile.mkdtemp(prefix="orchestrate-test-cache-"), os.getpid()
@@ -13,4 +14,12 @@ if "ORCHESTRATE_CACHE_DIR" not in os.environ:
     # kept one, up to 9.5 MB each (2,740 of them in /tmp after a day of mutation runs)
     atexit.register(lambda: os.getpid() == _owner and shutil.rmtree(_cache_dir, ignore_errors=True))
 os.environ.setdefault("MPLBACKEND", "Agg")
+
+# tqdm guards its bars with a multiprocessing lock, made by the first bar a process draws; mutmut
+# forks one worker per mutant from a warmed-up session, and a worker that ends while holding it
+# left every later worker's first bar waiting forever (seen: features.py's run stalled at two
+# mutants, py-spy in TqdmDefaultWriteLock.acquire). Bars in tests need only a thread lock.
+from tqdm import tqdm  # noqa: E402
+
+tqdm.set_lock(threading.RLock())
 os.environ.pop("RAY_ADDRESS", None)
