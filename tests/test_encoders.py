@@ -317,6 +317,8 @@ def test_training_own_cnn_shows_its_bar_unless_turned_off_and_says_its_val_accur
     monkeypatch.setitem(encoders.OWN_CNN_RECIPE, "max_steps", 4)  # 150 images: 2 epochs of 2 steps
     describe("own-cnn", digits, device="cpu", cache_dir=tmp_path / "quiet", progress=False)
     assert re.fullmatch(r"own-cnn on digits: 2 epochs, val acc \d\.\d{3}\n", capsys.readouterr().err)
+    get_encoder("own-cnn", digits, "cpu", cache_dir=tmp_path / "quiet too", progress=False)
+    assert "training own-cnn" not in capsys.readouterr().err
     get_encoder("own-cnn", digits, "cpu", cache_dir=tmp_path / "shown")
     err = capsys.readouterr().err
     assert re.search(r"training own-cnn on digits: 100%\|[^|]*\| 4/4 \[", err)

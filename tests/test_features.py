@@ -97,8 +97,11 @@ def test_progress_bars_name_what_is_extracted_count_every_image_and_show_unless_
         return {split: re.search(rf"own-cnn features digits/{split}: 100%\|[^|]*\| (\d+)/(\d+) \[[^]]*img/s\]", err)
                 for split in ("train", "val", "test")}
 
-    extract_features(digits, "own-cnn", cache_dir=cache, progress=False)
-    assert capsys.readouterr().err == ""
+    for quiet in (lambda: extract_features(digits, "own-cnn", cache_dir=cache, progress=False),
+                  lambda: precompute("digits", "own-cnn", cache_dir=cache, max_train=500, progress=False)):
+        shutil.rmtree(cache / "features", ignore_errors=True)
+        quiet()
+        assert capsys.readouterr().err == ""
     for run in (lambda: extract_features(digits, "own-cnn", cache_dir=cache),
                 lambda: precompute("digits", "own-cnn", cache_dir=cache, max_train=500)):
         shutil.rmtree(cache / "features")
@@ -106,6 +109,17 @@ def test_progress_bars_name_what_is_extracted_count_every_image_and_show_unless_
         for split, bar in bars().items():
             n = str(len(getattr(digits, split).images))
             assert bar is not None and bar.groups() == (n, n), split
+
+
+def test_a_cold_cache_trains_own_cnn_with_its_bar_only_when_progress_is_on(tmp_path, digits, capsys, monkeypatch):
+    """The encoder's training bar follows the caller's ``progress`` too (its own tests: test_encoders)."""
+    from trainables.common import encoders
+
+    monkeypatch.setitem(encoders.OWN_CNN_RECIPE, "max_steps", 4)  # a short training: 1 epoch of 4 steps
+    extract_features(digits, "own-cnn", cache_dir=tmp_path / "quiet", progress=False)
+    assert "training own-cnn" not in capsys.readouterr().err
+    extract_features(digits, "own-cnn", cache_dir=tmp_path / "shown")
+    assert re.search(r"training own-cnn on digits: 100%\|[^|]*\| 4/4 \[", capsys.readouterr().err)
 
 
 def test_precompute_loads_the_spec_and_fills_the_same_cache(cache, digits):
