@@ -5,6 +5,7 @@
     python bench/mutation.py --diffs                        # every module below: what changed since the last run
     python bench/mutation.py --fresh --diffs                # every mutant of every module (hours: bench/README.md)
     python bench/mutation.py --list                         # the modules and the tests each one runs
+    python bench/mutation.py --status                       # each module's figures from the records, nothing run
     python bench/mutation.py --module trainables/subtask_meta.py --function check --function 'fit_*'
                                                             # some functions only
     python bench/mutation.py --show NAME...                 # a mutant's change (and judgement), nothing run
@@ -29,7 +30,8 @@ weakening or deleting a test: a kill is otherwise kept, as in mutmut's own cache
 
 Printed per module: mutants, killed, survived, judged (by kind), no test reaches it, timeouts,
 the kill rate (killed / (killed + survived + judged), as in bench/README.md's tables), the
-non-equivalent killed (killed / everything but the killed and the judged equivalent), how many
+non-equivalent killed (killed / all but the judged equivalent, and again without the judged
+gpu-only and clip-only ones, which are real but need a machine this one is not), how many
 mutants ran and the wall time; then each unjudged survivor (its change under ``--diffs``), any
 judged mutant that was killed (a wrong record) and any judgement that lapsed. The exit code is 0
 when every module ran (a kill rate is a finding to read, not a failure). Not part of CI: run it
@@ -136,12 +138,13 @@ def _verdicts(copy: Path, module: str) -> dict | None:
 
 
 def run_module(module: str, workdir: Path, children: int, functions: list[str] | None = None,
-               fresh: bool = False, include_judged: bool = False) -> dict:
+               fresh: bool = False, include_judged: bool = False, status_only: bool = False) -> dict:
     """Mutate ``module`` in a fresh copy under ``workdir`` and run the mutants nothing is known
     about: not caught by an earlier run (``bench/mutation_killed.json``; all of them if ``fresh``)
     and not judged by a person (``bench/mutation_judged.json``; those too if ``include_judged``,
     which checks the judgements: a judged mutant that is killed was misjudged), each while its
-    function is unchanged. What ran is added to the record of caught mutants."""
+    function is unchanged. What ran is added to the record of caught mutants. ``status_only``:
+    the figures the records give, nothing run (the mutants nothing is known about "not checked")."""
     from mutmut.stats import status_by_exit_code
 
     began = time.perf_counter()                          # generation and copying count too
@@ -152,16 +155,16 @@ def run_module(module: str, workdir: Path, children: int, functions: list[str] |
     holding, lapsed = standing(module, mutants, load_judged())
     caught = {} if fresh else settled(module, mutants)
     chosen = [n for n in wanted if n not in caught and (include_judged or n not in holding)]
-    shutil.rmtree(copy, ignore_errors=True)
-    copy_tree(copy)
-    configure(copy, module, MODULES[module])
-    # mutmut puts its mutants/ folder first on the import path, ahead of the editable install's
-    # finder (appended last); one thread per test process on a shared machine; the tests' temporary
-    # files stay in the copy (forked children never clean pytest's: 32 GB in /tmp after a day's runs)
-    (copy / "tmp").mkdir()
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TMPDIR": str(copy / "tmp")}
     codes = {}
-    if chosen:
+    if chosen and not status_only:
+        shutil.rmtree(copy, ignore_errors=True)
+        copy_tree(copy)
+        configure(copy, module, MODULES[module])
+        # mutmut puts its mutants/ folder first on the import path, ahead of the editable install's
+        # finder (appended last); one thread per test process on a shared machine; the tests' temporary
+        # files stay in the copy (forked children never clean pytest's: 32 GB in /tmp after a day's runs)
+        (copy / "tmp").mkdir()
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TMPDIR": str(copy / "tmp")}
         run = subprocess.run(["mutmut", "run", "--max-children", str(children), *chosen], cwd=copy, env=env,
                              capture_output=True, text=True)
         codes = _verdicts(copy, module)
@@ -171,7 +174,8 @@ def run_module(module: str, workdir: Path, children: int, functions: list[str] |
                     "wall_s": time.perf_counter() - began}
     wall = time.perf_counter() - began
     ran = {n: status_by_exit_code[codes.get(n)] for n in chosen}
-    note_verdicts(module, mutants, {n: s for n, s in ran.items() if s != "not checked"})
+    if not status_only:
+        note_verdicts(module, mutants, {n: s for n, s in ran.items() if s != "not checked"})
     status = {n: ran.get(n) or caught.get(n) or "judged " + holding[n]["kind"] for n in wanted}
     misjudged = sorted(n for n in holding if status.get(n) == "killed")
     for name in set(holding) & set(ran) - set(misjudged):
@@ -181,7 +185,7 @@ def run_module(module: str, workdir: Path, children: int, functions: list[str] |
     judged = sum(v for k, v in counts.items() if k.startswith("judged "))
     not_equivalent = killed + survived + sum(counts.get("judged " + k, 0) for k in NOT_EQUIVALENT)
     return {"module": module + (f" ({', '.join(functions)})" if functions else ""), "mutants": len(status),
-            "ran": len(chosen), "decorated": [] if functions else decorated_functions((ROOT / module).read_text()),
+            "ran": 0 if status_only else len(chosen), "decorated": [] if functions else decorated_functions((ROOT / module).read_text()),
             "counts": counts, "wall_s": wall,
             "kill_rate": killed / (killed + survived + judged) if killed + survived + judged else None,
             "not_equivalent": (killed, not_equivalent),
@@ -198,9 +202,12 @@ def line(result: dict) -> str:
     rest = ", ".join(f"{v} {k}" for k, v in c.items() if k not in ("killed", "survived") and not k.startswith("judged "))
     killed, not_equivalent = result["not_equivalent"]
     share = f" ({100 * killed / not_equivalent:.1f}%)" if not_equivalent else ""
+    elsewhere = c.get("judged gpu-only", 0) + c.get("judged clip-only", 0)  # real, but not testable on this machine
+    here = (f", {killed} / {not_equivalent - elsewhere} ({100 * killed / (not_equivalent - elsewhere):.1f}%) testable here"
+            if elsewhere and not_equivalent > elsewhere else "")
     return (f"{result['module']}: {result['mutants']} mutants, {c.get('killed', 0)} killed, "
-            f"{c.get('survived', 0)} survived{', judged: ' + judged if judged else ''}{', ' + rest if rest else ''}; "
-            f"kill rate {rate}; non-equivalent killed {killed} / {not_equivalent}{share}; "
+            f"{c.get('survived', 0)} survived{', ' + rest if rest else ''}{', judged: ' + judged if judged else ''}; "
+            f"kill rate {rate}; non-equivalent killed {killed} / {not_equivalent}{share}{here}; "
             f"{result['ran']} run in {result['wall_s']:.0f} s"
             + (f"; {len(result['lapsed'])} judgements lapsed" if result["lapsed"] else "")
             + (f"; not mutated (decorated): {', '.join(result['decorated'])}" if result["decorated"] else ""))
@@ -238,6 +245,8 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"Run the survivors judged in {LEDGER.name} too (a check of the record).")
     parser.add_argument("--diffs", action="store_true", help="Print each survivor's change, not only its name.")
     parser.add_argument("--list", action="store_true", help="Print the modules and their tests, run nothing.")
+    parser.add_argument("--status", action="store_true",
+                        help="Print each module's figures from the records, run nothing (seconds).")
     parser.add_argument("--show", action="store_true", help="Print the named mutants' changes and judgements, run nothing.")
     parser.add_argument("--judge", choices=list(KINDS), help=f"Record the named survivors in {LEDGER.name} as this kind.")
     parser.add_argument("--why", default="", help="With --judge: why, in words a reader can check against the diff.")
@@ -269,7 +278,8 @@ def main(argv: list[str] | None = None) -> int:
     results = []
     try:
         for module in args.module or list(MODULES):
-            result = run_module(module, workdir, args.max_children, args.function, args.fresh, args.include_judged)
+            result = run_module(module, workdir, args.max_children, args.function, args.fresh, args.include_judged,
+                                args.status)
             results.append(result)
             print(line(result), flush=True)
         for result in results:
