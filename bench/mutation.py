@@ -167,15 +167,16 @@ def run_module(module: str, workdir: Path, children: int, functions: list[str] |
         env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TMPDIR": str(copy / "tmp")}
         run = subprocess.run(["mutmut", "run", "--max-children", str(children), *chosen], cwd=copy, env=env,
                              capture_output=True, text=True)
-        codes = _verdicts(copy, module)
-        if run.returncode != 0 or codes is None:
+        codes = _verdicts(copy, module) or {}
+        # mutmut writes each verdict as it comes: a run stopped part-way (interrupted, or mutmut
+        # killed) keeps what it decided, and the next run starts where it stopped
+        note_verdicts(module, mutants, {n: status_by_exit_code[codes[n]] for n in chosen if codes.get(n) is not None})
+        if run.returncode != 0 or not codes:
             tail = (run.stdout + run.stderr).strip().splitlines()[-5:]
             return {"module": module, "error": " | ".join(tail) or f"mutmut exited {run.returncode}",
                     "wall_s": time.perf_counter() - began}
     wall = time.perf_counter() - began
     ran = {n: status_by_exit_code[codes.get(n)] for n in chosen}
-    if not status_only:
-        note_verdicts(module, mutants, {n: s for n, s in ran.items() if s != "not checked"})
     status = {n: ran.get(n) or caught.get(n) or "judged " + holding[n]["kind"] for n in wanted}
     misjudged = sorted(n for n in holding if status.get(n) == "killed")
     for name in set(holding) & set(ran) - set(misjudged):
