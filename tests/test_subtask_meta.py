@@ -100,6 +100,15 @@ def test_complexity_bins_checkerboard_vs_flat():
     density = edge_density(images, edge_threshold=100.0, chunk=2)  # chunking must not matter
     np.testing.assert_allclose(density[:3], [0.0, 0.0, 2 / 32])
     assert density[3] > 0.4 and density[4] > 0.9
+    # every image against scipy's Sobel on the BT.601 grey levels (every chunk written, none left
+    # as np.empty found it), and "exceeds" is strict: a 0|75 step is magnitude 300 exactly
+    step = flat(0)
+    step[:, :, 16:] = 75
+    for threshold, batch in ((100.0, images), (300.0, np.concatenate([step, step[..., :1].repeat(3, -1)]))):
+        grey = batch.astype(np.float64) @ [0.299, 0.587, 0.114]
+        reference = [(np.hypot(ndimage.sobel(g, axis=1, mode="nearest"), ndimage.sobel(g, axis=0, mode="nearest"))
+                      > threshold + 1e-3).mean() for g in grey]
+        np.testing.assert_allclose(edge_density(batch, edge_threshold=threshold, chunk=2), reference, atol=1e-6)
     cuts = bin_thresholds(density, "fixed", [0.05, 0.15], [])
     assert three_bins(density, cuts).tolist() == [0, 0, 1, 2, 2]
 
@@ -161,6 +170,13 @@ def test_each_binning_knob_reaches_the_subtasks_it_names():
         ["complexity", "brightness"]
     fixed = build_subtasks(ds, {**config, "thresholds": "fixed", "brightness_thresholds": [50.0, 60.0]})[0]
     np.testing.assert_array_equal(fixed.labels["train"], np.digitize(train_bright, [50.0, 60.0]))
+    one_edge = flat(0)
+    one_edge[:, :, 16:] = 255  # an edge density of 2/32: bin 1 under the default cuts 0.05, 0.15
+    edged = Dataset("edges", ["a"], *[Split(np.concatenate([flat(0), one_edge]), np.zeros(2, int))] * 3, (0.5,) * 3, (0.25,) * 3)
+    complexity = {"subtasks": ["complexity"], "thresholds": "fixed", "edge_threshold": 100.0}
+    for cuts, labels in (([0.05, 0.15], [0, 1]), ([0.1, 0.3], [0, 0]), ([0.001, 0.01], [0, 2])):
+        (labelled,) = build_subtasks(edged, {**complexity, "complexity_thresholds": cuts})
+        assert labelled.labels["test"].tolist() == labels, cuts
     for bad in ([60.0, 50.0], [50.0], [1.0, 2.0, 3.0]):  # cuts must be two, increasing
         with pytest.raises(ValueError, match="two increasing cut points"):
             build_subtasks(ds, {**config, "thresholds": "fixed", "brightness_thresholds": bad})
