@@ -232,16 +232,18 @@ def mc_dropout_predict(model: nn.Module, x: torch.Tensor, sample_counts: list[in
 
 
 def _two_increasing(value) -> bool:
-    """Two cuts, the first below the second: equal cuts would leave the middle bin empty."""
-    return isinstance(value, (list, tuple)) and len(value) == 2 and all(isinstance(v, (int, float)) for v in value) \
-        and value[0] < value[1]
+    """Two numeric cuts (YAML's true/false are not: Python counts them as ints), the first below
+    the second: equal cuts would leave the middle bin empty."""
+    return isinstance(value, (list, tuple)) and len(value) == 2 \
+        and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value) and value[0] < value[1]
 
 
 # configs ``check`` refuses, as overrides of the smoke study (the conformance suite holds it to them)
 INVALID_CONFIGS = [{"subtasks": ["colourfulness"]}, {"thresholds": "adaptive"}, {"brightness_thresholds": [170.0, 85.0]},
                    {"complexity_thresholds": [0.05]}, {"complexity_thresholds": [0.1, 0.1]}, {"bin_percentiles": [50, 120]},
                    {"bin_percentiles": [-10, 50]}, {"bin_percentiles": [50, 50]}, {"superclass_map": [1, 0, -1]},
-                   {"monitor": "loss"}, {"batch_size": 1}, {"eval": {"mc_samples": [0, 5]}}]
+                   {"monitor": "loss"}, {"batch_size": 1}, {"eval": {"mc_samples": [0, 5]}},
+                   {"brightness_thresholds": [False, True]}]
 
 
 def check(config: dict) -> None:
