@@ -249,7 +249,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--status", action="store_true",
                         help="Print each module's figures from the records, run nothing (seconds).")
     parser.add_argument("--show", action="store_true", help="Print the named mutants' changes and judgements, run nothing.")
-    parser.add_argument("--judge", choices=list(KINDS), help=f"Record the named survivors in {LEDGER.name} as this kind.")
+    parser.add_argument("--judge", choices=list(KINDS), help=f"Record the named survivors in {LEDGER.name} as this kind ("
+                        + "; ".join(f"{kind}: {meaning}" for kind, meaning in KINDS.items()) + ").")
     parser.add_argument("--why", default="", help="With --judge: why, in words a reader can check against the diff.")
     args = parser.parse_args(argv)
     if args.list:
