@@ -87,7 +87,8 @@ def tune_run(work: Path, trials: int, epochs: int, seconds: float, workers: int,
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     run = run_measured(cmd, work, env)
     lines = [line for line in run.output.splitlines() if line.startswith("{")]
-    reported = json.loads(lines[-1]) if lines else {}
+    # the driver's stdout and its Ray workers' logs share one file: text can follow the JSON on its line
+    reported = json.JSONDecoder().raw_decode(lines[-1])[0] if lines else {}
     if run.code != 0 or reported.get("trials") != trials:
         raise RuntimeError(f"plain Tune run failed (exit {run.code}):\n{run.output[-3000:]}")
     ends, began = sorted(reported["ends"]), min(reported["starts"], default=0.0)

@@ -75,7 +75,7 @@ def main() -> None:
     results = tuner.fit()
     fit = time.perf_counter() - began
     done = sum(r.error is None and r.metrics.get("epoch") == args.epochs for r in results)
-    print(json.dumps({"trials": done, "fit_s": fit, "starts": times.starts, "ends": times.ends}))
+    print(json.dumps({"trials": done, "fit_s": fit, "starts": times.starts, "ends": times.ends}), flush=True)
 
 
 if __name__ == "__main__":
