@@ -14,6 +14,7 @@ if "ORCHESTRATE_CACHE_DIR" not in os.environ:
     # kept one, up to 9.5 MB each (2,740 of them in /tmp after a day of mutation runs)
     atexit.register(lambda: os.getpid() == _owner and shutil.rmtree(_cache_dir, ignore_errors=True))
 os.environ.setdefault("MPLBACKEND", "Agg")
+os.environ.pop("RAY_ADDRESS", None)
 
 # tqdm guards its bars with a multiprocessing lock, made by the first bar a process draws; mutmut
 # forks one worker per mutant from a warmed-up session, and a worker that ends while holding it
@@ -22,4 +23,3 @@ os.environ.setdefault("MPLBACKEND", "Agg")
 from tqdm import tqdm  # noqa: E402
 
 tqdm.set_lock(threading.RLock())
-os.environ.pop("RAY_ADDRESS", None)
