@@ -54,8 +54,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from bench.mutation_record import (KILLED, KINDS, LEDGER, NOT_EQUIVALENT, BadJudgement, judge, mutants_of,  # noqa: E402
-                                   note_verdicts, settled, show, standing)
+from bench.mutation_record import (ELSEWHERE, KILLED, KINDS, LEDGER, NOT_EQUIVALENT, BadJudgement, judge,  # noqa: E402
+                                   mutants_of, note_verdicts, settled, show, standing)
 from bench.mutation_record import load as load_judged  # noqa: E402
 
 # module -> the tests that are its own (the ones a change to it should answer to)
@@ -177,10 +177,15 @@ def run_module(module: str, workdir: Path, children: int, functions: list[str] |
                     "wall_s": time.perf_counter() - began}
     wall = time.perf_counter() - began
     ran = {n: status_by_exit_code[codes.get(n)] for n in chosen}
-    status = {n: ran.get(n) or caught.get(n) or "judged " + holding[n]["kind"] for n in wanted}
+
+    def verdict(name: str) -> str:
+        found = ran.get(name) or caught.get(name)
+        if name in holding and found != "killed":  # a judged mutant a test kills was misjudged: shown as killed
+            return "judged " + holding[name]["kind"]
+        return found
+
+    status = {n: verdict(n) for n in wanted}
     misjudged = sorted(n for n in holding if status.get(n) == "killed")
-    for name in set(holding) & set(ran) - set(misjudged):
-        status[name] = "judged " + holding[name]["kind"]
     counts = {s: sum(1 for v in status.values() if v == s) for s in sorted(set(status.values()))}
     killed, survived = counts.get("killed", 0), counts.get("survived", 0)
     judged = sum(v for k, v in counts.items() if k.startswith("judged "))
@@ -203,7 +208,7 @@ def line(result: dict) -> str:
     rest = ", ".join(f"{v} {k}" for k, v in c.items() if k not in ("killed", "survived") and not k.startswith("judged "))
     killed, not_equivalent = result["not_equivalent"]
     share = f" ({100 * killed / not_equivalent:.1f}%)" if not_equivalent else ""
-    elsewhere = c.get("judged gpu-only", 0) + c.get("judged clip-only", 0)  # real, but not testable on this machine
+    elsewhere = sum(c.get("judged " + kind, 0) for kind in ELSEWHERE)  # real, but not testable on this machine
     here = (f", {killed} / {not_equivalent - elsewhere} ({100 * killed / (not_equivalent - elsewhere):.1f}%) testable here"
             if elsewhere and not_equivalent > elsewhere else "")
     return (f"{result['module']}: {result['mutants']} mutants, {c.get('killed', 0)} killed, "
@@ -285,7 +290,8 @@ def main(argv: list[str] | None = None) -> int:
             results.append(result)
             print(line(result), flush=True)
         for result in results:
-            print("\n".join(details(result, args.diffs)))
+            if found := details(result, args.diffs):
+                print("\n".join(found))
     finally:
         if args.workdir is None:
             shutil.rmtree(workdir, ignore_errors=True)

@@ -42,7 +42,8 @@ KINDS = {
     "gpu-only": "differs only where CUDA is present",
     "clip-only": "differs only with open_clip and its weights installed",
 }
-NOT_EQUIVALENT = ("harmless", "gpu-only", "clip-only")
+NOT_EQUIVALENT = tuple(kind for kind in KINDS if kind != "equivalent")
+ELSEWHERE = ("gpu-only", "clip-only")  # real differences, for a machine with CUDA or open_clip
 
 
 @dataclass(frozen=True)
@@ -140,12 +141,11 @@ def settled(module: str, mutants: dict[str, Mutant], path: Path | None = None) -
     """The mutants of ``module`` an earlier run caught (name -> "killed" or "timeout") whose
     function is unchanged since."""
     record = load(path or KILLED).get(module, {})
-    out = {}
-    for name, mutant in mutants.items():
-        entry = record.get(mutant.function)
-        if entry and entry["function_hash"] == mutant.function_hash:
-            out |= {name: verdict for verdict in CAUGHT if _number(name) in _numbers(entry.get(verdict, ""))}
-    return out
+    hashes = {m.function: m.function_hash for m in mutants.values()}
+    caught = {function: {verdict: _numbers(entry.get(verdict, "")) for verdict in CAUGHT}  # parsed once a function
+              for function, entry in record.items() if hashes.get(function) == entry["function_hash"]}
+    return {name: verdict for name, mutant in mutants.items() if mutant.function in caught
+            for verdict, numbers in caught[mutant.function].items() if _number(name) in numbers}
 
 
 def note_verdicts(module: str, mutants: dict[str, Mutant], verdicts: dict[str, str], path: Path | None = None) -> None:
@@ -155,12 +155,14 @@ def note_verdicts(module: str, mutants: dict[str, Mutant], verdicts: dict[str, s
     with _locked(path):
         record = load(path)
         functions = record.setdefault(module, {})
-        for function in {mutants[name].function for name in verdicts}:
-            digest = next(m.function_hash for m in mutants.values() if m.function == function)
+        by_function: dict[str, tuple[str, dict[int, str]]] = {}  # function -> (its hash, number -> verdict)
+        for name, verdict in verdicts.items():
+            mutant = mutants[name]
+            by_function.setdefault(mutant.function, (mutant.function_hash, {}))[1][_number(name)] = verdict
+        for function, (digest, ran) in by_function.items():
             entry = functions.get(function)
             if entry is None or entry["function_hash"] != digest:
                 functions[function] = entry = {"function_hash": digest}
-            ran = {_number(name): verdict for name, verdict in verdicts.items() if mutants[name].function == function}
             for verdict in CAUGHT:
                 numbers = (_numbers(entry.get(verdict, "")) - set(ran)) | {n for n, v in ran.items() if v == verdict}
                 entry.pop(verdict, None)
