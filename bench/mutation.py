@@ -17,7 +17,8 @@ runs only that module's own tests (:data:`MODULES`; mutmut narrows them further 
 that reach the mutated function). mutmut runs the tests once unmutated, then each mutant in a
 forked worker (``--max-children``, default the CPU count: a release run on a quiet machine;
 pass 1 beside other work), with ``bench/mutmut_fixture_credit.py`` loaded so a shared fixture's
-work counts for every test that uses it.
+work counts for every test that uses it, and ``bench/mutmut_test_order.py`` so each mutant's tests
+run cheapest first (a mutant a unit test kills dies before a wiring test trains a family).
 
 A run pays only for what is not known already (``bench/mutation_record.py``): mutants an
 earlier run caught are on record in ``bench/mutation_killed.json`` and survivors judged
@@ -104,8 +105,10 @@ def configure(copy: Path, module: str, tests: list[str]) -> None:
         "source_paths": [module.split("/")[0]],
         "only_mutate": [module],
         "pytest_add_cli_args_test_selection": tests,
-        # bench/mutmut_fixture_credit.py: a shared fixture's work counts for every test using it
-        "pytest_add_cli_args": ["-p", "no:cacheprovider", "-p", "bench.mutmut_fixture_credit", "-x", "-q"],
+        # bench/mutmut_fixture_credit.py: a shared fixture's work counts for every test using it;
+        # bench/mutmut_test_order.py: each mutant's tests run cheapest first
+        "pytest_add_cli_args": ["-p", "no:cacheprovider", "-p", "bench.mutmut_fixture_credit", "-p", "bench.mutmut_test_order",
+                                "-x", "-q"],
         "also_copy": ["search_spaces", "bench", "trainables" if module.startswith("orchestrator") else "orchestrator"],
     }
     lines = ["", "[tool.mutmut]"] + [f"{key} = {json.dumps(value)}" for key, value in settings.items()]

@@ -1,6 +1,8 @@
 """The benchmarks' own logic: the studies they compile, the cells they compare, the pool
 baseline, the kNN bench end to end (small), and the GPU check's CPU dry run."""
 
+import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -222,13 +224,67 @@ def test_mutation_function_filter_selects_one_functions_mutants():
     assert main(["--function", "check"]) == 2
 
 
+def test_cheapest_first_orders_by_own_cost_plus_fixtures_not_yet_live():
+    """Greedy: a test whose shared fixture is already live costs only itself; a module-scoped
+    fixture dies when the tests move to another file, a session-scoped one does not."""
+    from bench.mutmut_test_order import cheapest_first
+
+    tests = ["a::slow", "a::uses_trained", "a::uses_trained_too", "b::fast", "b::session", "c::session_again", "c::new"]
+    own = {"a::slow": 5.0, "a::uses_trained": 0.1, "a::uses_trained_too": 0.2, "b::fast": 0.01, "b::session": 0.5,
+           "c::session_again": 0.3}
+    fixture_cost = {"a::trained": 3.0, "::cluster": 2.0}
+    fixtures = {t: [] for t in tests} | {"a::uses_trained": [("a::trained", "module")], "a::uses_trained_too": [("a::trained", "module")],
+                                         "b::session": [("::cluster", "session")], "c::session_again": [("::cluster", "session")]}
+    file_of = {t: t.split("::")[0] for t in tests}
+    order = cheapest_first(tests, own, fixture_cost, fixtures, file_of)
+    # c::new has no recorded cost (0) and goes first; c::session_again (2.3 with the cluster) before
+    # b::session (2.5), which then costs 0.5; the trained run (3.1) before the 5 s test, and its
+    # sibling right after it (0.2: the fixture is live)
+    assert order == ["c::new", "b::fast", "c::session_again", "b::session", "a::uses_trained", "a::uses_trained_too", "a::slow"]
+    # leaving file a tears its module fixture down: the sibling pays for it again
+    assert cheapest_first(["a::uses_trained", "b::fast", "a::uses_trained_too"], {"a::uses_trained": 0.1, "b::fast": 0.0,
+                          "a::uses_trained_too": 0.2}, fixture_cost, fixtures, file_of) == \
+        ["b::fast", "a::uses_trained", "a::uses_trained_too"]
+    assert cheapest_first([], own, fixture_cost, fixtures, file_of) == []
+
+
+def test_mutmut_test_order_plugin_records_costs_then_runs_cheapest_first(tmp_path):
+    """Through pytest itself: the stats pass (MUTANT_UNDER_TEST=stats) writes each test's cost
+    and the module fixture's; a mutant run given the tests slow first runs them cheapest first,
+    and stops at the first failure as mutmut's ``-x`` asks."""
+    pytest.importorskip("mutmut")
+
+    (tmp_path / "test_slow.py").write_text(
+        "import time, pytest\n\n\n@pytest.fixture(scope='module')\ndef trained():\n    time.sleep(0.4)\n    return 1\n\n\n"
+        "def test_reads_trained(trained):\n    open('order.log', 'a').write('reads_trained\\n')\n    assert trained\n\n\n"
+        "def test_slow():\n    time.sleep(0.2)\n    open('order.log', 'a').write('slow\\n')\n")
+    (tmp_path / "test_fast.py").write_text("import os\n\n\ndef test_fast():\n    open('order.log', 'a').write('fast\\n')\n"
+                                           "    assert os.environ['MUTANT_UNDER_TEST'] != 'kills_fast'\n")
+    ids = ["test_slow.py::test_reads_trained", "test_slow.py::test_slow", "test_fast.py::test_fast"]
+
+    def pytest_run(mutant: str) -> list[str]:
+        (tmp_path / "order.log").unlink(missing_ok=True)
+        env = {**os.environ, "MUTANT_UNDER_TEST": mutant, "PYTHONPATH": str(ROOT)}
+        subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "-p", "bench.mutmut_test_order", *ids],
+                       cwd=tmp_path, env=env, capture_output=True, text=True)
+        return (tmp_path / "order.log").read_text().split()
+
+    assert pytest_run("stats") == ["reads_trained", "slow"] + ["fast"]      # the order given
+    costs = json.loads((tmp_path / "mutmut-test-costs.json").read_text())
+    assert costs["fixture_cost"]["test_slow.py::trained"] >= 0.4 > costs["own"]["test_slow.py::test_reads_trained"]
+    assert costs["own"]["test_slow.py::test_slow"] >= 0.2 > costs["own"]["test_fast.py::test_fast"]
+    assert pytest_run("some_mutant") == ["fast", "slow", "reads_trained"]
+    assert pytest_run("kills_fast") == ["fast"]
+
+
 def _tiny_project(root: Path) -> None:
     """A package of two functions and a test that leaves one mutant of ``clip`` alive (its upper
-    bound is never checked), with the fixture-credit plugin bench/mutation.py loads into mutmut."""
+    bound is never checked), with the plugins bench/mutation.py loads into mutmut."""
     (root / "pkg").mkdir(parents=True)
     (root / "tests").mkdir()
     (root / "bench").mkdir()
-    (root / "bench" / "mutmut_fixture_credit.py").write_text((ROOT / "bench" / "mutmut_fixture_credit.py").read_text())
+    for plugin in ("mutmut_fixture_credit.py", "mutmut_test_order.py"):
+        (root / "bench" / plugin).write_text((ROOT / "bench" / plugin).read_text())
     (root / "pkg" / "__init__.py").write_text("")
     (root / "pkg" / "calc.py").write_text("def scale(x, k):\n    return x * k\n\n\n"
                                           "def clip(x):\n    return min(max(x, 0), 10)\n")
