@@ -368,3 +368,77 @@ def test_clip_without_open_clip_is_a_clear_error_and_offline_keeps_the_hub_offli
     with pytest.raises(EncoderUnavailable, match=message):
         get_encoder("clip-vit-b32", digits, "cpu", tmp_path)
     assert os.environ["HF_HUB_OFFLINE"] == "1"
+
+
+CLIP_HUB_REPO = "models--timm--vit_base_patch32_clip_224.openai"  # where open_clip looks for ViT-B-32 'openai'
+
+
+@pytest.fixture(scope="module")
+def clip_hub(tmp_path_factory):
+    """A Hugging Face hub cache holding ViT-B-32 weights where open_clip looks for the 'openai'
+    ones: randomly initialised (no network here), so the whole clip-vit-b32 path runs for real
+    with weights whose values nothing below depends on. Yields (cache root, the model)."""
+    open_clip = pytest.importorskip("open_clip")
+    root = tmp_path_factory.mktemp("hub")
+    snapshot = root / CLIP_HUB_REPO / "snapshots" / ("0" * 40)
+    snapshot.mkdir(parents=True)
+    (root / CLIP_HUB_REPO / "refs").mkdir()
+    (root / CLIP_HUB_REPO / "refs" / "main").write_text("0" * 40)
+    torch.manual_seed(0)
+    model = open_clip.create_model("ViT-B-32").eval()
+    torch.save(model.state_dict(), snapshot / "open_clip_pytorch_model.bin")
+    return root, model
+
+
+@pytest.fixture
+def offline_hub(monkeypatch):
+    """Points huggingface_hub at a cache folder, offline (its settings are read at import)."""
+    constants = pytest.importorskip("huggingface_hub.constants")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+
+    def use(root):
+        monkeypatch.setattr(constants, "HF_HUB_CACHE", str(root))
+    return use
+
+
+def test_clip_encoder_is_open_clips_vit_b32_with_its_cached_weights(clip_hub, offline_hub, digits):
+    """clip-vit-b32 end to end through open_clip: its identity hashes the cached weights file,
+    its transform names CLIP's preprocessing, the image tower is the model those weights make
+    (frozen, eval mode), and text embeddings are open_clip's own, L2-normalised per prompt."""
+    import hashlib
+
+    import open_clip
+
+    root, reference = clip_hub
+    offline_hub(root)
+    weights = next((root / CLIP_HUB_REPO / "snapshots").glob("*/open_clip_pytorch_model.bin"))
+    identity, transform = describe("clip-vit-b32", digits, device="cpu")
+    assert identity == "clip-vit-b32:" + hashlib.sha256(weights.read_bytes()).hexdigest()[:16]
+    assert transform == f"to_float(mean={tuple(digits.mean)},std={tuple(digits.std)})|rgb|resize224-bicubic|clip-norm"
+
+    encoder = get_encoder("clip-vit-b32", digits, "cpu")
+    assert (encoder.name, encoder.identity, encoder.dim) == ("clip-vit-b32", identity, 512)
+    assert isinstance(encoder.module, encoders.ClipImage) and not encoder.module.training
+    assert not any(p.requires_grad for p in encoder.module.parameters())
+    for name, value in reference.state_dict().items():
+        torch.testing.assert_close(encoder.module.model.state_dict()[name], value, rtol=0, atol=0, msg=name)
+    prompts = ["a photo of the digit 0.", "a photo of the digit 7.", "a blurry photo of a number."]
+    with torch.no_grad():
+        expected = F.normalize(reference.encode_text(open_clip.get_tokenizer("ViT-B-32")(prompts)), dim=-1).numpy()
+    texts = encoder.encode_text(prompts)
+    assert texts.shape == (3, 512)
+    np.testing.assert_allclose(texts, expected, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(np.linalg.norm(texts, axis=1), 1.0, rtol=1e-5)
+    images = digits.to_float(digits.test.images[:3])
+    with torch.no_grad():
+        np.testing.assert_allclose(encoder.module(images), encoders.ClipImage(reference, digits)(images), rtol=1e-5, atol=1e-5)
+
+
+def test_clip_weights_missing_offline_is_a_clear_error(tmp_path, offline_hub, digits):
+    pytest.importorskip("open_clip")
+    offline_hub(tmp_path)  # an empty cache
+    message = r"^encoder clip-vit-b32: open_clip ViT-B-32/openai weights are not cached and could not be downloaded \(.+\); fetch them once"
+    with pytest.raises(EncoderUnavailable, match=message):
+        get_encoder("clip-vit-b32", digits, "cpu")
+    with pytest.raises(EncoderUnavailable, match=message):
+        describe("clip-vit-b32", digits)

@@ -8,8 +8,8 @@ float images (``Dataset.to_float`` output, (N, C, H, W)) into (N, D) features.
   (``$TORCH_HOME/hub/checkpoints``), downloaded when possible. Missing weights are an error,
   never a random init. :func:`imagenet_state_dict` is the one resolver of these weights for
   every family (attn_knn's and wm_attention's backbones too).
-* ``clip-vit-b32``: open_clip ViT-B/32 (OpenAI weights) when open_clip is installed and its
-  weights are available.
+* ``clip-vit-b32``: open_clip ViT-B/32 (OpenAI weights) when open_clip is installed (the
+  ``clip`` extra) and its weights are in the Hugging Face cache or can be fetched.
 
 Every encoder also gives a spatial map (``module.feature_map(x)`` -> (N, C, h, w)) except CLIP.
 ``ORCHESTRATE_OFFLINE=1`` forbids weight downloads.
