@@ -307,7 +307,8 @@ class _Checker:
         self.known(key, where)
         default = self.defaults[key]
         value = self._typed(key, value, default, where)
-        self._in_range(key, value, self.constraints.get(key, {}), where)
+        for i, item in enumerate(value) if isinstance(value, list) else [(None, value)]:
+            self._in_range(key if i is None else f"{key}[{i}]", item, self.constraints.get(key, {}), where)
         return value
 
     def eval_values(self, key: str, values: list, where: str) -> None:
@@ -363,8 +364,10 @@ class _Checker:
         return dict(rule)
 
     def _typed(self, key, value, default, where):
-        if default is None or isinstance(default, (list, dict)):
+        if default is None or isinstance(default, dict):
             return value
+        if isinstance(default, list):
+            return self._typed_list(key, value, default, where)
         if isinstance(default, bool):
             ok = isinstance(value, bool)
         elif isinstance(default, int):
@@ -377,6 +380,21 @@ class _Checker:
         if not ok:
             raise UsageError(f"{where}: {key}={value!r} has the wrong type (expected {type(default).__name__})")
         return value
+
+    def _typed_list(self, key, value, default: list, where):
+        """A list knob takes a list, each element of the type its default's elements share (a
+        number where they are numbers: YAML's true/false are not cut points). A default of mixed
+        or nested elements, or an empty one, types the list only."""
+        if not isinstance(value, list):
+            raise UsageError(f"{where}: {key}={value!r} has the wrong type (expected list)")
+        numbers = [d for d in default if isinstance(d, (int, float)) and not isinstance(d, bool)]
+        if default and len(numbers) == len(default):
+            element = next((d for d in numbers if isinstance(d, float)), numbers[0])
+        elif default and all(type(d) in (bool, str) and type(d) is type(default[0]) for d in default):
+            element = default[0]
+        else:
+            return value
+        return [self._typed(f"{key}[{i}]", v, element, where) for i, v in enumerate(value)]
 
     @staticmethod
     def _in_range(key, value, rule: dict, where: str) -> None:

@@ -19,6 +19,8 @@ from orchestrator.registry import set_spaces_dirs
     (["sweep", "busy_loop", "--set", "lr"], "expects key=value"),
     (["sweep", "busy_loop", "--set", "lr=-1"], "out of range"),
     (["sweep", "busy_loop", "--set", "epochs=1.5"], "expected int"),
+    (["sweep", "subtask_meta", "--set", "brightness_thresholds=[false, true]"],
+     "--set: brightness_thresholds[0]=False has the wrong type (expected float)"),
     (["sweep", "busy_loop", "--dataset", "imagefolder:/no/such/dir"], "does not exist"),
     (["sweep", "busy_loop", "--dataset", "mnist"], "unknown dataset"),
     (["sweep", "busy_loop", "--tracking-uri", "http://127.0.0.1:9"], "not reachable"),

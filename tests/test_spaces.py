@@ -136,6 +136,37 @@ def test_bad_yaml_is_rejected_before_anything_starts(tmp_path, monkeypatch, stud
         load_study("fam", "s")
 
 
+LISTS = BASE.replace("lr_rule: none}", "lr_rule: none, cuts: [0.5, 2], names: [a, b], table: [1, 0], mixed: [1, a]}") \
+            .replace("params:\n", "params:\n  cuts: {min: 0}\n")
+
+
+@pytest.mark.parametrize("study_yaml, message", [
+    ("  s: {set: {cuts: [false, true]}}", r"s\.set: cuts\[0\]=False has the wrong type \(expected float\)"),
+    ("  s: {set: {cuts: 0.5}}", r"cuts=0\.5 has the wrong type \(expected list\)"),
+    ("  s: {set: {cuts: null}}", r"cuts=None has the wrong type \(expected list\)"),
+    ("  s: {grid: {names: [[a, b], [a, 3]]}}", r"names\[1\]=3 has the wrong type \(expected str\)"),
+    ("  s: {set: {table: [1, 0.5]}}", r"table\[1\]=0\.5 has the wrong type \(expected int\)"),
+    ("  s: {set: {table: [1, true]}}", r"table\[1\]=True has the wrong type \(expected int\)"),
+    ("  s: {set: {cuts: [0.5, -1]}}", r"cuts\[1\]=-1\.0 is out of range \(must be >= 0\)"),
+    ("  s: {space: {cuts: {choice: [[0.5, 1], [1, yes]]}}}", r"cuts\[1\]=True has the wrong type"),
+])
+def test_list_knobs_take_lists_of_their_defaults_element_type(tmp_path, monkeypatch, study_yaml, message):
+    """A list default types its elements as a scalar default types its value (booleans are not
+    numbers), and ``params`` rules apply to each element."""
+    monkeypatch.setenv("ORCHESTRATE_SPACES_DIR", str(_write(tmp_path, LISTS + study_yaml + "\n", monkeypatch)))
+    with pytest.raises(UsageError, match=message):
+        load_study("fam", "s")
+
+
+def test_list_knob_elements_are_coerced_like_scalars(tmp_path, monkeypatch):
+    monkeypatch.setenv("ORCHESTRATE_SPACES_DIR", str(_write(tmp_path, LISTS + "  s: {set: {cuts: [1, 3], mixed: [true, 2.5]}}\n",
+                                                             monkeypatch)))
+    study = load_study("fam", "s", {"names": "[x, y, z]"})
+    assert study.base["cuts"] == [1.0, 3.0] and all(type(c) is float for c in study.base["cuts"])
+    assert study.base["mixed"] == [True, 2.5]  # a default of mixed elements types the list only
+    assert study.base["names"] == ["x", "y", "z"]
+
+
 def test_check_failure_names_the_cli_override(tmp_path, monkeypatch):
     monkeypatch.setenv("ORCHESTRATE_SPACES_DIR", str(_write(tmp_path, BASE + "  s: {seeds: 1}\n", monkeypatch)))
     with pytest.raises(UsageError, match=r"trial 0 \(seed=0; --set batch_size=6\): batch_size 6 must"):
