@@ -201,7 +201,7 @@ def fit_linear_head(x: torch.Tensor, y: torch.Tensor, num_classes: int, weight_d
     closure()  # the gradient at the weights returned, not at the last line-search trial point
     gradient = max(p.grad.abs().max().item() for p in head.parameters())
     if gradient > tolerance:
-        _log(f"warning: a linear head stopped after {max_iter} L-BFGS iterations with gradient {gradient:.1e} > {tolerance:g}")
+        _log(f"warning: a linear head's L-BFGS fit stopped at gradient {gradient:.1e} > {tolerance:g} (at most {max_iter} iterations)")
     return head.float().eval()
 
 
