@@ -11,7 +11,9 @@ import pytest
 import torch
 import yaml
 from scipy.special import softmax
+from torch.nn import functional as F
 
+from clip_hub import clip_hub, offline_hub  # noqa: F401
 from trainables import clip_fusion as cf
 from trainables.common.data import load_dataset
 from trainables.common.calibration import fit_temperature, temperature_nll
@@ -420,7 +422,8 @@ def test_load_prompts_refuses_an_empty_pool_and_templates_without_exactly_one_sl
 
 
 class _FakeClip:
-    """A stand-in for open_clip (not installed here): text embeddings from letter counts."""
+    """A stand-in for the CLIP encoder that records how it is asked for: text embeddings from
+    letter counts (the real tower is checked in ``test_zeroshot_classifier_through_open_clip``)."""
 
     def __init__(self):
         self.calls = []
@@ -462,6 +465,28 @@ def test_zeroshot_classifier_uses_the_clip_text_tower_and_the_configured_prompts
 
     monkeypatch.setattr(encoders, "get_encoder", unavailable)
     assert cf.zeroshot_classifier(ds, cfg, torch.device("cpu")) is None
+
+
+def test_zeroshot_classifier_through_open_clip(clip_hub, offline_hub, tmp_path):
+    """The real text tower (open_clip's ViT-B-32, random weights in a hub cache): each class's row
+    is CLIP's prompt ensemble, the normalised mean of the normalised embeddings of every template
+    filled with the class name, as open_clip's own tokenizer and ``encode_text`` give them."""
+    import open_clip
+
+    root, reference = clip_hub
+    offline_hub(root)
+    ds = load_dataset("digits", max_train=20, max_test=10)
+    pool = tmp_path / "pool.json"
+    pool.write_text(json.dumps({"templates": ["a photo of the digit {}.", "a drawing of a {}."]}))
+    w = cf.zeroshot_classifier(ds, {"encoder": "clip-vit-b32", "cache_dir": "", "prompts": str(pool)}, torch.device("cpu"))
+    tokenizer = open_clip.get_tokenizer("ViT-B-32")
+    with torch.no_grad():
+        rows = []
+        for name in ds.classes:
+            z = F.normalize(reference.encode_text(tokenizer([f"a photo of the digit {name}.", f"a drawing of a {name}."])), dim=-1)
+            rows.append(F.normalize(z.mean(0), dim=0))
+    assert w.shape == (10, 512)
+    np.testing.assert_allclose(w, torch.stack(rows).numpy(), rtol=1e-5, atol=1e-6)
 
 
 def test_zeroshot_logits_are_clip_scaled_cosines_and_auto_fuses_them_with_clip():

@@ -20,6 +20,7 @@ import torchvision
 from torch import nn
 from torch.nn import functional as F
 
+from clip_hub import CLIP_HUB_REPO, clip_hub, offline_hub  # noqa: F401
 from one_thread import one_thread  # noqa: F401
 from trainables.common import encoders
 from trainables.common.data import augment, load_dataset
@@ -329,7 +330,7 @@ def test_training_own_cnn_shows_its_bar_unless_turned_off_and_says_its_val_accur
 
 class LinearImageTower(nn.Module):
     """A stand-in for open_clip's model where only its image tower is needed: a linear map of
-    the preprocessed 224x224 RGB image (open_clip itself is not installed here)."""
+    the preprocessed 224x224 RGB image, so the preprocessing is checked without open_clip."""
 
     def __init__(self, dim: int = 5):
         super().__init__()
@@ -368,37 +369,6 @@ def test_clip_without_open_clip_is_a_clear_error_and_offline_keeps_the_hub_offli
     with pytest.raises(EncoderUnavailable, match=message):
         get_encoder("clip-vit-b32", digits, "cpu", tmp_path)
     assert os.environ["HF_HUB_OFFLINE"] == "1"
-
-
-CLIP_HUB_REPO = "models--timm--vit_base_patch32_clip_224.openai"  # where open_clip looks for ViT-B-32 'openai'
-
-
-@pytest.fixture(scope="module")
-def clip_hub(tmp_path_factory):
-    """A Hugging Face hub cache holding ViT-B-32 weights where open_clip looks for the 'openai'
-    ones: randomly initialised (no network here), so the whole clip-vit-b32 path runs for real
-    with weights whose values nothing below depends on. Yields (cache root, the model)."""
-    open_clip = pytest.importorskip("open_clip")
-    root = tmp_path_factory.mktemp("hub")
-    snapshot = root / CLIP_HUB_REPO / "snapshots" / ("0" * 40)
-    snapshot.mkdir(parents=True)
-    (root / CLIP_HUB_REPO / "refs").mkdir()
-    (root / CLIP_HUB_REPO / "refs" / "main").write_text("0" * 40)
-    torch.manual_seed(0)
-    model = open_clip.create_model("ViT-B-32").eval()
-    torch.save(model.state_dict(), snapshot / "open_clip_pytorch_model.bin")
-    return root, model
-
-
-@pytest.fixture
-def offline_hub(monkeypatch):
-    """Points huggingface_hub at a cache folder, offline (its settings are read at import)."""
-    constants = pytest.importorskip("huggingface_hub.constants")
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
-
-    def use(root):
-        monkeypatch.setattr(constants, "HF_HUB_CACHE", str(root))
-    return use
 
 
 def test_clip_encoder_is_open_clips_vit_b32_with_its_cached_weights(clip_hub, offline_hub, digits):

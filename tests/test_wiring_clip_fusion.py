@@ -362,9 +362,10 @@ def test_without_an_eval_axis_every_alpha_of_the_yaml_grid_is_reported():
 
 
 def test_a_text_classifier_is_a_calibrated_source_auto_fusion_and_the_stacker_read(arrays, monkeypatch):
-    """open_clip is not installed here, so the zeroshot source gets a stand-in text tower: one
-    unit vector per class (noisy train centroids) over the run's features, handed to train()
-    in place of CLIP's. Against numpy/scikit-learn: zeroshot = softmax(100 cos / T), T fit on
+    """The zeroshot source gets a stand-in text tower: one unit vector per class (noisy train
+    centroids) over the run's features, handed to train() in place of CLIP's (the only CLIP
+    weights this machine can have are random, which classify nothing; the real tower is checked
+    in test_clip_fusion.py). Against numpy/scikit-learn: zeroshot = softmax(100 cos / T), T fit on
     val; the stacker reads it beside the other two sources; and ``auto`` with the CLIP encoder
     fuses it (alpha 1) with the supervised head (alpha 0), through the same evaluation."""
     x, y = arrays
