@@ -231,6 +231,11 @@ def _bounds(dist: dict) -> list:
     return [args[0], args[1] - 1] if kind == "randint" else list(args)
 
 
+def _is_number(value) -> bool:
+    """An int or a float, not a bool (Python counts True and False as ints; YAML writes them)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def _refuse_non_finite(value, where: str) -> None:
     if isinstance(value, float) and not math.isfinite(value):
         raise UsageError(f"{where}: {value} is not a finite number")
@@ -328,7 +333,7 @@ class _Checker:
             if not isinstance(args, list) or not args:
                 raise UsageError(f"{where}.{key}: choice needs a non-empty list")
             return {kind: [self.value(key, a, where) for a in args]}
-        if not (isinstance(args, list) and len(args) == 2 and all(isinstance(a, (int, float)) and not isinstance(a, bool) for a in args)):
+        if not (isinstance(args, list) and len(args) == 2 and all(_is_number(a) for a in args)):
             raise UsageError(f"{where}.{key}: {kind} needs [low, high]")
         low, high = args
         if not low < high:
@@ -373,7 +378,7 @@ class _Checker:
         elif isinstance(default, int):
             ok = isinstance(value, int) and not isinstance(value, bool)
         elif isinstance(default, float):
-            ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+            ok = _is_number(value)
             value = float(value) if ok else value
         else:
             ok = isinstance(value, str)
@@ -387,7 +392,7 @@ class _Checker:
         or nested elements, or an empty one, types the list only."""
         if not isinstance(value, list):
             raise UsageError(f"{where}: {key}={value!r} has the wrong type (expected list)")
-        numbers = [d for d in default if isinstance(d, (int, float)) and not isinstance(d, bool)]
+        numbers = [d for d in default if _is_number(d)]
         if default and len(numbers) == len(default):
             element = next((d for d in numbers if isinstance(d, float)), numbers[0])
         elif default and all(type(d) in (bool, str) and type(d) is type(default[0]) for d in default):
@@ -400,7 +405,7 @@ class _Checker:
     def _in_range(key, value, rule: dict, where: str) -> None:
         if "choices" in rule and value not in rule["choices"]:
             raise UsageError(f"{where}: {key}={value!r} is not one of {rule['choices']}")
-        if not isinstance(value, (int, float)) or isinstance(value, bool):
+        if not _is_number(value):
             return
         if "min" in rule and (value < rule["min"] or (rule.get("exclusive_min") and value == rule["min"])):
             op = ">" if rule.get("exclusive_min") else ">="
